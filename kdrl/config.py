@@ -1,0 +1,304 @@
+"""RunConfig: the one configuration of a kdrl run (frozen pydantic, unknown keys are errors).
+
+Load order: defaults → a method preset (``run.method``'s values) → YAML file → ``--set`` overrides.
+The resolved config is written to ``runs/<id>/config.yaml`` and its hash into every Parquet file.
+
+    cfg = load_config("data/configs/default.yaml", overrides=["loss.beta_init=0.01"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    source: str = "embedded"
+    """"embedded" (the built-in arithmetic task), a Hugging Face dataset name, or a local
+    file/folder (json, jsonl, csv, parquet) loadable by `datasets`."""
+    split: str = "train"
+    """Split of `source` to read prompts from (ignored for "embedded")."""
+    question_field: str = "question"
+    """Column holding the prompt text."""
+    answer_field: str = "answer"
+    """Column holding the reference answer (a worked answer ending in `#### N` is fine)."""
+    prompt_template: str = "{question}"
+    """Format string applied to each question; must contain `{question}`. Use the same template
+    for student and teacher (pitfall 1)."""
+    num_train: int = 2000
+    """Training prompts (taken from the source; generated for "embedded")."""
+    num_heldout: int = 200
+    """Held-out prompts for evaluation, disjoint from the training prompts."""
+    seed: int = 1234
+    """Seed of the embedded generator and of the train/held-out split."""
+    min_digits: int = 1
+    """Embedded task: fewest digits per operand."""
+    max_digits: int = 3
+    """Embedded task: most digits per operand (more digits → longer worked answers)."""
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("prompt_template must contain '{question}'")
+        return v
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "embedded:student"
+    """Hugging Face model name or local path, or "embedded:student" / "embedded:teacher" for
+    the tiny built-in Llama models (trained/cached by the embedded warm start)."""
+    dtype: Dtype = "float32"
+    """Parameter dtype. Log-probabilities for the loss are always computed in float32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """"auto" picks cuda when available, else cpu."""
+
+
+class TeacherConfig(_Section):
+    name_or_path: str = "embedded:teacher"
+    """Teacher model (same forms as the student's). Its tokenizer must equal the student's."""
+    dtype: Dtype = "float32"
+    """Teacher parameter dtype."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the teacher runs."""
+    top_k: int = 0
+    """Also store the teacher's top-k ids and log-probs per position (needed by loss.kl_estimator
+    = "topk"); 0 stores only the sampled token's log-prob."""
+    max_tokens_per_batch: int = 16384
+    """Scoring batches are length-sorted and packed up to this many (padded) tokens."""
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf"] = "hf"
+    """Rollout engine. "hf" = transformers generate with KV cache."""
+    source: Literal["student", "teacher"] = "student"
+    """Who samples the training responses: the student (on-policy RL/KD) or the teacher (SFT)."""
+    prompts_per_step: int = 16
+    """P: prompts per rollout batch (one optimizer step each)."""
+    samples_per_prompt: int = 8
+    """G: responses per prompt (the GRPO group)."""
+    max_new_tokens: int = 48
+    """Longest completion; longer ones are cut with finish_reason "length" (reward 0)."""
+    temperature: float = 1.0
+    """Sampling temperature. Training rollouts should stay at 1 (else the KL is to another
+    distribution than π_θ)."""
+    top_p: float = 1.0
+    """Nucleus truncation; 1.0 = none (the default for on-policy RL/KD)."""
+    batch_size: int = 256
+    """Most sequences generated in one call."""
+
+
+class RewardConfig(_Section):
+    extract: Literal["auto", "hash", "boxed", "last_number"] = "auto"
+    """How the final answer is found in a response: "hash" (`#### N`), "boxed" (`\\boxed{..}`),
+    "last_number", or "auto" (hash, then boxed, then last number)."""
+    timeout_s: float = 5.0
+    """Upper bound on math-verify time per response (enforced without signals)."""
+
+
+class LossConfig(_Section):
+    pg_coef: float = 1.0
+    """Weight of the GRPO term (0 = pure distillation)."""
+    std_normalize: bool = True
+    """Divide group-centred rewards by the group std."""
+    unbiased_std: bool = True
+    """Bessel-corrected std (torch/verl/TRL default) rather than the population std."""
+    kl_estimator: Literal["k1", "k2", "k3", "topk"] = "k2"
+    """Reverse-KL estimator: k2 (paper), k3 (ablation: forward-KL gradient), k1 (as a detached
+    per-token reward added to the advantage, never a loss), topk (needs teacher.top_k > 0)."""
+    beta_schedule: Literal["constant", "linear"] = "constant"
+    """β per optimizer step s: constant β_init, or max(β_init − δ·s, β_min)."""
+    beta_init: float = 5e-3
+    """β at step 0 (0 disables KD and teacher scoring)."""
+    beta_min: float = 1e-3
+    """Floor of the linear schedule."""
+    beta_delta: float = 5e-5
+    """δ: decrease of β per optimizer step in the linear schedule."""
+    kd_mask: Literal["none", "response", "group"] = "none"
+    """Reward-guided KD mask: all responses, only wrong responses, or only all-wrong groups."""
+    kd_denominator: Literal["all", "unmasked"] = "all"
+    """Divide the KD sum by all completion tokens of the batch (β keeps one scale whatever the
+    mask drops) or only by the KD-unmasked ones (per-token mean over what is distilled)."""
+    kd_on_truncated: bool = True
+    """Apply KD to responses cut at max_new_tokens (their reward is 0 either way)."""
+    nll_coef: float = 0.0
+    """Weight of −log π_θ on the rollout tokens (1 for SFT on teacher samples)."""
+    sft_only_correct: bool = False
+    """SFT: train only on teacher samples with reward 1."""
+    clip_eps_low: float = 0.2
+    """PPO clip 1−ε_lo (acts only when ppo_epochs > 1)."""
+    clip_eps_high: float = 0.2
+    """PPO clip 1+ε_hi (DAPO uses a larger upper bound)."""
+    ppo_epochs: int = 1
+    """Optimizer passes over each rollout batch; 1 = strictly on-policy (the paper)."""
+
+
+class OptimConfig(_Section):
+    lr: float = 1e-4
+    """AdamW peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this (0 = off)."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate over this many optimizer steps."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay after warm-up, over run.steps."""
+    micro_batch_size: int = 64
+    """Sequences per forward/backward; gradients accumulate to one step per rollout batch."""
+
+
+class EmbeddedConfig(_Section):
+    teacher_steps: int = 1500
+    """SFT steps that train the tiny teacher (cached after the first run)."""
+    student_steps: int = 150
+    """SFT steps that warm-start the tiny student (cached)."""
+    batch_size: int = 64
+    """Warm-start batch size."""
+    lr: float = 2e-3
+    """Warm-start learning rate."""
+
+
+class RunSection(_Section):
+    method: Literal[
+        "custom", "sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal", "kdrl_mask_response", "kdrl_mask_group"
+    ] = "kdrl_anneal"
+    """Method preset applied under the YAML/--set values (see PRESETS); "custom" = none."""
+    steps: int = 60
+    """Optimizer steps (= rollout batches) to train."""
+    seed: int = 0
+    """Seed of sampling, initialisation and prompt order."""
+    runs_dir: str = "runs"
+    """Folder holding one directory per run."""
+    eval_every: int = 20
+    """Evaluate on the held-out set every N steps (0 = only before and after)."""
+    eval_samples: int = 1
+    """k: samples per held-out prompt for pass@1 (averaged over k)."""
+    eval_temperature: float = 0.0
+    """Evaluation temperature (0 = greedy)."""
+    num_threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    cache_dir: str = ".cache/kdrl"
+    """Where embedded warm-started models are cached."""
+
+
+class RunConfig(_Section):
+    data: DataConfig = DataConfig()
+    """Prompts and reference answers."""
+    model: ModelConfig = ModelConfig()
+    """The student (the policy being trained)."""
+    teacher: TeacherConfig = TeacherConfig()
+    """The teacher scored on student rollouts."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Sampling of training responses."""
+    reward: RewardConfig = RewardConfig()
+    """Rule-based reward."""
+    loss: LossConfig = LossConfig()
+    """The KDRL objective."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and schedule."""
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    """Warm start of the tiny built-in models."""
+    run: RunSection = RunSection()
+    """Steps, seeds, evaluation, output."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.loss.kl_estimator == "topk" and self.teacher.top_k <= 0 and self.uses_teacher:
+            raise ValueError("loss.kl_estimator='topk' needs teacher.top_k > 0")
+        if self.rollout.source == "teacher" and self.loss.pg_coef != 0:
+            raise ValueError("rollout.source='teacher' (SFT) needs loss.pg_coef=0: off-policy samples")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the teacher scores rollouts (any β > 0)."""
+        return self.loss.beta_init > 0 or (self.loss.beta_schedule == "linear" and self.loss.beta_min > 0)
+
+    def hash(self) -> str:
+        """Short content hash of the resolved config (stored in Parquet metadata)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}
+PRESETS: dict[str, dict[str, Any]] = {
+    "custom": {},
+    "sft": {
+        "rollout": {"source": "teacher"},
+        "loss": {"pg_coef": 0.0, "beta_init": 0.0, "beta_min": 0.0, "nll_coef": 1.0, "beta_schedule": "constant"},
+    },
+    "grpo": {"loss": {"pg_coef": 1.0, "beta_init": 0.0, "beta_min": 0.0, "beta_schedule": "constant"}},
+    "kd_rkl": {"loss": {**_KD, "pg_coef": 0.0}},
+    "kdrl": {"loss": {**_KD}},
+    "kdrl_anneal": {"loss": {**_KD, "beta_schedule": "linear", "beta_min": 1e-3, "beta_delta": 5e-5}},
+    "kdrl_mask_response": {"loss": {**_KD, "kd_mask": "response"}},
+    "kdrl_mask_group": {"loss": {**_KD, "kd_mask": "group"}},
+}
+"""Method presets (paper §5). Values are applied under the user's YAML and --set overrides."""
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn "loss.beta_init=0.01" into {"loss": {"beta_init": 0.01}} (value parsed as YAML).
+
+    >>> parse_override("loss.beta_init=0.01")
+    {'loss': {'beta_init': 0.01}}
+    >>> parse_override("run.method=grpo")
+    {'run': {'method': 'grpo'}}
+    """
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults ← preset of run.method ← YAML at `path` ← `overrides`; errors name the bad key."""
+    user: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        user = loaded
+    for text in overrides:
+        user = _merge(user, parse_override(text))
+    method = (user.get("run") or {}).get("method", RunSection().method)
+    if method not in PRESETS:
+        raise ValueError(f"{source}: run.method={method!r} is not one of {sorted(PRESETS)}")
+    try:
+        return RunConfig.model_validate(_merge(PRESETS[method], user))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"invalid config ({source}, overrides {list(overrides)}): {problems}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what runs/<id>/config.yaml holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
