@@ -25,6 +25,11 @@ from __future__ import annotations
 import torch
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # log-softmax in bf16 loses ~3 digits; never compute divergences below float32
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def reverse_kl_k1_BT(logp_BT: torch.Tensor, teacher_logp_BT: torch.Tensor) -> torch.Tensor:
     """k1 = log π_θ(o_t) − log π_T(o_t) = −R. Its mean estimates KL(π_θ‖π_T); use it as a
     detached per-token *reward* only — as a loss its expected gradient is 0.
@@ -77,8 +82,8 @@ def reverse_kl_topk_BT(
     >>> reverse_kl_topk_BT(s, t)  # KL([.5,.5] ‖ [.9,.1]) = 0.510826
     tensor([[0.5108]])
     """
-    q_logp_BTK = torch.log_softmax(student_logp_BTK.float(), dim=-1)
-    t_logp_BTK = torch.log_softmax(teacher_logp_BTK.float(), dim=-1)
+    q_logp_BTK = torch.log_softmax(_at_least_fp32(student_logp_BTK), dim=-1)
+    t_logp_BTK = torch.log_softmax(_at_least_fp32(teacher_logp_BTK), dim=-1)
     return (q_logp_BTK.exp() * (q_logp_BTK - t_logp_BTK)).sum(dim=-1)
 
 
@@ -91,8 +96,8 @@ def reverse_kl_full_BT(student_logits_BTV: torch.Tensor, teacher_logits_BTV: tor
     >>> reverse_kl_full_BT(s, t)
     tensor([[0.5108]])
     """
-    s_logp_BTV = torch.log_softmax(student_logits_BTV.float(), dim=-1)
-    t_logp_BTV = torch.log_softmax(teacher_logits_BTV.float(), dim=-1)
+    s_logp_BTV = torch.log_softmax(_at_least_fp32(student_logits_BTV), dim=-1)
+    t_logp_BTV = torch.log_softmax(_at_least_fp32(teacher_logits_BTV), dim=-1)
     return (s_logp_BTV.exp() * (s_logp_BTV - t_logp_BTV)).sum(dim=-1)
 
 
@@ -185,12 +190,13 @@ def kdrl_loss(
     batch (zero denominators) gives a zero loss, never NaN. Presets: GRPO = (kd None, β 0),
     KD-RKL = (pg_coef 0), SFT = (pg_coef 0, β 0, nll_coef 1).
     """
-    mask_BT = mask_BT.float()
-    kd_mask_BT = kd_mask_B.float()[:, None] * mask_BT
-    n = torch.as_tensor(num_tokens, dtype=torch.float32).clamp(min=1.0)
-    n_kd = torch.as_tensor(num_kd_tokens, dtype=torch.float32).clamp(min=1.0)
+    dtype = logp_BT.dtype
+    mask_BT = mask_BT.to(dtype)
+    kd_mask_BT = kd_mask_B.to(dtype)[:, None] * mask_BT
+    n = torch.as_tensor(num_tokens, dtype=dtype).clamp(min=1.0)
+    n_kd = torch.as_tensor(num_kd_tokens, dtype=dtype).clamp(min=1.0)
 
-    advantages_BT = advantages_B.float()[:, None].expand_as(logp_BT)
+    advantages_BT = advantages_B.to(dtype)[:, None].expand_as(logp_BT)
     if kd_reward_BT is not None:
         advantages_BT = advantages_BT - beta * kd_reward_BT.detach() * kd_mask_BT
     pg_BT, clipped_BT = policy_gradient_BT(
