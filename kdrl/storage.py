@@ -1,0 +1,400 @@
+"""Parquet tables: schemas as named constants, validated atomic read/write, run-dir layout.
+
+Files are the interface between stages: each stage writes a new file with a declared schema and
+none rewrites one. Per-sample tables are keyed by ``KEY = (step, prompt_id, sample_idx)``, so a
+polars join on ``KEY`` answers any per-sample question across stages.
+
+Token alignment. Every per-token column (``sampler_logprobs``, ``teacher_logprobs``,
+``student_logprobs``, ``kd_per_token``, and the outer list of ``topk_ids``/``topk_logprobs``) is a
+list aligned to ``completion_token_ids``: for completion ids o_0..o_{T-1}, ``x[t]`` refers to
+completion token t, i.e. log π(o_t | prompt, o_<t) for the model that column belongs to. Prompt
+tokens never appear in per-token columns.
+
+A run directory (see ``RunPaths``)::
+
+    runs/<run_id>/
+      config.yaml
+      offline/prompts.parquet
+      iter_00000/rollouts.parquet   rewards.parquet   teacher.parquet
+      iter_00000/batch.parquet      metrics.parquet   eval.parquet
+      iter_00000/checkpoint/
+
+The learning curve of every run is ``pl.scan_parquet("runs/*/iter_*/metrics.parquet")``, and
+``pl.scan_parquet("runs/*/**/rollouts.parquet")`` gathers every rollout of every run. Temp files
+from in-flight writes start with "." and end in ".tmp", so these globs never see them.
+
+Every file carries Parquet key-value metadata: ``kdrl.table``, ``kdrl.schema_version``,
+``kdrl.code_version`` and whatever the caller adds (e.g. ``kdrl.config_hash``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+import kdrl
+
+SCHEMA_VERSION = "1"
+KEY = ("step", "prompt_id", "sample_idx")
+
+_KEY_SCHEMA = {"step": pl.Int64, "prompt_id": pl.Int64, "sample_idx": pl.Int32}
+_TOKENS = pl.List(pl.Int32)
+_LOGPROBS = pl.List(pl.Float32)
+
+# One row per prompt of the run: its split ("train"/"heldout") and reference final answer.
+PROMPTS = pl.Schema(
+    {
+        "prompt_id": pl.Int64,
+        "split": pl.String,
+        "question": pl.String,
+        "answer": pl.String,
+        "prompt_text": pl.String,
+        "prompt_token_ids": _TOKENS,
+    }
+)
+
+# One row per sampled completion; finish_reason is "stop" or "length".
+ROLLOUTS = pl.Schema(
+    {
+        **_KEY_SCHEMA,
+        "prompt_token_ids": _TOKENS,
+        "completion_token_ids": _TOKENS,
+        "sampler_logprobs": _LOGPROBS,
+        "finish_reason": pl.String,
+        "completion_text": pl.String,
+    }
+)
+
+# One row per completion: the extracted answer (null if none was found) and its reward.
+REWARDS = pl.Schema(
+    {
+        **_KEY_SCHEMA,
+        "extracted_answer": pl.String,
+        "reward": pl.Float32,
+        "truncated": pl.Boolean,
+    }
+)
+
+# One row per scored completion: teacher log-probs of the sampled tokens, plus optional
+# top-k ids/log-probs per position ([t][k]; null when top-k was not asked for).
+TEACHER_LOGPROBS = pl.Schema(
+    {
+        **_KEY_SCHEMA,
+        "teacher_logprobs": _LOGPROBS,
+        "topk_ids": pl.List(_TOKENS),
+        "topk_logprobs": pl.List(_LOGPROBS),
+    }
+)
+
+# One row per completion in the update ("batch.parquet"): the advantage and KD targets as the
+# optimizer step used them; student_logprobs are the trainer's log-probs before the update and
+# kd_per_token the KL estimator's value at each completion token.
+ADVANTAGES = pl.Schema(
+    {
+        **_KEY_SCHEMA,
+        "reward": pl.Float32,
+        "advantage": pl.Float32,
+        "kd_mask": pl.Float32,
+        "beta": pl.Float32,
+        "num_tokens": pl.Int32,
+        "student_logprobs": _LOGPROBS,
+        "kd_per_token": _LOGPROBS,
+    }
+)
+
+_METRIC_FLOATS = (
+    "loss pg_loss kd_loss nll_loss beta lr grad_norm reward_mean kl_k1_mean response_len_mean"
+    " clip_frac kd_token_frac"
+).split()
+_STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s time_total_s".split()
+
+# One row per optimizer step: losses, KL, lengths, token counts and per-stage seconds.
+STEP_METRICS = pl.Schema(
+    {
+        "step": pl.Int64,
+        **{name: pl.Float64 for name in _METRIC_FLOATS},
+        "num_tokens": pl.Int64,
+        "teacher_tokens": pl.Int64,
+        **{name: pl.Float64 for name in _STAGE_SECONDS},
+        "tokens_per_s": pl.Float64,
+    }
+)
+
+# One row per evaluation sample: model ("student"/"teacher") at a temperature (0 = greedy);
+# extracted_answer is null when none was found.
+EVALUATIONS = pl.Schema(
+    {
+        **_KEY_SCHEMA,
+        "model": pl.String,
+        "temperature": pl.Float32,
+        "completion_text": pl.String,
+        "completion_len": pl.Int32,
+        "finish_reason": pl.String,
+        "extracted_answer": pl.String,
+        "correct": pl.Boolean,
+    }
+)
+
+SCHEMAS: dict[str, pl.Schema] = {
+    "prompts": PROMPTS,
+    "rollouts": ROLLOUTS,
+    "rewards": REWARDS,
+    "teacher_logprobs": TEACHER_LOGPROBS,
+    "advantages": ADVANTAGES,
+    "step_metrics": STEP_METRICS,
+    "evaluations": EVALUATIONS,
+}
+
+# Columns that must be non-null and unique together. Evaluations hold student and teacher
+# samples (at several temperatures) for the same KEY, so those columns join the key there.
+KEYS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt_id",),
+    "rollouts": KEY,
+    "rewards": KEY,
+    "teacher_logprobs": KEY,
+    "advantages": KEY,
+    "step_metrics": ("step",),
+    "evaluations": (*KEY, "model", "temperature"),
+}
+
+_RESERVED_METADATA = ("kdrl.table", "kdrl.schema_version", "kdrl.code_version")
+
+
+class StorageError(ValueError):
+    """A table does not match its declared schema, key or metadata."""
+
+
+def write_table(
+    df: pl.DataFrame,
+    path: str | os.PathLike,
+    *,
+    table: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Validate ``df`` against ``SCHEMAS[table]`` and write it atomically as zstd Parquet.
+
+    Compatible dtypes are cast (List(Int64)→List(Int32) when values fit, Float64→Float32, an
+    all-null column to anything); anything else raises ``StorageError``. On failure the temp file
+    is removed and an existing file at ``path`` is left as it was.
+
+    >>> import tempfile
+    >>> df = pl.DataFrame({"step": [0, 0], "prompt_id": [7, 7], "sample_idx": [0, 1],
+    ...                    "extracted_answer": ["42", None], "reward": [1.0, 0.0],
+    ...                    "truncated": [False, True]})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = write_table(df, Path(d) / "iter_00000/rewards.parquet", table="rewards",
+    ...                     metadata={"kdrl.config_hash": "abc123"})
+    ...     (p.name, read_metadata(p)["kdrl.table"], read_table(p, table="rewards")["reward"].dtype)
+    ('rewards.parquet', 'rewards', Float32)
+    """
+    path = Path(path)
+    df = _conform(df, _schema(table), path=path)
+    _check_key(df, KEYS[table], path=path)
+    arrow = df.to_arrow()
+    meta = _file_metadata(table, metadata, path=path)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **meta})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its files are mode 0600, which os.replace would carry to `path`.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            pq.write_table(arrow, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_table(path: str | os.PathLike, *, table: str) -> pl.DataFrame:
+    """Read a Parquet file and validate it against ``SCHEMAS[table]`` and its kdrl metadata.
+
+    >>> import tempfile
+    >>> df = pl.DataFrame({"step": [3], "prompt_id": [1], "sample_idx": [0],
+    ...                    "extracted_answer": [None], "reward": [0.0], "truncated": [True]})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = write_table(df, Path(d) / "rewards.parquet", table="rewards")
+    ...     read_table(p, table="rewards").row(0)
+    (3, 1, 0, None, 0.0, True)
+    """
+    path = Path(path)
+    schema = _schema(table)
+    meta = read_metadata(path)
+    found_table = meta.get("kdrl.table")
+    if found_table is not None and found_table != table:
+        raise StorageError(f"{path}: holds table {found_table!r}, expected {table!r}")
+    version = meta.get("kdrl.schema_version")
+    if version is not None and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise StorageError(
+            f"{path}: schema version {version!r} is incompatible with {SCHEMA_VERSION!r}"
+        )
+    return _conform(pl.read_parquet(path), schema, path=path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return a Parquet file's key-value metadata (without pyarrow's ``ARROW:schema`` blob).
+
+    >>> import tempfile
+    >>> df = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0],
+    ...                    "extracted_answer": ["1"], "reward": [1.0], "truncated": [False]})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = write_table(df, Path(d) / "r.parquet", table="rewards", metadata={"kdrl.seed": "1"})
+    ...     m = read_metadata(p)
+    >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
+    ('rewards', '1', '1')
+    """
+    meta = pl.read_parquet_metadata(Path(path))
+    return {k: v for k, v in meta.items() if k != "ARROW:schema"}
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """First 16 hex chars of the sha256 of a file's bytes; a cache key for stage inputs.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = Path(d) / "x.bin"
+    ...     _ = p.write_bytes(b"abc")
+    ...     content_hash(p)
+    'ba7816bf8f01cfea'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each file of a run lives; ``root`` is ``runs/<run_id>``.
+
+    >>> paths = RunPaths(Path("runs/demo"))
+    >>> paths.prompts.as_posix(), paths.advantages(3).as_posix()
+    ('runs/demo/offline/prompts.parquet', 'runs/demo/iter_00003/batch.parquet')
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def offline(self) -> Path:
+        return self.root / "offline"
+
+    @property
+    def prompts(self) -> Path:
+        return self.offline / "prompts.parquet"
+
+    def iter_dir(self, step: int) -> Path:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self.root / f"iter_{step:05d}"
+
+    def rollouts(self, step: int) -> Path:
+        return self.iter_dir(step) / "rollouts.parquet"
+
+    def rewards(self, step: int) -> Path:
+        return self.iter_dir(step) / "rewards.parquet"
+
+    def teacher(self, step: int) -> Path:
+        return self.iter_dir(step) / "teacher.parquet"
+
+    def advantages(self, step: int) -> Path:
+        return self.iter_dir(step) / "batch.parquet"
+
+    def metrics(self, step: int) -> Path:
+        return self.iter_dir(step) / "metrics.parquet"
+
+    def evaluation(self, step: int) -> Path:
+        return self.iter_dir(step) / "eval.parquet"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.iter_dir(step) / "checkpoint"
+
+
+def _schema(table: str) -> pl.Schema:
+    if table not in SCHEMAS:
+        raise StorageError(f"unknown table {table!r}; known: {sorted(SCHEMAS)}")
+    return SCHEMAS[table]
+
+
+def _conform(df: pl.DataFrame, schema: pl.Schema, *, path: Path) -> pl.DataFrame:
+    """Check names and dtypes, cast compatible dtypes, and put columns in schema order."""
+    missing = [c for c in schema if c not in df.columns]
+    unexpected = [c for c in df.columns if c not in schema]
+    if missing or unexpected:
+        raise StorageError(
+            f"{path}: columns do not match the schema; missing: {missing}, unexpected: {unexpected}"
+        )
+    for name, expected in schema.items():
+        found = df.schema[name]
+        if not _castable(found, expected):
+            raise StorageError(f"{path}: column {name!r} expected {expected}, found {found}")
+        if found != expected:
+            try:
+                df = df.with_columns(pl.col(name).cast(expected, strict=True))
+            except pl.exceptions.PolarsError as e:
+                raise StorageError(
+                    f"{path}: column {name!r} expected {expected}, found {found} "
+                    f"with values that do not fit"
+                ) from e
+    return df.select(list(schema))
+
+
+def _castable(found: pl.DataType, expected: pl.DataType) -> bool:
+    """Whether ``found`` may be cast to ``expected``: same numeric family, lists elementwise.
+
+    Stricter than polars' strict cast, which would happily parse the string "1.5" as a float.
+    """
+    if found == expected or found == pl.Null:
+        return True
+    if isinstance(found, pl.List) and isinstance(expected, pl.List):
+        return _castable(found.inner, expected.inner)
+    if expected.is_integer():
+        return found.is_integer()
+    if expected.is_float():
+        return found.is_float() or found.is_integer()
+    return False
+
+
+def _check_key(df: pl.DataFrame, key: tuple[str, ...], *, path: Path) -> None:
+    for name in key:
+        nulls = df[name].null_count()
+        if nulls:
+            raise StorageError(f"{path}: key column {name!r} has {nulls} null value(s)")
+    duplicated = df.select(key).filter(df.select(key).is_duplicated())
+    if duplicated.height:
+        first = dict(zip(key, duplicated.row(0)))
+        raise StorageError(
+            f"{path}: key {key} is not unique; first duplicated key {first} "
+            f"({duplicated.height} rows share a duplicated key)"
+        )
+
+
+def _file_metadata(table: str, metadata: dict[str, str] | None, *, path: Path) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    clash = sorted(set(metadata) & set(_RESERVED_METADATA))
+    if clash:
+        raise StorageError(f"{path}: metadata keys {clash} are set by write_table itself")
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise StorageError(f"{path}: metadata keys and values must be str; offending keys {bad}")
+    return {
+        "kdrl.table": table,
+        "kdrl.schema_version": SCHEMA_VERSION,
+        "kdrl.code_version": kdrl.__version__,
+        **metadata,
+    }

@@ -1,0 +1,324 @@
+"""Parquet storage: every table round-trips, validation names what is wrong, writes are atomic."""
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from polars.testing import assert_frame_equal
+
+import kdrl
+from kdrl import storage
+from kdrl.storage import (
+    KEY,
+    KEYS,
+    SCHEMAS,
+    SCHEMA_VERSION,
+    RunPaths,
+    StorageError,
+    content_hash,
+    read_metadata,
+    read_table,
+    write_table,
+)
+
+
+def _keys(step: int = 0) -> dict:
+    return {"step": [step, step], "prompt_id": [10, 10], "sample_idx": [0, 1]}
+
+
+def _frames(step: int = 0) -> dict[str, pl.DataFrame]:
+    """A tiny valid frame per table, built with polars' default dtypes (Int64, Float64) so that
+    write_table's casting is exercised on every table."""
+    metrics = {name: [0.5] for name, dtype in storage.STEP_METRICS.items() if dtype == pl.Float64}
+    return {
+        "prompts": pl.DataFrame(
+            {
+                "prompt_id": [10, 11],
+                "split": ["train", "heldout"],
+                "question": ["1+1?", "2+2?"],
+                "answer": ["2", "4"],
+                "prompt_text": ["Q: 1+1?", "Q: 2+2?"],
+                "prompt_token_ids": [[1, 2], [1, 3]],
+            }
+        ),
+        "rollouts": pl.DataFrame(
+            {
+                **_keys(step),
+                "prompt_token_ids": [[1, 2], [1, 2]],
+                "completion_token_ids": [[5, 6, 7], [8]],
+                "sampler_logprobs": [[-0.1, -0.2, -0.3], [-1.5]],
+                "finish_reason": ["stop", "length"],
+                "completion_text": ["a b c", "d"],
+            }
+        ),
+        "rewards": pl.DataFrame(
+            {
+                **_keys(step),
+                "extracted_answer": ["2", None],
+                "reward": [1.0, 0.0],
+                "truncated": [False, True],
+            }
+        ),
+        "teacher_logprobs": pl.DataFrame(
+            {
+                **_keys(step),
+                "teacher_logprobs": [[-0.05, -0.5, -0.25], [-2.0]],
+                "topk_ids": [[[5, 9], [6, 1], [7, 2]], None],
+                "topk_logprobs": [[[-0.05, -3.0], [-0.5, -1.0], [-0.25, -2.0]], None],
+            }
+        ),
+        "advantages": pl.DataFrame(
+            {
+                **_keys(step),
+                "reward": [1.0, 0.0],
+                "advantage": [1.0, -1.0],
+                "kd_mask": [0.0, 1.0],
+                "beta": [0.1, 0.1],
+                "num_tokens": [3, 1],
+                "student_logprobs": [[-0.1, -0.2, -0.3], [-1.5]],
+                "kd_per_token": [[0.0, 0.1, 0.0], [0.2]],
+            }
+        ),
+        "step_metrics": pl.DataFrame(
+            {"step": [step], "num_tokens": [4], "teacher_tokens": [4], **metrics}
+        ),
+        "evaluations": pl.DataFrame(
+            {
+                **_keys(step),
+                "model": ["student", "teacher"],
+                "temperature": [0.0, 0.0],
+                "completion_text": ["2", "x"],
+                "completion_len": [1, 1],
+                "finish_reason": ["stop", "stop"],
+                "extracted_answer": ["2", None],
+                "correct": [True, False],
+            }
+        ),
+    }
+
+
+def test_every_table_has_a_frame_and_a_key():
+    assert set(_frames()) == set(SCHEMAS) == set(KEYS)
+    for table, schema in SCHEMAS.items():
+        assert set(KEYS[table]) <= set(schema), table
+    for table in ("rollouts", "rewards", "teacher_logprobs", "advantages", "evaluations"):
+        assert [SCHEMAS[table][k] for k in KEY] == [pl.Int64, pl.Int64, pl.Int32]
+
+
+@pytest.mark.parametrize("table", sorted(SCHEMAS))
+def test_round_trip_every_table(tmp_path, table):
+    df = _frames()[table]
+    path = write_table(df, tmp_path / f"{table}.parquet", table=table)
+    back = read_table(path, table=table)
+    assert back.schema == SCHEMAS[table]
+    # Exact equality once cast: Float64 → Float32 rounds the same way on both sides.
+    assert_frame_equal(back, df.select(list(SCHEMAS[table])).cast(dict(SCHEMAS[table])))
+
+
+def test_round_trip_keeps_nested_lists_and_null_topk(tmp_path):
+    table = "teacher_logprobs"
+    path = write_table(_frames()[table], tmp_path / "t.parquet", table=table)
+    back = read_table(path, table=table)
+    assert back["topk_ids"].to_list() == [[[5, 9], [6, 1], [7, 2]], None]
+    assert back["topk_logprobs"].null_count() == 1
+    # The whole top-k column may be null (no top-k asked for): an all-null column casts.
+    no_topk = _frames()[table].with_columns(
+        topk_ids=pl.lit(None), topk_logprobs=pl.lit(None)
+    )
+    back = read_table(write_table(no_topk, path, table=table), table=table)
+    assert back["topk_ids"].dtype == pl.List(pl.List(pl.Int32))
+    assert back["topk_ids"].null_count() == 2
+
+
+def test_columns_written_in_schema_order(tmp_path):
+    df = _frames()["rewards"]
+    shuffled = df.select(list(reversed(df.columns)))
+    path = write_table(shuffled, tmp_path / "r.parquet", table="rewards")
+    assert pq.read_schema(path).names == list(storage.REWARDS)
+
+
+def test_metadata_is_preserved_and_readable(tmp_path):
+    path = write_table(
+        _frames()["rewards"], tmp_path / "r.parquet", table="rewards",
+        metadata={"kdrl.config_hash": "deadbeef"},
+    )
+    expected = {
+        "kdrl.table": "rewards",
+        "kdrl.schema_version": SCHEMA_VERSION,
+        "kdrl.code_version": kdrl.__version__,
+        "kdrl.config_hash": "deadbeef",
+    }
+    assert read_metadata(path) == expected
+    polars_meta = pl.read_parquet_metadata(path)
+    assert {k: polars_meta[k] for k in expected} == expected
+    arrow_meta = pq.read_schema(path).metadata
+    assert arrow_meta[b"kdrl.config_hash"] == b"deadbeef"
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_reserved_metadata_cannot_be_overridden(tmp_path):
+    with pytest.raises(StorageError, match="kdrl.table"):
+        write_table(
+            _frames()["rewards"], tmp_path / "r.parquet", table="rewards",
+            metadata={"kdrl.table": "rollouts"},
+        )
+
+
+def test_int64_lists_cast_to_int32(tmp_path):
+    df = _frames()["rollouts"]
+    assert df.schema["completion_token_ids"] == pl.List(pl.Int64)
+    back = read_table(write_table(df, tmp_path / "r.parquet", table="rollouts"), table="rollouts")
+    assert back["completion_token_ids"].dtype == pl.List(pl.Int32)
+    assert back["completion_token_ids"].to_list() == [[5, 6, 7], [8]]
+
+
+def test_int_that_does_not_fit_int32_raises(tmp_path):
+    df = _frames()["rollouts"].with_columns(completion_token_ids=pl.lit([2**40]))
+    with pytest.raises(StorageError, match="completion_token_ids.*do not fit"):
+        write_table(df, tmp_path / "r.parquet", table="rollouts")
+
+
+def test_string_in_reward_raises_naming_file_column_and_dtypes(tmp_path):
+    # "1.0" would parse under polars' strict cast; the schema check must refuse it anyway.
+    df = _frames()["rewards"].with_columns(reward=pl.lit("1.0"))
+    path = tmp_path / "bad.parquet"
+    with pytest.raises(StorageError) as err:
+        write_table(df, path, table="rewards")
+    msg = str(err.value)
+    assert str(path) in msg and "'reward'" in msg and "Float32" in msg and "String" in msg
+    assert not path.exists()
+
+
+def test_missing_and_extra_columns_are_named(tmp_path):
+    df = _frames()["rewards"].drop("truncated").with_columns(oops=pl.lit(1))
+    with pytest.raises(StorageError, match=r"missing: \['truncated'\], unexpected: \['oops'\]"):
+        write_table(df, tmp_path / "r.parquet", table="rewards")
+
+
+def test_duplicate_key_raises_naming_it(tmp_path):
+    df = _frames()["rewards"].with_columns(sample_idx=pl.lit(1, dtype=pl.Int32))
+    with pytest.raises(StorageError, match=r"'step': 0, 'prompt_id': 10, 'sample_idx': 1"):
+        write_table(df, tmp_path / "r.parquet", table="rewards")
+
+
+def test_null_key_raises(tmp_path):
+    df = _frames()["rewards"].with_columns(prompt_id=pl.Series([10, None]))
+    with pytest.raises(StorageError, match="'prompt_id' has 1 null"):
+        write_table(df, tmp_path / "r.parquet", table="rewards")
+
+
+def test_evaluations_key_includes_model_and_temperature(tmp_path):
+    # Student and teacher samples share (step, prompt_id, sample_idx); that is not a duplicate.
+    df = _frames()["evaluations"].with_columns(sample_idx=pl.lit(0, dtype=pl.Int32))
+    write_table(df, tmp_path / "e.parquet", table="evaluations")
+
+
+def _existing(tmp_path: Path) -> tuple[Path, bytes]:
+    path = write_table(_frames()["rewards"], tmp_path / "r.parquet", table="rewards")
+    return path, path.read_bytes()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != "r.parquet")
+
+
+def test_invalid_frame_leaves_existing_file_untouched(tmp_path):
+    path, before = _existing(tmp_path)
+    with pytest.raises(StorageError):
+        write_table(_frames()["rewards"].drop("reward"), path, table="rewards")
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_writer_failing_midway_leaves_existing_file_untouched(tmp_path, monkeypatch):
+    path, before = _existing(tmp_path)
+
+    def half_write(table, where, **kwargs):
+        where.write(b"PAR1 partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.pq, "write_table", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_table(_frames()["rewards"].with_columns(reward=pl.lit(0.0)), path, table="rewards")
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_creates_parent_dirs(tmp_path):
+    path = write_table(_frames()["rewards"], tmp_path / "a" / "b" / "r.parquet", table="rewards")
+    assert path.exists()
+
+
+def test_read_of_wrong_column_names_file_and_column(tmp_path):
+    path = tmp_path / "r.parquet"
+    _frames()["rewards"].with_columns(reward=pl.lit("high")).write_parquet(path)
+    with pytest.raises(StorageError) as err:
+        read_table(path, table="rewards")
+    assert str(path) in str(err.value) and "'reward'" in str(err.value)
+    assert "expected Float32, found String" in str(err.value)
+
+
+def test_read_checks_table_and_schema_version(tmp_path):
+    path = write_table(_frames()["rewards"], tmp_path / "r.parquet", table="rewards")
+    with pytest.raises(StorageError, match="holds table 'rewards', expected 'rollouts'"):
+        read_table(path, table="rollouts")
+    table = pq.read_table(path)
+    meta = {**table.schema.metadata, b"kdrl.schema_version": b"2"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    with pytest.raises(StorageError, match="schema version '2'"):
+        read_table(path, table="rewards")
+
+
+def test_unknown_table_raises(tmp_path):
+    with pytest.raises(StorageError, match="unknown table 'nope'"):
+        write_table(_frames()["rewards"], tmp_path / "r.parquet", table="nope")
+
+
+def test_scan_across_runs_with_recursive_glob(tmp_path):
+    runs = tmp_path / "runs"
+    for run, steps in (("a", [0, 1]), ("b", [0])):
+        paths = RunPaths(runs / run)
+        for step in steps:
+            write_table(_frames(step)["rollouts"], paths.rollouts(step), table="rollouts")
+            write_table(_frames(step)["step_metrics"], paths.metrics(step), table="step_metrics")
+    rollouts = pl.scan_parquet(str(runs / "*" / "**" / "rollouts.parquet")).collect()
+    assert rollouts.height == 3 * 2
+    curve = pl.scan_parquet(str(runs / "*" / "iter_*" / "metrics.parquet")).collect()
+    assert sorted(curve["step"].to_list()) == [0, 0, 1]
+
+
+def test_run_paths_layout():
+    paths = RunPaths("runs/x")
+    root = Path("runs/x")
+    assert paths.root == root
+    assert paths.config == root / "config.yaml"
+    assert paths.offline == root / "offline"
+    assert paths.prompts == root / "offline" / "prompts.parquet"
+    it = root / "iter_00012"
+    assert paths.iter_dir(12) == it
+    assert paths.rollouts(12) == it / "rollouts.parquet"
+    assert paths.rewards(12) == it / "rewards.parquet"
+    assert paths.teacher(12) == it / "teacher.parquet"
+    assert paths.advantages(12) == it / "batch.parquet"
+    assert paths.metrics(12) == it / "metrics.parquet"
+    assert paths.evaluation(12) == it / "eval.parquet"
+    assert paths.checkpoint(12) == it / "checkpoint"
+    with pytest.raises(ValueError):
+        paths.iter_dir(-1)
+
+
+def test_content_hash_tracks_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"abc")
+    b.write_bytes(b"abd")
+    # sha256("abc") = ba7816bf8f01cfea414140de5dae2223...
+    assert content_hash(a) == "ba7816bf8f01cfea"
+    assert content_hash(b) != content_hash(a) and len(content_hash(b)) == 16
+
+
+def test_written_file_respects_umask_like_a_plain_write(tmp_path):
+    path = write_table(_frames()["rewards"], tmp_path / "r.parquet", table="rewards")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
