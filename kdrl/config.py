@@ -185,6 +185,8 @@ class RunSection(_Section):
     """Folder holding one directory per run."""
     eval_every: int = 20
     """Evaluate on the held-out set every N steps (0 = only before and after)."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every N steps (and always after the last)."""
     eval_samples: int = 1
     """k: samples per held-out prompt for pass@1 (averaged over k)."""
     eval_temperature: float = 0.0

@@ -18,6 +18,7 @@ thread that the caller waits on for at most ``timeout_s``.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,6 +153,9 @@ def _as_fraction(s: str) -> Fraction | None:
 def _math_verify_match(pred_latex: str, gold_latex: str) -> bool:
     """math-verify on two ``$...$`` strings, its own signal-based timeouts off."""
     from math_verify import parse, verify  # lazy: sympy and friends cost ~0.3 s to import
+
+    # We bound time ourselves (see module docstring); silence its per-call "timeout disabled" warning.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     gold_parsed = parse(gold_latex, parsing_timeout=None)
     pred_parsed = parse(pred_latex, parsing_timeout=None)

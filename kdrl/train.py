@@ -1,0 +1,248 @@
+"""The policy update: student log-probs, the KDRL loss, one optimizer step; checkpoints.
+
+`update_step` is the one place `backward()` runs. It is strictly on-policy by default: one
+optimizer step per rollout batch, π_old = sg(π_θ), so ρ = 1 in value. With ``ppo_epochs > 1`` the
+first pass's log-probs become π_old and each later pass is another optimizer step (ρ ≠ 1, clipping
+acts, KD is weighted by sg(ρ)). β and the learning rate follow the *optimizer* step.
+
+Student log-probs are computed in float32 from the hidden states at the completion positions
+only, in row chunks under activation checkpointing, so at most one chunk of B×T×V logits exists.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from kdrl.advantages import group_advantages_PG, token_count
+from kdrl.batching import StepBatch
+from kdrl.config import LossConfig, OptimConfig
+from kdrl.losses import (
+    beta_constant,
+    beta_linear,
+    kd_mask_group_PG,
+    kd_mask_none_PG,
+    kd_mask_response_PG,
+    kdrl_loss,
+    reverse_kl_k1_BT,
+    reverse_kl_k2_BT,
+    reverse_kl_k3_BT,
+    reverse_kl_topk_BT,
+)
+
+KD_MASKS = {"none": kd_mask_none_PG, "response": kd_mask_response_PG, "group": kd_mask_group_PG}
+KD_LOSSES = {"k2": reverse_kl_k2_BT, "k3": reverse_kl_k3_BT}
+
+
+def beta_at(step: int, cfg: LossConfig) -> float:
+    """β for optimizer step `step` under the configured schedule."""
+    if cfg.beta_schedule == "linear":
+        return beta_linear(step, beta_init=cfg.beta_init, beta_min=cfg.beta_min, delta=cfg.beta_delta)
+    return beta_constant(step, beta_init=cfg.beta_init)
+
+
+def kd_mask_B(rewards_PG: torch.Tensor, truncated_B: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Which responses receive KD: the reward-guided mask, minus truncated ones if so configured."""
+    mask_B = KD_MASKS[cfg.kd_mask](rewards_PG).reshape(-1)
+    if not cfg.kd_on_truncated:
+        mask_B = mask_B * (~truncated_B).float()
+    return mask_B
+
+
+def _chunk_logprobs(hidden_NH, lm_head_weight, lm_head_bias, targets_N, topk_ids_NK, temperature):
+    logits_NV = torch.nn.functional.linear(hidden_NH, lm_head_weight, lm_head_bias).float() / temperature
+    logz_N1 = torch.logsumexp(logits_NV, dim=-1, keepdim=True)
+    logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logz_N1.squeeze(-1)
+    if topk_ids_NK is None:
+        return logp_N, None
+    return logp_N, logits_NV.gather(-1, topk_ids_NK) - logz_N1
+
+
+def completion_logprobs_BT(
+    model: torch.nn.Module,
+    batch: StepBatch,
+    *,
+    temperature: float = 1.0,
+    topk_ids_BTK: torch.Tensor | None = None,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π_θ(o_t | prompt, o_<t) (float32) for every completion position, and, if given the
+    teacher's top-k ids, the student's log-probs at those ids (for the top-k KL).
+
+    Logits are divided by the sampling temperature, matching the distribution the rollout engine
+    sampled from. The LM head runs on completion positions only, in chunks of `chunk_tokens`
+    rows, each under activation checkpointing. (Models whose head applies extra transforms, e.g.
+    logit soft-capping, are not handled here.)"""
+    T = batch.completion_ids_BT.shape[1]
+    decoder = model.get_decoder()
+    hidden_BSH = decoder(
+        input_ids=batch.input_ids_BS,
+        attention_mask=batch.attention_mask_BS,
+        position_ids=batch.position_ids_BS,
+    ).last_hidden_state
+    hidden_BTH = hidden_BSH[:, -T - 1 : -1]
+    B, _, H = hidden_BTH.shape
+    hidden_NH = hidden_BTH.reshape(B * T, H)
+    targets_N = batch.completion_ids_BT.reshape(B * T)
+    topk_NK = None if topk_ids_BTK is None else topk_ids_BTK.reshape(B * T, -1)
+    head = model.get_output_embeddings()
+    logp_parts, topk_parts = [], []
+    for start in range(0, B * T, chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        args = (hidden_NH[sl], head.weight, head.bias, targets_N[sl], None if topk_NK is None else topk_NK[sl], temperature)
+        logp_N, topk_NK_out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args)
+        logp_parts.append(logp_N)
+        topk_parts.append(topk_NK_out)
+    logp_BT = torch.cat(logp_parts).view(B, T)
+    topk_logp_BTK = None if topk_NK is None else torch.cat(topk_parts).view(B, T, -1)
+    return logp_BT, topk_logp_BTK
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one update produced: scalar metrics and per-row arrays (rows in batch order)."""
+
+    metrics: dict[str, float]
+    advantages_B: torch.Tensor
+    kd_mask_B: torch.Tensor
+    student_logp_BT: torch.Tensor
+    kd_per_token_BT: torch.Tensor
+
+
+def _kd_terms(cfg: LossConfig, logp_BT, topk_logp_BTK, mb: StepBatch):
+    """(kd loss per token or None, k1 reward per token or None) for the configured estimator."""
+    if mb.teacher_logp_BT is None:
+        return None, None
+    if cfg.kl_estimator == "k1":
+        return None, reverse_kl_k1_BT(logp_BT, mb.teacher_logp_BT)
+    if cfg.kl_estimator == "topk":
+        return reverse_kl_topk_BT(topk_logp_BTK, mb.teacher_topk_logp_BTK), None
+    return KD_LOSSES[cfg.kl_estimator](logp_BT, mb.teacher_logp_BT), None
+
+
+def update_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: StepBatch,
+    *,
+    loss_cfg: LossConfig,
+    optim_cfg: OptimConfig,
+    optimizer_step: int,
+    temperature: float = 1.0,
+) -> UpdateResult:
+    """Advantages, KD mask and β from the batch, then `ppo_epochs` optimizer steps over
+    micro-batches with the global token denominators. `optimizer_step` is the count before."""
+    advantages_B = group_advantages_PG(batch.rewards_PG, std_normalize=loss_cfg.std_normalize, unbiased=loss_cfg.unbiased_std).reshape(-1)
+    kd_mask = kd_mask_B(batch.rewards_PG, batch.truncated_B, loss_cfg)
+    mask_BT = batch.completion_mask_BT
+    if loss_cfg.sft_only_correct:
+        mask_BT = mask_BT * (batch.rewards_PG.reshape(-1, 1) > 0)
+    num_tokens = token_count(mask_BT)
+    num_kd_tokens = token_count(kd_mask[:, None] * mask_BT) if loss_cfg.kd_denominator == "unmasked" else num_tokens
+    model.train()
+    old_logp_BT = student_logp_BT = kd_per_token_BT = None
+    totals: dict[str, float] = {}
+    for epoch in range(loss_cfg.ppo_epochs):
+        beta = beta_at(optimizer_step + epoch, loss_cfg)
+        sums: dict[str, float] = {}
+        logp_parts, kd_parts = [], []
+        for start in range(0, batch.num_rows, optim_cfg.micro_batch_size):
+            stop = min(start + optim_cfg.micro_batch_size, batch.num_rows)
+            mb = batch.rows(start, stop)
+            logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature, topk_ids_BTK=mb.teacher_topk_ids_BTK)
+            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb)
+            old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop]
+            loss, metrics = kdrl_loss(
+                logp_BT=logp_BT, old_logp_BT=old, mask_BT=mask_BT[start:stop], advantages_B=advantages_B[start:stop],
+                kd_BT=kd_BT, kd_reward_BT=kd_reward_BT, kd_mask_B=kd_mask[start:stop], beta=beta,
+                num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef, nll_coef=loss_cfg.nll_coef,
+                clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
+            )
+            loss.backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            logp_parts.append(logp_BT.detach())
+            kd_source = kd_BT if kd_BT is not None else kd_reward_BT
+            kd_parts.append(torch.zeros_like(logp_BT) if kd_source is None else kd_source.detach())
+        if old_logp_BT is None:
+            old_logp_BT = student_logp_BT = torch.cat(logp_parts)
+            kd_per_token_BT = torch.cat(kd_parts)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals = {**sums, "beta": beta, "lr": lr, "grad_norm": float(grad_norm)}
+
+    if batch.teacher_logp_BT is not None:  # Monte Carlo KL(π_θ‖π_T) per token, over teacher-scored tokens
+        scored_BT = kd_mask[:, None] * mask_BT
+        k1_BT = reverse_kl_k1_BT(student_logp_BT, batch.teacher_logp_BT)
+        totals["kl_k1_mean"] = float((k1_BT * scored_BT).sum() / token_count(scored_BT).clamp(min=1))
+    totals["num_tokens"] = float(num_tokens)
+    return UpdateResult(totals, advantages_B, kd_mask, student_logp_BT, kd_per_token_BT)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW and a LambdaLR: linear warm-up, then constant / cosine / linear decay to 0."""
+    import math
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.schedule]
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int, optimizer_step: int) -> None:
+    """Model (HF format, loadable by any HF tool) + trainer state (optimizer, scheduler, RNG,
+    counters). Written to a temp dir and renamed, so a checkpoint dir is complete or absent."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "optimizer_step": optimizer_step,
+        "rng": {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights (in place), optimizer, scheduler and RNG from `save_checkpoint` output;
+    returns {"step", "optimizer_step"}."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "model" / "model.safetensors"), device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:  # tied heads are saved once
+        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return {"step": state["step"], "optimizer_step": state["optimizer_step"]}
