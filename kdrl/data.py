@@ -112,7 +112,10 @@ def build_prompts(cfg: DataConfig, tokenizer) -> pl.DataFrame:
     if len(ds) < need:
         raise ValueError(f"{cfg.source}: {len(ds)} rows, but num_train + num_heldout = {need}")
     order = list(range(len(ds)))
-    random.Random(cfg.seed).shuffle(order)
+    if cfg.source != "embedded":
+        # Not the generator's rows: they are seeded-random already and a larger num_train only
+        # appends to them, whereas shuffling a longer list would move every held-out prompt.
+        random.Random(cfg.seed).shuffle(order)
     questions, answers, splits = [], [], []
     for rank, row_index in enumerate(order[:need]):
         row = ds[row_index]

@@ -170,7 +170,7 @@ def evaluate_models(s: Session, step: int, *, include_teacher: bool = False) -> 
 
 def latest_checkpoint(paths: RunPaths) -> int | None:
     """The highest step with a complete checkpoint in the run directory, if any."""
-    done = [int(p.parent.name.split("_")[1]) for p in paths.root.glob("iter_*/checkpoint/trainer_state.pt")]
+    done = [int(p.parent.parent.name.split("_")[1]) for p in paths.root.glob("iter_*/checkpoint/trainer_state.pt")]
     return max(done) if done else None
 
 

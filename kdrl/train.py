@@ -231,13 +231,10 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore weights (in place), optimizer, scheduler and RNG from `save_checkpoint` output;
     returns {"step", "optimizer_step"}."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    weights = load_file(str(path / "model" / "model.safetensors"), device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:  # tied heads are saved once
-        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
+    saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype)  # handles shards
+    model.load_state_dict(saved.state_dict())
+    del saved
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,210 @@
+"""The update: padding layout, trainer log-probs vs the sampler's, micro-batch invariance on a
+real model, the direction of GRPO and KD updates, and checkpoints that resume exactly."""
+
+import copy
+
+import polars as pl
+import pytest
+import torch
+
+from kdrl.batching import collate, join_step_tables
+from kdrl.config import LossConfig, OptimConfig, load_config
+from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
+from kdrl.stages import generate_rollouts, kd_needed, score_teacher
+from kdrl.train import build_optimizer, completion_logprobs_BT, load_trainer_state, save_checkpoint, update_step
+
+PROMPTS = ["12+34=", "5+7=", "123+9="]
+
+
+def _prompts(tokenizer):
+    ids = tokenizer(PROMPTS)["input_ids"]
+    return pl.DataFrame({"prompt_id": [10, 11, 12], "prompt_token_ids": ids}, schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
+
+
+def _rewards(rollouts, values):
+    return rollouts.select("step", "prompt_id", "sample_idx").with_columns(
+        pl.Series("reward", values, dtype=pl.Float32), pl.lit(None, pl.String).alias("extracted_answer"),
+        (rollouts["finish_reason"] == "length").alias("truncated"),
+    )
+
+
+@pytest.fixture
+def step_tables(tiny_tokenizer, tiny_student, tiny_teacher):
+    engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
+    rollouts = generate_rollouts(engine, _prompts(tiny_tokenizer), step=0, n=4, max_new_tokens=12, seed=3)
+    rewards = _rewards(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, kd_needed(rollouts, rewards, LossConfig()))
+    return rollouts, rewards, teacher
+
+
+def test_collate_layout(step_tables, tiny_tokenizer):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=tiny_tokenizer.pad_token_id)
+    B, T = batch.completion_ids_BT.shape
+    W = batch.input_ids_BS.shape[1] - T
+    assert B == 12 and batch.rewards_PG.shape == (3, 4)
+    for row, (prompt, completion) in enumerate(zip(rollouts["prompt_token_ids"], rollouts["completion_token_ids"])):
+        prompt, completion = prompt.to_list(), completion.to_list()
+        # prompt right-aligned at column W, completion starting at column W
+        assert batch.input_ids_BS[row, W - len(prompt) : W].tolist() == prompt
+        assert batch.input_ids_BS[row, W : W + len(completion)].tolist() == completion
+        assert batch.completion_mask_BT[row].sum().item() == len(completion)
+        # positions count real tokens: the first completion token sits at position len(prompt)
+        assert batch.position_ids_BS[row, W].item() == len(prompt)
+    with pytest.raises(ValueError, match="same number of samples"):
+        collate(join_step_tables(rollouts.head(11), rewards.head(11), None), pad_token_id=0)
+    with pytest.raises(ValueError, match="lacks 1 rollouts"):
+        join_step_tables(rollouts, rewards.head(11), None)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_equal_the_samplers(tiny_tokenizer, tiny_student, temperature):
+    engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
+    rollouts = generate_rollouts(engine, _prompts(tiny_tokenizer), step=0, n=3, max_new_tokens=10, seed=1, temperature=temperature)
+    batch = collate(join_step_tables(rollouts, _rewards(rollouts, [0.0] * 9), None), pad_token_id=0)
+    with torch.no_grad():
+        logp_BT, _ = completion_logprobs_BT(tiny_student, batch, temperature=temperature)
+    diff = (logp_BT - batch.sampler_logp_BT).abs() * batch.completion_mask_BT
+    assert diff.max().item() < 1e-5
+
+
+def test_chunked_logprobs_match_unchunked_values_and_gradients(step_tables, tiny_tokenizer, tiny_student):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    model = copy.deepcopy(tiny_student)
+    grads = []
+    for chunk in (5, 100_000):
+        model.zero_grad()
+        logp_BT, _ = completion_logprobs_BT(model, batch, chunk_tokens=chunk)
+        (logp_BT * batch.completion_mask_BT).sum().backward()
+        grads.append((logp_BT.detach(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _one_update(model, batch, *, micro, loss_cfg=None, lr=1e-3):
+    optim_cfg = OptimConfig(lr=lr, micro_batch_size=micro)
+    optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
+    return update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg or LossConfig(beta_init=0.5), optim_cfg=optim_cfg, optimizer_step=0)
+
+
+def test_update_is_invariant_to_micro_batch_size(step_tables, tiny_student):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    results, models = [], []
+    for micro in (64, 5):
+        # plain SGD with lr 1: the weight change *is* the (clipped) gradient. (Adam's first step is
+        # ≈ lr·sign(g), which turns float-rounding noise on near-zero gradients into ±lr.)
+        model = copy.deepcopy(tiny_student)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        optim_cfg = OptimConfig(micro_batch_size=micro, grad_clip=0.0)
+        results.append(update_step(model, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0), batch,
+                                   loss_cfg=LossConfig(beta_init=0.5), optim_cfg=optim_cfg, optimizer_step=0))
+        models.append(model)
+    for key in ("loss", "pg_loss", "kd_loss", "grad_norm", "kl_k1_mean"):
+        assert results[0].metrics[key] == pytest.approx(results[1].metrics[key], rel=1e-5, abs=1e-7)
+    assert results[0].metrics["grad_norm"] > 1e-3
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_grpo_raises_the_rewarded_samples(step_tables, tiny_student):
+    rollouts, rewards, _ = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, None), pad_token_id=0)
+    model = copy.deepcopy(tiny_student)
+    with torch.no_grad():
+        before_BT, _ = completion_logprobs_BT(model, batch)
+    _one_update(model, batch, micro=64, loss_cfg=LossConfig(beta_init=0.0), lr=1e-2)
+    with torch.no_grad():
+        after_BT, _ = completion_logprobs_BT(model, batch)
+    seq_gain_B = ((after_BT - before_BT) * batch.completion_mask_BT).sum(dim=1)
+    rewarded = batch.rewards_PG.reshape(-1) > 0
+    mixed_group = batch.rewards_PG.reshape(-1).view(3, 4).std(dim=1).repeat_interleave(4) > 0
+    # in groups with mixed rewards, every rewarded sample becomes likelier than every unrewarded one
+    assert seq_gain_B[rewarded & mixed_group].min() > seq_gain_B[~rewarded & mixed_group].max()
+
+
+def test_pure_kd_moves_the_student_towards_the_teacher(step_tables, tiny_student):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    model = copy.deepcopy(tiny_student)
+    cfg = LossConfig(pg_coef=0.0, beta_init=1.0)
+    optim_cfg = OptimConfig(lr=3e-3)
+    optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
+    kls = [update_step(model, optimizer, scheduler, batch, loss_cfg=cfg, optim_cfg=optim_cfg, optimizer_step=s).metrics["kd_loss"] for s in range(5)]
+    assert kls[-1] < 0.5 * kls[0]
+
+
+def test_fully_kd_masked_grpo_free_batch_leaves_weights_unchanged(step_tables, tiny_student):
+    rollouts, _, teacher = step_tables
+    rewards = _rewards(rollouts, [1.0] * 12)  # all right: zero advantages, response mask drops all KD
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    model = copy.deepcopy(tiny_student)
+    result = _one_update(model, batch, micro=64, loss_cfg=LossConfig(beta_init=0.5, kd_mask="response"))
+    assert result.metrics["loss"] == 0.0 and result.metrics["grad_norm"] == 0.0
+    for p, q in zip(model.parameters(), tiny_student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path, step_tables, tiny_tokenizer, tiny_student):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    optim_cfg, loss_cfg = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=1), LossConfig(beta_init=0.1)
+
+    def fresh():
+        model = copy.deepcopy(tiny_student)
+        return (model, *build_optimizer(model, optim_cfg, total_steps=5))
+
+    model, opt, sched = fresh()
+    update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=0)
+    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0, optimizer_step=1)
+    expected = update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=1)
+    torch.manual_seed(123)  # scramble the global RNG: the checkpoint must restore it
+
+    model2, opt2, sched2 = fresh()
+    state = load_trainer_state(tmp_path / "ckpt", model=model2, optimizer=opt2, scheduler=sched2)
+    assert state == {"step": 0, "optimizer_step": 1}
+    got = update_step(model2, opt2, sched2, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=1)
+    assert got.metrics == expected.metrics
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def _tiny_run_config(tmp_path, **extra):
+    overrides = {
+        "run.steps": 3, "run.checkpoint_every": 1, "run.eval_every": 0, "run.runs_dir": str(tmp_path / "runs"),
+        "run.cache_dir": str(tmp_path / "cache"), "run.method": "kdrl_anneal",
+        "embedded.teacher_steps": 3, "embedded.student_steps": 3,
+        "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
+        "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
+        "optim.lr": 1e-3, "optim.micro_batch_size": 5, **extra,
+    }
+    return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.mark.slow
+def test_resumed_run_is_bit_identical(tmp_path):
+    import shutil
+
+    from kdrl.loop import train
+    from kdrl.storage import RunPaths
+
+    cfg = _tiny_run_config(tmp_path)
+    straight = tmp_path / "runs" / "straight"
+    train(cfg, straight, log=lambda _: None)
+    resumed = tmp_path / "runs" / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "iter_00002")  # as if killed during step 2
+    train(cfg, resumed, log=lambda _: None)
+
+    a, b = RunPaths(straight), RunPaths(resumed)
+    for table in ("rollouts", "advantages", "metrics"):
+        fa, fb = pl.read_parquet(getattr(a, table)(2)), pl.read_parquet(getattr(b, table)(2))
+        timing = [c for c in fa.columns if c.startswith("time_") or c == "tokens_per_s"]
+        assert fa.drop(timing).equals(fb.drop(timing)), table
+    wa = (a.checkpoint(2) / "model" / "model.safetensors").read_bytes()
+    wb = (b.checkpoint(2) / "model" / "model.safetensors").read_bytes()
+    assert wa == wb
+    metrics = pl.scan_parquet(str(straight / "iter_*" / "metrics.parquet")).collect()
+    assert metrics["step"].to_list() == [0, 1, 2]
+    assert metrics["beta"].to_list() == pytest.approx([5e-3, 5e-3 - 5e-5, 5e-3 - 1e-4])
