@@ -162,7 +162,7 @@ class OptimConfig(_Section):
 
 
 class EmbeddedConfig(_Section):
-    teacher_steps: int = 1500
+    teacher_steps: int = 500
     """SFT steps that train the tiny teacher (cached after the first run)."""
     student_steps: int = 150
     """SFT steps that warm-start the tiny student (cached)."""

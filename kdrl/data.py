@@ -60,7 +60,7 @@ def embedded_arithmetic(n: int, *, seed: int, min_digits: int = 1, max_digits: i
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     capacity = sum(9 * 10 ** (d - 1) for d in range(min_digits, max_digits + 1)) ** 2
     if n > capacity // 2:
-        raise ValueError(f"{n} distinct problems requested; digits {min_digits}..{max_digits} allow ~{capacity}")
+        raise ValueError(f"{n} distinct problems requested; digits {min_digits}..{max_digits} support at most {capacity // 2} (half the {capacity} pairs, so sampling stays fast)")
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
     rows: dict[str, list[str]] = {"question": [], "answer": []}
@@ -144,8 +144,9 @@ def build_prompts(cfg: DataConfig, tokenizer) -> pl.DataFrame:
 
 
 def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int) -> list[int]:
-    """The prompts of optimizer step `step`: epochs of seeded shuffles, a pure function of
-    (seed, step) so any iteration can be replayed without the ones before it.
+    """The `count` distinct prompts of optimizer step `step`: epochs of seeded shuffles, cut into
+    steps with the remainder of each epoch dropped (so a step never straddles two epochs and never
+    repeats a prompt). A pure function of (seed, step): any iteration can be replayed alone.
 
     >>> sample_prompt_ids([10, 11, 12, 13], step=0, count=2, seed=0) != sample_prompt_ids([10, 11, 12, 13], step=1, count=2, seed=0)
     True
@@ -153,14 +154,10 @@ def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int)
     [10, 11, 12, 13]
     """
     n = len(train_ids)
-    if count > n:
-        raise ValueError(f"prompts_per_step={count} exceeds the {n} training prompts")
-    out: list[int] = []
-    start = step * count
-    while len(out) < count:
-        epoch, offset = divmod(start + len(out), n)
-        order = list(train_ids)
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        take = min(count - len(out), n - offset)
-        out.extend(order[offset : offset + take])
-    return out
+    if not 0 < count <= n:
+        raise ValueError(f"prompts_per_step={count} must be in 1..{n} (the number of training prompts)")
+    steps_per_epoch = n // count
+    epoch, index = divmod(step, steps_per_epoch)
+    order = list(train_ids)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order[index * count : (index + 1) * count]

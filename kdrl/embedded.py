@@ -22,7 +22,7 @@ from kdrl.data import build_prompts, worked_answer
 from kdrl.models import TINY_STUDENT, TINY_TEACHER, build_char_tokenizer, build_tiny_llama, save_model
 
 ROLES = {"teacher": TINY_TEACHER, "student": TINY_STUDENT}
-_RECIPE_VERSION = "1"  # bump when the warm-start recipe changes, to invalidate caches
+_RECIPE_VERSION = "2"  # bump when the warm-start recipe changes, to invalidate caches
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -66,14 +66,15 @@ def _training_pairs(cfg: RunConfig, tokenizer) -> list[tuple[list[int], list[int
     return pairs
 
 
-def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed: int, pad_token_id: int) -> float:
+def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed: int, pad_token_id: int,
+                   log=None, log_every: int = 100) -> float:
     """Teacher-forced cross-entropy on completions (prompt tokens unscored); returns last loss."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+    for step in range(steps):
         batch = rng.sample(pairs, min(batch_size, len(pairs)))
         width = max(len(p) + len(c) for p, c in batch)
         ids_BS = torch.full((len(batch), width), pad_token_id)
@@ -89,6 +90,8 @@ def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if log is not None and (step + 1) % log_every == 0:
+            log(f"[embedded]   step {step + 1}/{steps}  loss {loss.item():.4f}")
     model.eval()
     return float(loss.detach())
 
@@ -104,7 +107,7 @@ def train_embedded_model(role: str, cfg: RunConfig, path: Path, *, log=print) ->
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         loss = sft_warm_start(model, _training_pairs(cfg, tokenizer), steps=steps, batch_size=cfg.embedded.batch_size,
-                              lr=cfg.embedded.lr, seed=seed, pad_token_id=tokenizer.pad_token_id)
+                              lr=cfg.embedded.lr, seed=seed, pad_token_id=tokenizer.pad_token_id, log=log)
     tmp = path.with_name(f".{path.name}.tmp")
     save_model(model, tokenizer, tmp)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 from kdrl.config import LossConfig, RewardConfig
 from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.rewards import score_batch
-from kdrl.storage import ADVANTAGES, EVALUATIONS, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
+from kdrl.storage import ADVANTAGES, KEY, EVALUATIONS, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
 from kdrl.train import KD_MASKS, UpdateResult
 
 
@@ -77,10 +77,15 @@ def score_rewards(rollouts: pl.DataFrame, prompts: pl.DataFrame, cfg: RewardConf
 
 def kd_needed(rollouts: pl.DataFrame, rewards: pl.DataFrame, cfg: LossConfig) -> pl.Series:
     """Which rollouts the reward-guided mask keeps for KD (the teacher only scores those)."""
-    joined = rollouts.select("prompt_id", "sample_idx", "finish_reason").join(
-        rewards.select("prompt_id", "sample_idx", "reward"), on=["prompt_id", "sample_idx"], how="left", maintain_order="left"
+    joined = rollouts.select(*KEY, "finish_reason").join(
+        rewards.select(*KEY, "reward"), on=list(KEY), how="left", maintain_order="left"
     ).with_row_index("row").sort("prompt_id", "sample_idx")
-    G = int(joined.group_by("prompt_id").len()["len"].max())
+    if joined["reward"].null_count():
+        raise ValueError(f"no reward for rollout {joined.filter(pl.col('reward').is_null()).select(KEY).row(0)}")
+    sizes = joined.group_by("prompt_id").len()["len"].unique().to_list()
+    if len(sizes) != 1:
+        raise ValueError(f"every prompt needs the same number of samples; found group sizes {sorted(sizes)}")
+    G = sizes[0]
     rewards_PG = torch.tensor(joined["reward"].to_list(), dtype=torch.float32).view(-1, G)
     keep = KD_MASKS[cfg.kd_mask](rewards_PG).reshape(-1).bool()
     if not cfg.kd_on_truncated:

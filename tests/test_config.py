@@ -83,3 +83,13 @@ def test_every_field_has_a_docstring():
     sections = [RunConfig] + [f.annotation for f in RunConfig.model_fields.values()]
     missing = [f"{s.__name__}.{name}" for s in sections for name, f in s.model_fields.items() if not f.description]
     assert missing == []
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "data" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+    assert load_config(configs[0].with_name("default.yaml")) == load_config()
