@@ -1,6 +1,8 @@
 """The `kdrl` command line: the control surface of the framework.
 
     kdrl train [--config cfg.yaml] [--set key=value ...] [--run-id ID]
+    kdrl runs [--runs-dir runs]                       one line per run: method, status, last metrics
+    kdrl show RUN [--runs-dir runs] [--columns a,b]   one line per step of a run (RUN: id or path)
 
 It lives beside the flows (not in `kdrl/`) so that the library never depends on the drivers.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
+
+SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1", "time_total_s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, default=None, help="YAML config (sections: data, model, teacher, rollout, reward, loss, optim, embedded, run)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set loss.beta_init=0.01 (repeatable)")
+    train.add_argument("--no-prefect", action="store_true", help="run the same stages in a plain Python loop (debugging, notebooks)")
     train.add_argument("--run-id", default=None, help="run directory name under run.runs_dir (rerun the same id to resume)")
+    runs = sub.add_parser("runs", help="list the runs: method, status, last step's metrics, held-out pass@1")
+    runs.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    show = sub.add_parser("show", help="print a run's metrics, one line per step")
+    show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
+    show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    show.add_argument("--columns", default=",".join(SHOW_COLUMNS), help=f"comma-separated metrics (default: {','.join(SHOW_COLUMNS)})")
     return parser
 
 
@@ -33,9 +43,17 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _prefect_defaults() -> None:
+    # Read by prefect at import time: set before importing flows. A fresh machine needs longer
+    # than the default 20 s to start the ephemeral API server.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def _train(args: argparse.Namespace) -> int:
     from kdrl.config import load_config
-    from kdrl.loop import train
+    from kdrl.runlock import RunLockedError
 
     _quiet_libraries()
     try:
@@ -43,10 +61,37 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
-    run_id = args.run_id or f"{cfg.run.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.runs_dir) / run_id
-    print(f"[kdrl] run {run_id}: method {cfg.run.method}, {cfg.run.steps} steps → {run_dir}")
-    table = train(cfg, run_dir)
+    try:
+        if args.no_prefect:
+            from flows.train import resolve_run_dir
+            from kdrl.loop import train
+            from kdrl.runlock import hold_run_lock
+
+            run_dir = resolve_run_dir(cfg, args.run_id)
+            print(f"[kdrl] run {run_dir.name}: method {cfg.run.method}, {cfg.run.steps} steps → {run_dir}")
+            with hold_run_lock(run_dir):
+                train(cfg, run_dir)
+        else:
+            _prefect_defaults()
+            from flows.train import kdrl_train
+
+            config_path = None if args.config is None else str(args.config)
+            run_dir = Path(kdrl_train(config_path=config_path, overrides=list(args.overrides), run_id=args.run_id))
+    except RunLockedError as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 3
+    except ValueError as err:  # e.g. a run directory started with another config
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    _print_before_after(run_dir, cfg.run.steps - 1)
+    return 0
+
+
+def _print_before_after(run_dir: Path, last_step: int) -> None:
+    from kdrl.loop import before_after
+    from kdrl.storage import RunPaths
+
+    table = before_after(RunPaths(run_dir), last_step)
     print("\nheld-out accuracy (pass@1) before → after:")
     for model in table["model"].unique(maintain_order=True).to_list():
         rows = {r["when"]: r for r in table.filter(table["model"] == model).iter_rows(named=True)}
@@ -56,12 +101,31 @@ def _train(args: argparse.Namespace) -> int:
         else:
             print(f"  {model:8s} {rows['before']['pass_at_1']:.3f} (reference)")
     print(f"\nEverything is in {run_dir}; e.g. polars.scan_parquet('{run_dir}/iter_*/metrics.parquet')")
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from kdrl.runs import format_table, list_runs
+
+    table = list_runs(args.runs_dir)
+    print(format_table(table) if len(table) else f"no runs under {args.runs_dir}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from kdrl.runs import RunNotFoundError, format_table, resolve_run, run_metrics
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    try:
+        print(format_table(run_metrics(resolve_run(args.run, runs_dir=args.runs_dir)), columns=columns))
+    except (RunNotFoundError, ValueError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"train": _train}[args.command](args)
+    return {"train": _train, "runs": _runs, "show": _show}[args.command](args)
 
 
 if __name__ == "__main__":

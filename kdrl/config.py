@@ -77,6 +77,9 @@ class TeacherConfig(_Section):
     = "topk"); 0 stores only the sampled token's log-prob."""
     max_tokens_per_batch: int = 16384
     """Scoring batches are length-sorted and packed up to this many (padded) tokens."""
+    offload: bool = False
+    """Unload the teacher after each scoring stage and reload it for the next, so teacher and
+    student are never in memory together during the update (costs a load per iteration)."""
 
 
 class RolloutConfig(_Section):

@@ -1,18 +1,24 @@
-"""A plain-Python KDRL training loop over the stages, writing the run directory as it goes.
+"""The training run as path-level stages over a run directory, and a plain-Python driver.
 
-It is the reference driver (notebooks, debugging, the embedded default) and the exact sequence
-the Prefect flow runs: prompts → [generate → rewards → teacher → update → checkpoint] × steps,
-with held-out evaluation before, every `run.eval_every` steps and after. Every intermediate is a
-Parquet file under ``runs/<run_id>/``; rerunning a run id resumes from its latest checkpoint.
+Each ``stage_*`` function reads its inputs from the run directory, calls the pure stages in
+`kdrl.stages`, writes one new Parquet file and returns a `StageOutput` (path, seconds). The
+Prefect tasks in `tasks/` wrap exactly these functions; `train` below chains them without
+Prefect (notebooks, debugging). Both write the same files:
 
-Seeds: rollouts of step s are sampled with seed (run.seed, s) and prompts chosen by a pure
-function of (seed, s), so a resumed run draws exactly what an uninterrupted one would.
+    offline:  prompts → [teacher samples, SFT only] → baseline evaluation
+    online:   generate → rewards → teacher → update (+ checkpoint) [→ evaluate]   per step
+
+The `Session` keeps models, engines and the optimizer resident between stages. Opening it on a
+run directory that has checkpoints resumes after the latest one; since prompts and sampling
+seeds are pure functions of (seed, step), a resumed run reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +26,10 @@ import polars as pl
 import torch
 
 from kdrl.batching import collate, join_step_tables
-from kdrl.config import RunConfig, dump_config
+from kdrl.config import RunConfig, dump_config, load_config
 from kdrl.data import build_prompts, sample_prompt_ids
 from kdrl.embedded import resolve_model_path
-from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
+from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer, check_same_tokenizer
 from kdrl.models import load_causal_lm, load_tokenizer
 from kdrl.stages import (
     batch_table,
@@ -37,106 +43,227 @@ from kdrl.stages import (
 from kdrl.storage import STEP_METRICS, RunPaths, read_table, write_table
 from kdrl.train import beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
 
+FAULT_ENV = "KDRL_FAULT"
+"""Fault injection for restart tests: ``KDRL_FAULT=<stage>:<step>`` (stage one of generate,
+rewards, teacher, update, evaluate) ends the process with exit code 137 and no cleanup — like
+``kill -9`` — after that stage computed its result and before it is written."""
+
+
+def maybe_fault(stage: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{stage}:{step}":
+        os._exit(137)
+
 
 def step_seed(seed: int, step: int) -> int:
     """The sampling seed of iteration `step` (distinct per step, stable across restarts)."""
     return seed * 1_000_003 + step
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage hands to the next: the file it wrote (None if it had nothing to do)."""
+
+    path: str | None
+    seconds: float
+
+
 @dataclass
 class Session:
-    """Everything resident between iterations: models, engines, optimizer, prompts."""
+    """Everything resident between stages: models, engines, optimizer, prompts, counters."""
 
     cfg: RunConfig
     paths: RunPaths
     prompts: pl.DataFrame
     tokenizer: object
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    student_engine: HFRolloutEngine
-    teacher_engine: HFRolloutEngine | None
-    scorer: HFTeacherScorer | None
+    teacher_path: str | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    next_step: int = 0
     optimizer_step: int = 0
     log: Callable[[str], None] = print
+    _teacher: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def metadata(self) -> dict[str, str]:
         return {"kdrl.config_hash": self.cfg.hash(), "kdrl.run_id": self.paths.root.name}
 
+    @property
+    def student_engine(self) -> HFRolloutEngine:
+        return HFRolloutEngine(self.student, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
+
+    def teacher(self) -> torch.nn.Module:
+        """The teacher model, loaded on first use (and again after `release_teacher`)."""
+        if self.teacher_path is None:
+            raise ValueError("this run has no teacher (β = 0 and rollout.source = student)")
+        if self._teacher is None:
+            self._teacher = load_causal_lm(self.teacher_path, dtype=self.cfg.teacher.dtype, device=self.cfg.teacher.device)
+        return self._teacher
+
+    def release_teacher(self) -> None:
+        """Drop the teacher from memory when `teacher.offload` is on (the student stays)."""
+        if self.cfg.teacher.offload and self._teacher is not None:
+            self._teacher = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _check_run_config(cfg: RunConfig, paths: RunPaths) -> None:
+    if paths.config.exists():
+        existing = load_config(paths.config)
+        if existing.hash() != cfg.hash():
+            raise ValueError(
+                f"{paths.root} was started with another config (hash {existing.hash()}, now {cfg.hash()}); "
+                "use a new --run-id, or `kdrl replay` for counterfactual updates"
+            )
+    else:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.config.write_text(dump_config(cfg))
+
 
 def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = print) -> Session:
-    """Load (training the embedded models on first use) student, teacher and prompts."""
+    """Load the student (training embedded models on first use), build the optimizer, write the
+    prompts table if missing, and resume after the latest checkpoint if there is one."""
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     torch.manual_seed(cfg.run.seed)
     paths = RunPaths(Path(run_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(dump_config(cfg))
+    _check_run_config(cfg, paths)
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
-    teacher = scorer = teacher_engine = None
+    teacher_path = None
     if cfg.uses_teacher or cfg.rollout.source == "teacher":
         teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)
-        teacher = load_causal_lm(teacher_path, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
-        scorer = HFTeacherScorer(teacher, load_tokenizer(teacher_path), student_tokenizer=tokenizer,
-                                 max_tokens_per_batch=cfg.teacher.max_tokens_per_batch)
-        teacher_engine = HFRolloutEngine(teacher, tokenizer, batch_size=cfg.rollout.batch_size)
-    if paths.prompts.exists():
-        prompts = read_table(paths.prompts, table="prompts")
-    else:
-        prompts = build_prompts(cfg.data, tokenizer)
-        write_table(prompts, paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher_path))
+    if not paths.prompts.exists():
+        write_table(build_prompts(cfg.data, tokenizer), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps)
-    return Session(cfg, paths, prompts, tokenizer, student, teacher,
-                   HFRolloutEngine(student, tokenizer, batch_size=cfg.rollout.batch_size),
-                   teacher_engine, scorer, optimizer, scheduler, log=log)
+    s = Session(cfg, paths, read_table(paths.prompts, table="prompts"), tokenizer, student, teacher_path,
+                optimizer, scheduler, log=log)
+    resumed = latest_checkpoint(paths)
+    if resumed is not None:
+        state = load_trainer_state(paths.checkpoint(resumed), model=student, optimizer=optimizer, scheduler=scheduler)
+        s.optimizer_step, s.next_step = state["optimizer_step"], state["step"] + 1
+        log(f"[kdrl] resuming {paths.root} after step {resumed}")
+    return s
 
 
-def run_iteration(s: Session, step: int) -> dict[str, float]:
-    """One rollout batch → one update; writes rollouts, rewards, teacher, batch, metrics."""
-    cfg, paths, meta = s.cfg, s.paths, s.metadata
-    times: dict[str, float] = {}
-    clock = time.perf_counter()
-    train_ids = s.prompts.filter(pl.col("split") == "train")["prompt_id"].to_list()
-    chosen = sample_prompt_ids(train_ids, step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)
-    prompts = s.prompts.filter(pl.col("prompt_id").is_in(chosen)).sort("prompt_id")
-    engine = s.teacher_engine if cfg.rollout.source == "teacher" else s.student_engine
-    rollouts = generate_rollouts(engine, prompts, step=step, n=cfg.rollout.samples_per_prompt,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                 top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, step))
-    write_table(rollouts, paths.rollouts(step), table="rollouts", metadata=meta)
-    times["generate"], clock = time.perf_counter() - clock, time.perf_counter()
+def latest_checkpoint(paths: RunPaths) -> int | None:
+    """The highest step with a complete checkpoint in the run directory, if any."""
+    done = [int(p.parent.parent.name.split("_")[1]) for p in paths.root.glob("iter_*/checkpoint/trainer_state.pt")]
+    return max(done) if done else None
 
-    rewards = score_rewards(rollouts, s.prompts, cfg.reward)
-    write_table(rewards, paths.rewards(step), table="rewards", metadata=meta)
-    times["reward"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    teacher = None
-    if s.scorer is not None and cfg.uses_teacher and beta_at(s.optimizer_step, cfg.loss) > 0:
-        teacher = score_teacher(s.scorer, rollouts, kd_needed(rollouts, rewards, cfg.loss), top_k=cfg.teacher.top_k)
-        write_table(teacher, paths.teacher(step), table="teacher_logprobs", metadata=meta)
-    times["teacher"], clock = time.perf_counter() - clock, time.perf_counter()
+def _timed(fn):
+    started = time.perf_counter()
+    path = fn()
+    return StageOutput(None if path is None else str(path), time.perf_counter() - started)
 
+
+def stage_teacher_samples(s: Session) -> StageOutput:
+    """Offline, SFT only: G teacher samples for every training prompt → offline/teacher_samples.parquet."""
+    cfg, path = s.cfg, s.paths.offline / "teacher_samples.parquet"
+
+    def run():
+        train = s.prompts.filter(pl.col("split") == "train")
+        engine = HFRolloutEngine(s.teacher(), s.tokenizer, batch_size=cfg.rollout.batch_size)
+        samples = generate_rollouts(engine, train, step=-1, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, -2))
+        write_table(samples, path, table="rollouts", metadata=s.metadata)
+        s.release_teacher()
+        return path
+
+    return _timed(run)
+
+
+def stage_generate(s: Session, step: int) -> StageOutput:
+    """Rollouts of `step`: the step's prompts, G samples each, from the current student (or,
+    for SFT, the precomputed teacher samples of those prompts)."""
+    cfg = s.cfg
+
+    def run():
+        train_ids = s.prompts.filter(pl.col("split") == "train")["prompt_id"].to_list()
+        chosen = sample_prompt_ids(train_ids, step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)
+        if cfg.rollout.source == "teacher":
+            pool = read_table(s.paths.offline / "teacher_samples.parquet", table="rollouts")
+            rollouts = pool.filter(pl.col("prompt_id").is_in(chosen)).with_columns(pl.lit(step, pl.Int64).alias("step"))
+        else:
+            prompts = s.prompts.filter(pl.col("prompt_id").is_in(chosen)).sort("prompt_id")
+            rollouts = generate_rollouts(s.student_engine, prompts, step=step, n=cfg.rollout.samples_per_prompt,
+                                         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                         top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, step))
+        maybe_fault("generate", step)
+        return write_table(rollouts, s.paths.rollouts(step), table="rollouts", metadata=s.metadata)
+
+    return _timed(run)
+
+
+def stage_rewards(s: Session, step: int) -> StageOutput:
+    """Binary rewards of the step's rollouts."""
+
+    def run():
+        rewards = score_rewards(read_table(s.paths.rollouts(step), table="rollouts"), s.prompts, s.cfg.reward)
+        maybe_fault("rewards", step)
+        return write_table(rewards, s.paths.rewards(step), table="rewards", metadata=s.metadata)
+
+    return _timed(run)
+
+
+def teacher_needed(s: Session, step: int) -> bool:
+    """Whether step `step` uses teacher scores (β > 0 at this optimizer step)."""
+    return s.teacher_path is not None and s.cfg.uses_teacher and beta_at(s.optimizer_step, s.cfg.loss) > 0
+
+
+def stage_teacher(s: Session, step: int) -> StageOutput:
+    """Teacher log-probs of the KD-unmasked rollouts (masked rows stay null), or nothing when
+    this step needs no teacher."""
+
+    def run():
+        if not teacher_needed(s, step):
+            return None
+        rollouts = read_table(s.paths.rollouts(step), table="rollouts")
+        rewards = read_table(s.paths.rewards(step), table="rewards")
+        scorer = HFTeacherScorer(s.teacher(), s.tokenizer, max_tokens_per_batch=s.cfg.teacher.max_tokens_per_batch)
+        scores = score_teacher(scorer, rollouts, kd_needed(rollouts, rewards, s.cfg.loss), top_k=s.cfg.teacher.top_k)
+        s.release_teacher()
+        maybe_fault("teacher", step)
+        return write_table(scores, s.paths.teacher(step), table="teacher_logprobs", metadata=s.metadata)
+
+    return _timed(run)
+
+
+def stage_update(s: Session, step: int, seconds: dict[str, float]) -> StageOutput:
+    """One optimizer step (or ppo_epochs) from the step's Parquet inputs; writes batch.parquet,
+    metrics.parquet (with the stage seconds given) and, when due, the checkpoint."""
+    cfg, paths = s.cfg, s.paths
+    started = time.perf_counter()
+    rollouts = read_table(paths.rollouts(step), table="rollouts")
+    rewards = read_table(paths.rewards(step), table="rewards")
+    teacher = read_table(paths.teacher(step), table="teacher_logprobs") if paths.teacher(step).exists() and teacher_needed(s, step) else None
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=s.tokenizer.pad_token_id)
     device = next(s.student.parameters()).device
     result = update_step(s.student, s.optimizer, s.scheduler, batch.to(device), loss_cfg=cfg.loss, optim_cfg=cfg.optim,
                          optimizer_step=s.optimizer_step, temperature=cfg.rollout.temperature)
     s.optimizer_step += cfg.loss.ppo_epochs
-    s.student_engine.sync_weights()
+    maybe_fault("update", step)
     write_table(batch_table(batch.keys, result, batch.rewards_PG, batch.completion_mask_BT), paths.advantages(step),
-                table="advantages", metadata=meta)
-    times["update"] = time.perf_counter() - clock
-    metrics = _step_metrics(step, result.metrics, rewards, rollouts, teacher, times)
-    write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics", metadata=meta)
-    return metrics
+                table="advantages", metadata=s.metadata)
+    times = {**seconds, "update": time.perf_counter() - started}
+    metrics = step_metrics(step, result.metrics, rewards, rollouts, teacher, times)
+    write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics", metadata=s.metadata)
+    if step == cfg.run.steps - 1 or (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0):
+        save_checkpoint(paths.checkpoint(step), model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
+                        scheduler=s.scheduler, step=step, optimizer_step=s.optimizer_step)
+    s.next_step = step + 1
+    return StageOutput(str(paths.metrics(step)), times["update"])
 
 
-def _step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> dict:
+def step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> dict:
+    """The STEP_METRICS row: update scalars, rewards, lengths, tokens and per-stage seconds."""
     lengths = rollouts["completion_token_ids"].list.len()
-    total = sum(times.values())
+    total = sum(times.get(k, 0.0) for k in ("generate", "reward", "teacher", "update"))
     teacher_tokens = 0 if teacher is None else int(teacher["teacher_logprobs"].list.len().sum() or 0)
     row = {name: float(update_metrics.get(name, 0.0)) for name in
            ("loss", "pg_loss", "kd_loss", "nll_loss", "beta", "lr", "grad_norm", "kl_k1_mean", "clip_frac", "kd_token_frac")}
@@ -146,63 +273,81 @@ def _step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> di
         "response_len_mean": float(lengths.mean()),
         "num_tokens": int(lengths.sum()),
         "teacher_tokens": teacher_tokens,
-        "time_generate_s": times["generate"], "time_reward_s": times["reward"],
-        "time_teacher_s": times["teacher"], "time_update_s": times["update"],
+        "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),
+        "time_teacher_s": times.get("teacher", 0.0), "time_update_s": times.get("update", 0.0),
         "time_total_s": total, "tokens_per_s": float(lengths.sum()) / max(total, 1e-9),
     }
 
 
-def evaluate_models(s: Session, step: int, *, include_teacher: bool = False) -> pl.DataFrame:
-    """Held-out evaluation of the student (and the teacher); writes eval.parquet, returns the summary."""
+def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> StageOutput:
+    """Held-out evaluation of the student (and the teacher) after `step`; step −1 is the
+    baseline before training (offline/eval_baseline.parquet)."""
     cfg = s.cfg
-    heldout = s.prompts.filter(pl.col("split") == "heldout")
-    engines = [("student", s.student_engine)] + ([("teacher", s.teacher_engine)] if include_teacher and s.teacher_engine else [])
-    frames = [
-        evaluate(engine, heldout, step=step, model_name=name, k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature,
-                 max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward, seed=step_seed(cfg.run.seed, -1))
-        for name, engine in engines
-    ]
-    evaluations = pl.concat(frames)
-    path = s.paths.offline / "eval_baseline.parquet" if step < 0 else s.paths.evaluation(step)
-    write_table(evaluations, path, table="evaluations", metadata=s.metadata)
-    return summarize_evaluation(evaluations)
+
+    def run():
+        heldout = s.prompts.filter(pl.col("split") == "heldout")
+        models = [("student", s.student)] + ([("teacher", s.teacher())] if include_teacher and s.teacher_path else [])
+        frames = [
+            evaluate(HFRolloutEngine(model, s.tokenizer, batch_size=cfg.rollout.batch_size), heldout, step=step, model_name=name,
+                     k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                     reward_cfg=cfg.reward, seed=step_seed(cfg.run.seed, -1))
+            for name, model in models
+        ]
+        s.release_teacher()
+        maybe_fault("evaluate", step)
+        path = s.paths.offline / "eval_baseline.parquet" if step < 0 else s.paths.evaluation(step)
+        return write_table(pl.concat(frames), path, table="evaluations", metadata=s.metadata)
+
+    return _timed(run)
 
 
-def latest_checkpoint(paths: RunPaths) -> int | None:
-    """The highest step with a complete checkpoint in the run directory, if any."""
-    done = [int(p.parent.parent.name.split("_")[1]) for p in paths.root.glob("iter_*/checkpoint/trainer_state.pt")]
-    return max(done) if done else None
+def evaluation_due(cfg: RunConfig, step: int) -> bool:
+    """Evaluate after `step`? Every run.eval_every steps and after the last one."""
+    return step == cfg.run.steps - 1 or bool(cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0)
+
+
+def run_iteration(s: Session, step: int) -> dict[str, float]:
+    """generate → rewards → teacher → update for one step; returns the metrics row."""
+    seconds = {
+        "generate": stage_generate(s, step).seconds,
+        "reward": stage_rewards(s, step).seconds,
+        "teacher": stage_teacher(s, step).seconds,
+    }
+    stage_update(s, step, seconds)
+    return read_table(s.paths.metrics(step), table="step_metrics").row(0, named=True)
+
+
+def format_step(m: dict) -> str:
+    return (f"[step {m['step']:4d}] reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  kl {m['kl_k1_mean']:+.4f}  "
+            f"β {m['beta']:.4f}  loss {m['loss']:+.4f}  {m['time_total_s']:.2f}s "
+            f"(gen {m['time_generate_s']:.2f} / teacher {m['time_teacher_s']:.2f} / update {m['time_update_s']:.2f})")
+
+
+def before_after(paths: RunPaths, last_step: int) -> pl.DataFrame:
+    """Held-out summary before training (baseline) and after `last_step`, with a `when` column."""
+    before = summarize_evaluation(read_table(paths.offline / "eval_baseline.parquet", table="evaluations"))
+    after = summarize_evaluation(read_table(paths.evaluation(last_step), table="evaluations"))
+    return pl.concat([before.with_columns(pl.lit("before").alias("when")), after.with_columns(pl.lit("after").alias("when"))])
 
 
 def train(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = print) -> pl.DataFrame:
-    """Train (or resume) the run in `run_dir`; returns the before/after evaluation summary."""
+    """Train (or resume) the run in `run_dir` without Prefect; returns the before/after summary."""
     s = open_session(cfg, run_dir, log=log)
-    start = 0
-    resumed = latest_checkpoint(s.paths)
-    if resumed is not None:
-        state = load_trainer_state(s.paths.checkpoint(resumed), model=s.student, optimizer=s.optimizer, scheduler=s.scheduler)
-        s.optimizer_step, start = state["optimizer_step"], state["step"] + 1
-        log(f"[kdrl] resuming {s.paths.root} after step {resumed}")
-    before = evaluate_models(s, -1, include_teacher=True)
-    log(_format_summary("before training (held-out)", before))
-    for step in range(start, cfg.run.steps):
-        m = run_iteration(s, step)
-        log(f"[step {step:4d}] reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  kl {m['kl_k1_mean']:+.4f}  "
-            f"β {m['beta']:.4f}  loss {m['loss']:+.4f}  {m['time_total_s']:.2f}s "
-            f"(gen {m['time_generate_s']:.2f} / teacher {m['time_teacher_s']:.2f} / update {m['time_update_s']:.2f})")
-        last = step == cfg.run.steps - 1
-        if last or (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0):
-            save_checkpoint(s.paths.checkpoint(step), model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
-                            scheduler=s.scheduler, step=step, optimizer_step=s.optimizer_step)
-        if not last and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-            log(_format_summary(f"after step {step}", evaluate_models(s, step)))
-    after = evaluate_models(s, cfg.run.steps - 1)
-    table = pl.concat([before.with_columns(pl.lit("before").alias("when")), after.with_columns(pl.lit("after").alias("when"))])
-    log(_format_summary("after training (held-out)", after))
-    return table
+    if cfg.rollout.source == "teacher" and not (s.paths.offline / "teacher_samples.parquet").exists():
+        stage_teacher_samples(s)
+    baseline = s.paths.offline / "eval_baseline.parquet"
+    if not baseline.exists():
+        stage_evaluate(s, -1, include_teacher=True)
+    log(format_summary("before training (held-out)", summarize_evaluation(read_table(baseline, table="evaluations"))))
+    for step in range(s.next_step, cfg.run.steps):
+        log(format_step(run_iteration(s, step)))
+        if evaluation_due(cfg, step):
+            out = stage_evaluate(s, step)
+            log(format_summary(f"after step {step}", summarize_evaluation(read_table(out.path, table="evaluations"))))
+    return before_after(s.paths, cfg.run.steps - 1)
 
 
-def _format_summary(title: str, summary: pl.DataFrame) -> str:
+def format_summary(title: str, summary: pl.DataFrame) -> str:
     lines = [f"== {title}"]
     for row in summary.iter_rows(named=True):
         lines.append(f"   {row['model']:8s} pass@1 {row['pass_at_1']:.3f}  mean len {row['mean_len']:.1f}  "

@@ -16,6 +16,7 @@ import torch
 from kdrl.config import LossConfig, RewardConfig
 from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.rewards import score_batch
+from kdrl.runs import summarize_evaluation  # noqa: F401  (re-exported: it moved to kdrl.runs)
 from kdrl.storage import ADVANTAGES, KEY, EVALUATIONS, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
 from kdrl.train import KD_MASKS, UpdateResult
 
@@ -171,22 +172,4 @@ def evaluate(
             "correct": rewards["reward"] > 0,
         },
         schema=EVALUATIONS,
-    )
-
-
-def summarize_evaluation(evaluations: pl.DataFrame) -> pl.DataFrame:
-    """One row per (step, model, temperature): pass@1 averaged over the k samples of each
-    prompt (the mean of per-prompt accuracies), mean and p90 response length."""
-    return (
-        evaluations.group_by("step", "model", "temperature", "prompt_id")
-        .agg(pl.col("correct").mean().alias("acc"), pl.col("completion_len").mean().alias("len"),
-             pl.col("completion_len").alias("lens"))
-        .group_by("step", "model", "temperature")
-        .agg(
-            pl.col("acc").mean().alias("pass_at_1"),
-            pl.len().alias("num_prompts"),
-            pl.col("lens").explode().mean().alias("mean_len"),
-            pl.col("lens").explode().quantile(0.9, "nearest").alias("p90_len"),
-        )
-        .sort("step", "model")
     )

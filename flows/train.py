@@ -1,0 +1,61 @@
+"""The `kdrl-train` flow: offline phase once, then one iteration per rollout batch.
+
+Control flow only — which task runs when. One flow run per training run with the tasks inline
+(a subflow per step would cost ~1 s each). Rerunning the same parameters resumes: the session
+restarts after the latest checkpoint, cached stages come back `Cached`, and updates after that
+checkpoint are replayed from their persisted Parquet inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from kdrl.config import RunConfig, load_config
+from kdrl.loop import evaluation_due
+from kdrl.runlock import hold_run_lock
+from tasks import report, train as t
+
+
+def resolve_run_dir(cfg: RunConfig, run_id: str | None) -> Path:
+    """runs_dir/run_id; without a run id, one derived from the config (so the same command
+    resumes the same run). `{date}` in a run id becomes today's UTC date (nightly runs)."""
+    name = run_id or f"{cfg.run.method}-{cfg.hash()[:8]}"
+    return Path(cfg.run.runs_dir) / name.format(date=time.strftime("%Y%m%d", time.gmtime()))
+
+
+def _ensure(task, *args, **kwargs):
+    """Run a cached task; if its cached file has since been deleted, recompute it."""
+    out = task(*args, **kwargs)
+    if out.path is not None and not Path(out.path).exists():
+        out = task.with_options(refresh_cache=True)(*args, **kwargs)
+    return out
+
+
+@flow(name="kdrl-train")
+def kdrl_train(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None) -> str:
+    """Train (or resume) one KDRL run; returns its run directory."""
+    cfg = load_config(config_path, overrides or [])
+    run_dir = str(resolve_run_dir(cfg, run_id))
+    logger = get_run_logger()
+    with hold_run_lock(run_dir):
+        start = t.open_run(run_dir, cfg.model_dump(mode="json"))
+        if cfg.rollout.source == "teacher":
+            _ensure(t.teacher_samples, run_dir)
+        _ensure(t.evaluate, run_dir, -1, include_teacher=True)
+        progress = report.start_progress(run_dir, start, cfg.run.steps)
+        for step in range(start, cfg.run.steps):
+            generated = _ensure(t.generate, run_dir, step)
+            rewarded = _ensure(t.rewards, run_dir, step)
+            scored = _ensure(t.teacher, run_dir, step)
+            seconds = {"generate": generated.seconds, "reward": rewarded.seconds, "teacher": scored.seconds}
+            t.update(run_dir, step, seconds)
+            if evaluation_due(cfg, step):
+                _ensure(t.evaluate, run_dir, step)
+            report.publish_iteration(run_dir, step, progress, cfg.run.steps)
+        report.final_report(run_dir, cfg.run.steps - 1)
+        t.close_run(run_dir)
+    logger.info("run %s complete: %s", Path(run_dir).name, run_dir)
+    return run_dir

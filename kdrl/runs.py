@@ -1,0 +1,245 @@
+"""Read run directories back: one row per run (``list_runs``), one row per step (``run_metrics``).
+
+Pure reading of the Parquet files a run writes (see ``kdrl.storage``); no torch, so the ``kdrl
+runs`` / ``kdrl show`` commands answer at once even while a run trains. Partial runs are fine:
+whatever has not been written yet reads as null.
+
+``summarize_evaluation`` lives here (``kdrl.stages`` re-exports it) so that pass@1 can be
+computed without importing the training stack.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from kdrl.runlock import lock_holder
+from kdrl.storage import STEP_METRICS, RunPaths, read_table
+
+# One row per run directory (``list_runs``). Step metrics are those of the last step written;
+# heldout_* come from the newest iter_*/eval.parquet, baseline_* from offline/eval_baseline.parquet
+# (student rows). status: "running" (locked by a live process), "complete" (every step written
+# and the last step checkpointed) or "stopped".
+RUNS = pl.Schema(
+    {
+        "run_id": pl.String,
+        "method": pl.String,
+        "status": pl.String,
+        "steps_total": pl.Int64,
+        "steps_done": pl.Int64,
+        "last_step": pl.Int64,
+        "reward_mean": pl.Float64,
+        "kl_k1_mean": pl.Float64,
+        "beta": pl.Float64,
+        "baseline_pass_at_1": pl.Float64,
+        "heldout_pass_at_1": pl.Float64,
+        "heldout_step": pl.Int64,
+        "modified": pl.Datetime("us"),
+    }
+)
+
+# ``run_metrics``: STEP_METRICS plus the student's held-out pass@1 and mean length at the steps
+# that were evaluated (null elsewhere).
+RUN_METRICS = pl.Schema(
+    {**STEP_METRICS, "heldout_pass_at_1": pl.Float64, "heldout_mean_len": pl.Float64}
+)
+
+
+class RunNotFoundError(FileNotFoundError):
+    """A run id or path that names no run directory (one holding a config.yaml)."""
+
+
+def summarize_evaluation(evaluations: pl.DataFrame) -> pl.DataFrame:
+    """One row per (step, model, temperature): pass@1 averaged over the k samples of each
+    prompt (the mean of per-prompt accuracies), mean and p90 response length.
+
+    >>> ev = pl.DataFrame({"step": [0, 0, 0], "prompt_id": [1, 1, 2], "model": ["student"] * 3,
+    ...                    "temperature": [1.0] * 3, "correct": [True, False, True],
+    ...                    "completion_len": [4, 6, 5]})
+    >>> summarize_evaluation(ev).select("pass_at_1", "num_prompts", "mean_len").row(0)
+    (0.75, 2, 5.0)
+    """
+    return (
+        evaluations.group_by("step", "model", "temperature", "prompt_id")
+        .agg(pl.col("correct").mean().alias("acc"), pl.col("completion_len").mean().alias("len"),
+             pl.col("completion_len").alias("lens"))
+        .group_by("step", "model", "temperature")
+        .agg(
+            pl.col("acc").mean().alias("pass_at_1"),
+            pl.len().alias("num_prompts"),
+            pl.col("lens").explode().mean().alias("mean_len"),
+            pl.col("lens").explode().quantile(0.9, "nearest").alias("p90_len"),
+        )
+        .sort("step", "model")
+    )
+
+
+def list_runs(runs_dir: str | os.PathLike) -> pl.DataFrame:
+    """One ``RUNS`` row per directory of ``runs_dir`` holding a config.yaml, newest first.
+
+    Directories starting with "_" or "." (shared caches) are skipped; a missing ``runs_dir``
+    gives an empty table.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = (Path(d) / "demo").mkdir()
+    ...     _ = (Path(d) / "demo/config.yaml").write_text("run: {method: grpo, steps: 4}")
+    ...     list_runs(d).select("run_id", "method", "status", "steps_total", "steps_done").row(0)
+    ('demo', 'grpo', 'stopped', 4, 0)
+    """
+    rows = [_run_row(root) for root in _run_dirs(Path(runs_dir))]
+    return pl.DataFrame(rows, schema=RUNS, orient="row").sort("modified", "run_id", descending=True)
+
+
+def run_metrics(run_dir: str | os.PathLike) -> pl.DataFrame:
+    """Every step's metrics (``RUN_METRICS``), sorted by step, with held-out pass@1 where evaluated.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = (Path(d) / "config.yaml").write_text("run: {steps: 4}")
+    ...     empty = run_metrics(d)
+    >>> (empty.height, empty.columns[-2:])
+    (0, ['heldout_pass_at_1', 'heldout_mean_len'])
+    """
+    root = Path(run_dir)
+    if not RunPaths(root).config.is_file():
+        raise RunNotFoundError(f"{root} is not a run directory (it has no config.yaml)")
+    frames = [read_table(p, table="step_metrics") for _, p in _iter_files(root, "metrics.parquet")]
+    metrics = pl.concat(frames) if frames else STEP_METRICS.to_frame()
+    evals = [read_table(p, table="evaluations") for _, p in _iter_files(root, "eval.parquet")]
+    heldout = _student_summary(pl.concat(evals) if evals else None)
+    joined = metrics.sort("step").join(heldout, on="step", how="left")
+    return joined.select(list(RUN_METRICS)).cast(RUN_METRICS)
+
+
+def resolve_run(run: str, *, runs_dir: str | os.PathLike) -> Path:
+    """The directory of ``run``: a run id under ``runs_dir``, else a path to a run directory.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = (Path(d) / "a").mkdir()
+    ...     _ = (Path(d) / "a/config.yaml").write_text("run: {}")
+    ...     found = resolve_run("a", runs_dir=d) == Path(d) / "a"
+    ...     try:
+    ...         resolve_run("b", runs_dir=d)
+    ...     except RunNotFoundError as err:
+    ...         message = str(err)
+    ...     (found, message.endswith("runs there: a"))
+    (True, True)
+    """
+    runs_dir = Path(runs_dir)
+    for candidate in (runs_dir / run, Path(run)):
+        if RunPaths(candidate).config.is_file():
+            return candidate
+    known = ", ".join(sorted(p.name for p in _run_dirs(runs_dir))) or "(none)"
+    raise RunNotFoundError(f"no run {run!r}: not a run id under {runs_dir} nor a run directory; "
+                           f"runs there: {known}")
+
+
+def format_table(df: pl.DataFrame, *, columns: list[str] | None = None) -> str:
+    """``df`` (optionally only ``columns``, in that order) as a compact aligned text table.
+
+    >>> print(format_table(pl.DataFrame({"step": [0, 1], "loss": [0.5, None]}), columns=["loss"]))
+     loss
+      0.5
+     null
+    """
+    if columns is not None:
+        unknown = [c for c in columns if c not in df.columns]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; available: {', '.join(df.columns)}")
+        df = df.select(columns)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=10_000, tbl_formatting="NOTHING",
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                   tbl_hide_dtype_separator=True, tbl_cell_numeric_alignment="RIGHT"):
+        text = str(df)
+    return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def _run_dirs(runs_dir: Path) -> list[Path]:
+    if not runs_dir.is_dir():
+        return []
+    return [p for p in runs_dir.iterdir()
+            if p.is_dir() and p.name[:1] not in ("_", ".") and RunPaths(p).config.is_file()]
+
+
+def _iter_files(root: Path, name: str) -> list[tuple[int, Path]]:
+    """(step, path) of every ``iter_<step>/<name>``, by step (the glob order breaks past 99999)."""
+    found = []
+    for path in root.glob(f"iter_*/{name}"):
+        digits = path.parent.name.removeprefix("iter_")
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
+def _student_summary(evaluations: pl.DataFrame | None) -> pl.DataFrame:
+    """(step, heldout_pass_at_1, heldout_mean_len) of the student, lowest temperature per step."""
+    schema = {"step": pl.Int64, "heldout_pass_at_1": pl.Float64, "heldout_mean_len": pl.Float64}
+    if evaluations is None:
+        return pl.DataFrame(schema=schema)
+    summary = summarize_evaluation(evaluations.filter(pl.col("model") == "student"))
+    return (
+        summary.sort("step", "temperature").unique("step", keep="first", maintain_order=True)
+        .select("step", pl.col("pass_at_1").alias("heldout_pass_at_1"),
+                pl.col("mean_len").alias("heldout_mean_len"))
+        .cast(schema)
+    )
+
+
+def _read_evaluations(path: Path | None) -> pl.DataFrame | None:
+    return None if path is None else read_table(path, table="evaluations")
+
+
+def _read_run_section(root: Path) -> dict:
+    """config.yaml's ``run`` section, read as plain YAML so configs of older versions still list."""
+    try:
+        loaded = yaml.safe_load(RunPaths(root).config.read_text())
+    except yaml.YAMLError:
+        return {}
+    section = loaded.get("run") if isinstance(loaded, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _run_row(root: Path) -> dict:
+    paths = RunPaths(root)
+    section = _read_run_section(root)
+    steps_total = section.get("steps")
+    metrics_files = _iter_files(root, "metrics.parquet")
+    last = {}
+    if metrics_files:
+        last = read_table(metrics_files[-1][1], table="step_metrics").row(-1, named=True)
+    eval_files = _iter_files(root, "eval.parquet")
+    heldout = _student_summary(_read_evaluations(eval_files[-1][1] if eval_files else None))
+    base = paths.offline / "eval_baseline.parquet"
+    baseline = _student_summary(_read_evaluations(base if base.exists() else None))
+    complete = (
+        isinstance(steps_total, int) and steps_total > 0 and len(metrics_files) == steps_total
+        and (paths.checkpoint(steps_total - 1) / "trainer_state.pt").is_file()
+    )
+    status = "running" if lock_holder(root) is not None else "complete" if complete else "stopped"
+    return {
+        "run_id": root.name,
+        "method": section.get("method"),
+        "status": status,
+        "steps_total": steps_total if isinstance(steps_total, int) else None,
+        "steps_done": len(metrics_files),
+        "last_step": last.get("step"),
+        "reward_mean": last.get("reward_mean"),
+        "kl_k1_mean": last.get("kl_k1_mean"),
+        "beta": last.get("beta"),
+        "baseline_pass_at_1": baseline["heldout_pass_at_1"].first() if baseline.height else None,
+        "heldout_pass_at_1": heldout["heldout_pass_at_1"].first() if heldout.height else None,
+        "heldout_step": heldout["step"].first() if heldout.height else None,
+        "modified": _modified(root),
+    }
+
+
+def _modified(root: Path) -> datetime:
+    """Newest mtime of the run directory and its entries (a write into iter_s/ touches iter_s)."""
+    stamps = [root.stat().st_mtime] + [entry.stat().st_mtime for entry in os.scandir(root)]
+    return datetime.fromtimestamp(max(stamps)).replace(microsecond=0)

@@ -1,0 +1,62 @@
+"""Prefect artifacts for people watching a run in the UI (`prefect artifact ls`).
+
+Small by design: the Parquet files stay the record; artifacts are a view of them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from kdrl.runs import run_metrics, summarize_evaluation
+from kdrl.storage import RunPaths, read_table
+
+_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1",
+            "time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s")
+
+
+def artifact_key(run_dir: str, suffix: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{Path(run_dir).name}-{suffix}".lower()).strip("-")
+
+
+@task(cache_policy=NO_CACHE)
+def start_progress(run_dir: str, done: int, total: int) -> UUID:
+    """A progress artifact over the run's iterations."""
+    return create_progress_artifact(progress=100.0 * done / max(total, 1), key=artifact_key(run_dir, "progress"),
+                                    description=f"iterations of {Path(run_dir).name}")
+
+
+@task(cache_policy=NO_CACHE, task_run_name="publish-{step}")
+def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) -> None:
+    """Table artifact of one iteration (reward, KL, β, length, held-out accuracy, stage seconds)."""
+    row = run_metrics(Path(run_dir)).filter(step=step).select(_COLUMNS).row(0, named=True)
+    create_table_artifact([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}],
+                          key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
+    update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))
+
+
+@task(cache_policy=NO_CACHE)
+def final_report(run_dir: str, last_step: int) -> str:
+    """Markdown report: held-out accuracy before/after and the learning curve."""
+    paths = RunPaths(Path(run_dir))
+    lines = [f"# kdrl run `{paths.root.name}`", "", "## Held-out accuracy", "",
+             "| when | model | pass@1 | mean length | p90 length |", "|---|---|---|---|---|"]
+    for when, path in (("before", paths.offline / "eval_baseline.parquet"), ("after", paths.evaluation(last_step))):
+        if path.exists():
+            for r in summarize_evaluation(read_table(path, table="evaluations")).iter_rows(named=True):
+                lines.append(f"| {when} | {r['model']} | {r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']} |")
+    metrics = run_metrics(paths.root)
+    lines += ["", "## Learning curve", "", "| step | reward | KL (k1) | β | held-out pass@1 | s/iter |", "|---|---|---|---|---|---|"]
+    stride = max(1, metrics.height // 20)
+    for r in metrics.gather_every(stride).iter_rows(named=True):
+        heldout = "" if r["heldout_pass_at_1"] is None else f"{r['heldout_pass_at_1']:.3f}"
+        lines.append(f"| {r['step']} | {r['reward_mean']:.3f} | {r['kl_k1_mean']:+.4f} | {r['beta']:.4f} | {heldout} | {r['time_total_s']:.2f} |")
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key=artifact_key(run_dir, "report"), description=f"{paths.root.name} summary")
+    return markdown

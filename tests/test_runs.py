@@ -1,0 +1,226 @@
+"""Reading runs back: `list_runs` (one row per run, with status), `run_metrics` (one row per step
+joined with held-out pass@1) and the `kdrl runs` / `kdrl show` commands, on hand-built run
+directories written with the real storage layer (no training)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.cli import main
+from kdrl.config import dump_config, load_config
+from kdrl.runs import RUN_METRICS, RUNS, RunNotFoundError, list_runs, run_metrics
+from kdrl.storage import EVALUATIONS, STEP_METRICS, RunPaths, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOLD = (
+    "import sys; from kdrl.runlock import hold_run_lock\n"
+    "with hold_run_lock(sys.argv[1]):\n"
+    "    print('ready', flush=True); sys.stdin.read()\n"
+)
+
+
+@contextmanager
+def locked_by_subprocess(run_dir: Path):
+    """A child process holding the lock of ``run_dir`` until the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _metrics(step: int) -> pl.DataFrame:
+    """A STEP_METRICS row whose values are simple functions of the step (reward 0.1·step, ...)."""
+    row = {name: 0.0 for name in STEP_METRICS}
+    row.update(step=step, reward_mean=0.1 * step, kl_k1_mean=0.01 * step, beta=0.005 - 0.001 * step,
+               loss=-0.5 * step, response_len_mean=10.0 + step, time_total_s=1.5,
+               num_tokens=100, teacher_tokens=50)
+    return pl.DataFrame([row], schema=STEP_METRICS)
+
+
+def _evaluations(step: int, correct_PK: list[list[bool]], *, model: str = "student",
+                 temperature: float = 0.0, length: int = 4) -> pl.DataFrame:
+    """EVALUATIONS rows for prompts 0..P-1, k = len(correct_PK[p]) samples each, all `length` long."""
+    rows = [(p, k, c) for p, cs in enumerate(correct_PK) for k, c in enumerate(cs)]
+    n = len(rows)
+    return pl.DataFrame(
+        {"step": [step] * n, "prompt_id": [r[0] for r in rows], "sample_idx": [r[1] for r in rows],
+         "model": [model] * n, "temperature": [temperature] * n, "completion_text": [""] * n,
+         "completion_len": [length] * n, "finish_reason": ["stop"] * n, "extracted_answer": [None] * n,
+         "correct": [r[2] for r in rows]},
+        schema=EVALUATIONS,
+    )
+
+
+def _make_run(runs_dir: Path, run_id: str, *, method: str, steps: int, done: int,
+              checkpoint: int | None = None, evals: dict[int, pl.DataFrame] | None = None,
+              baseline: pl.DataFrame | None = None, mtime: float | None = None) -> Path:
+    paths = RunPaths(runs_dir / run_id)
+    paths.root.mkdir(parents=True)
+    paths.config.write_text(dump_config(load_config(None, [f"run.method={method}", f"run.steps={steps}"])))
+    for step in range(done):
+        write_table(_metrics(step), paths.metrics(step), table="step_metrics")
+    for step, frame in (evals or {}).items():
+        write_table(frame, paths.evaluation(step), table="evaluations")
+    if baseline is not None:
+        write_table(baseline, paths.offline / "eval_baseline.parquet", table="evaluations")
+    if checkpoint is not None:
+        paths.checkpoint(checkpoint).mkdir()
+        (paths.checkpoint(checkpoint) / "trainer_state.pt").touch()
+    if mtime is not None:
+        for entry in [paths.root, *paths.root.iterdir()]:
+            os.utime(entry, (mtime, mtime))
+    return paths.root
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    """Three runs (complete, stopped midway, fresh) plus directories `list_runs` must skip."""
+    runs = tmp_path / "runs"
+    # pass@1 by hand (mean over prompts of the per-prompt accuracy over k = 2):
+    #   step 1: [T, F], [F, F] → (0.5 + 0) / 2 = 0.25;  step 2: [T, T], [T, F] → (1 + 0.5) / 2 = 0.75
+    #   baseline: [F, F], [T, F] → (0 + 0.5) / 2 = 0.25;  the teacher's 1.0 must not leak in.
+    evals = {
+        1: _evaluations(1, [[True, False], [False, False]]),
+        2: pl.concat([_evaluations(2, [[True, True], [True, False]], length=6),
+                      _evaluations(2, [[True, True], [True, True]], model="teacher")]),
+    }
+    baseline = pl.concat([_evaluations(-1, [[False, False], [True, False]]),
+                          _evaluations(-1, [[True, True], [True, True]], model="teacher")])
+    _make_run(runs, "done", method="grpo", steps=3, done=3, checkpoint=2, evals=evals,
+              baseline=baseline, mtime=1_000_000)
+    _make_run(runs, "midway", method="kdrl", steps=5, done=2, checkpoint=1, mtime=3_000_000)
+    _make_run(runs, "fresh", method="sft", steps=4, done=0, mtime=2_000_000)
+    # every step written but the final checkpoint missing: not complete
+    _make_run(runs, "no-final-ckpt", method="grpo", steps=2, done=2, checkpoint=0, mtime=500_000)
+    _make_run(runs, "_cache", method="grpo", steps=1, done=1, mtime=4_000_000)
+    _make_run(runs, ".hidden", method="grpo", steps=1, done=1, mtime=4_000_000)
+    (runs / "not-a-run" / "iter_00000").mkdir(parents=True)
+    return runs
+
+
+def test_list_runs_rows_values_and_status(runs_dir):
+    table = list_runs(runs_dir)
+    assert table.schema == RUNS
+    # newest first by modified time; "_cache", ".hidden" and the config-less dir are skipped
+    assert table["run_id"].to_list() == ["midway", "fresh", "done", "no-final-ckpt"]
+    by_id = {row["run_id"]: row for row in table.iter_rows(named=True)}
+    done = by_id["done"]
+    assert (done["method"], done["status"], done["steps_total"], done["steps_done"], done["last_step"]) == (
+        "grpo", "complete", 3, 3, 2)
+    # last step is 2: reward 0.1·2, kl 0.01·2, β 0.005 − 0.001·2
+    assert done["reward_mean"] == pytest.approx(0.2, abs=1e-12)
+    assert done["kl_k1_mean"] == pytest.approx(0.02, abs=1e-12)
+    assert done["beta"] == pytest.approx(0.003, abs=1e-12)
+    assert done["heldout_pass_at_1"] == pytest.approx(0.75, abs=1e-12) and done["heldout_step"] == 2
+    assert done["baseline_pass_at_1"] == pytest.approx(0.25, abs=1e-12)
+    midway = by_id["midway"]
+    assert (midway["method"], midway["status"], midway["steps_done"], midway["last_step"]) == ("kdrl", "stopped", 2, 1)
+    assert midway["heldout_pass_at_1"] is None and midway["baseline_pass_at_1"] is None
+    fresh = by_id["fresh"]
+    assert (fresh["status"], fresh["steps_total"], fresh["steps_done"]) == ("stopped", 4, 0)
+    assert all(fresh[c] is None for c in ("last_step", "reward_mean", "kl_k1_mean", "beta", "heldout_step"))
+    assert by_id["no-final-ckpt"]["status"] == "stopped"
+
+
+def test_a_run_locked_by_another_process_is_running(runs_dir):
+    with locked_by_subprocess(runs_dir / "midway"):
+        statuses = dict(list_runs(runs_dir).select("run_id", "status").iter_rows())
+    assert statuses["midway"] == "running" and statuses["done"] == "complete"
+    assert dict(list_runs(runs_dir).select("run_id", "status").iter_rows())["midway"] == "stopped"
+
+
+def test_list_runs_of_a_missing_folder_is_empty(tmp_path):
+    table = list_runs(tmp_path / "nowhere")
+    assert table.height == 0 and table.schema == RUNS
+
+
+def test_run_metrics_sorted_and_joined_with_heldout(runs_dir):
+    metrics = run_metrics(runs_dir / "done")
+    assert metrics.schema == RUN_METRICS
+    assert metrics["step"].to_list() == [0, 1, 2]
+    assert metrics["reward_mean"].to_list() == pytest.approx([0.0, 0.1, 0.2], abs=1e-12)
+    # step 0 was not evaluated; steps 1 and 2 as in the fixture (lengths 4 and 6)
+    assert metrics["heldout_pass_at_1"].to_list() == [None, 0.25, 0.75]
+    assert metrics["heldout_mean_len"].to_list() == [None, 4.0, 6.0]
+
+
+def test_run_metrics_orders_steps_numerically_past_five_digits(tmp_path):
+    paths = RunPaths(tmp_path / "long")
+    paths.root.mkdir()
+    paths.config.write_text("run: {steps: 100001}")
+    for step in (100_000, 99_999, 7):  # "iter_100000" sorts before "iter_99999" as text
+        write_table(_metrics(step), paths.metrics(step), table="step_metrics")
+    assert run_metrics(paths.root)["step"].to_list() == [7, 99_999, 100_000]
+    assert list_runs(tmp_path)["last_step"].item() == 100_000
+
+
+def test_run_metrics_of_a_non_run_names_the_folder(runs_dir):
+    with pytest.raises(RunNotFoundError, match="not-a-run.*no config.yaml"):
+        run_metrics(runs_dir / "not-a-run")
+
+
+def test_cli_runs_prints_an_aligned_table(runs_dir, capsys):
+    assert main(["runs", "--runs-dir", str(runs_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["run_id", "method", "status", "steps_total"] and "heldout_pass_at_1" in header
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["midway", "kdrl", "stopped"], ["fresh", "sft", "stopped"],
+        ["done", "grpo", "complete"], ["no-final-ckpt", "grpo", "stopped"],
+    ]
+    # aligned: every row starts each column where the header does
+    status_at = lines[0].index("status")
+    assert {line[status_at - 1] for line in lines[1:]} == {" "} and lines[3][status_at:].startswith("complete")
+
+
+def test_cli_runs_with_no_runs(tmp_path, capsys):
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"no runs under {tmp_path}"
+
+
+def test_cli_show_by_id_and_by_path(runs_dir, capsys):
+    assert main(["show", "done", "--runs-dir", str(runs_dir)]) == 0
+    by_id = capsys.readouterr().out
+    lines = by_id.splitlines()
+    assert lines[0].split() == ["step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean",
+                                "heldout_pass_at_1", "time_total_s"]
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+    assert lines[3].split()[-2:] == ["0.75", "1.5"]
+    assert main(["show", str(runs_dir / "done"), "--runs-dir", str(runs_dir / "elsewhere")]) == 0
+    assert capsys.readouterr().out == by_id
+
+
+def test_cli_show_selected_columns(runs_dir, capsys):
+    assert main(["show", "done", "--runs-dir", str(runs_dir), "--columns", "step, heldout_pass_at_1"]) == 0
+    assert [line.split() for line in capsys.readouterr().out.splitlines()] == [
+        ["step", "heldout_pass_at_1"], ["0", "null"], ["1", "0.25"], ["2", "0.75"],
+    ]
+
+
+def test_cli_show_unknown_run_exits_2_naming_the_runs(runs_dir, capsys):
+    assert main(["show", "nope", "--runs-dir", str(runs_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "done, fresh, midway, no-final-ckpt" in err and "_cache" not in err
+
+
+def test_cli_show_unknown_column_exits_2_naming_the_columns(runs_dir, capsys):
+    assert main(["show", "done", "--runs-dir", str(runs_dir), "--columns", "step,rewrd"]) == 2
+    err = capsys.readouterr().err
+    assert "'rewrd'" in err and "reward_mean" in err
+
+
+def test_reading_runs_does_not_import_torch():
+    code = "import sys, kdrl.runs, flows.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
