@@ -28,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default=None, help="run directory name under run.runs_dir (rerun the same id to resume)")
     runs = sub.add_parser("runs", help="list the runs: method, status, last step's metrics, held-out pass@1")
     runs.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    replay = sub.add_parser("replay", help="re-run only the update of one iteration, from its persisted inputs, under changed loss/optim settings")
+    replay.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
+    replay.add_argument("--iter", type=int, required=True, help="the iteration (step) whose update to replay")
+    replay.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="loss.* / optim.* override, e.g. --set loss.beta_init=0.02 (repeatable)")
+    replay.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    replay.add_argument("--dest", type=Path, default=None, help="output run directory (default: RUN-replayK-<hash> beside RUN)")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
@@ -123,9 +130,35 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from kdrl.replay import replay_update
+    from kdrl.runlock import RunLockedError, hold_run_lock
+    from kdrl.runs import RunNotFoundError, resolve_run, run_metrics
+
+    _quiet_libraries()
+    try:
+        source = resolve_run(args.run, runs_dir=args.runs_dir)
+        with hold_run_lock(source):  # the source must not be written while its inputs are linked
+            dest = replay_update(source, args.iter, args.overrides, dest_dir=args.dest)
+    except RunLockedError as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 3
+    except (RunNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    from kdrl.runs import format_table
+
+    columns = ["step", "loss", "pg_loss", "kd_loss", "beta", "kl_k1_mean", "grad_norm"]
+    print(f"original  ({source.name}):")
+    print(format_table(run_metrics(source).filter(step=args.iter), columns=columns))
+    print(f"replayed  ({dest.name}):")
+    print(format_table(run_metrics(dest), columns=columns))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"train": _train, "runs": _runs, "show": _show}[args.command](args)
+    return {"train": _train, "runs": _runs, "show": _show, "replay": _replay}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The path-level stages and the plain driver: teacher offload, SFT from precomputed teacher
+samples, and refusing to mix configs in one run directory."""
+
+import polars as pl
+import pytest
+
+from kdrl.loop import open_session, stage_generate, stage_rewards, stage_teacher, train
+from kdrl.storage import RunPaths, read_table
+from test_train import _tiny_run_config
+
+
+def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path):
+    outputs = {}
+    for offload in (False, True):
+        cfg = _tiny_run_config(tmp_path, **{"teacher.offload": offload, "run.cache_dir": tmp_path / "cache"})
+        s = open_session(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
+        stage_generate(s, 0)
+        stage_rewards(s, 0)
+        out = stage_teacher(s, 0)
+        assert (s._teacher is None) == offload
+        outputs[offload] = read_table(out.path, table="teacher_logprobs")
+    assert outputs[True].equals(outputs[False])
+
+
+def test_sft_trains_on_precomputed_teacher_samples(tmp_path):
+    cfg = _tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2})
+    run_dir = tmp_path / "runs" / "sft"
+    train(cfg, run_dir, log=lambda _: None)
+    paths = RunPaths(run_dir)
+    pool = read_table(paths.offline / "teacher_samples.parquet", table="rollouts")
+    assert pool["step"].unique().to_list() == [-1] and pool.height == 24 * 4  # every train prompt × G
+    step1 = read_table(paths.rollouts(1), table="rollouts")
+    expected = pool.filter(pl.col("prompt_id").is_in(step1["prompt_id"].unique().to_list())).drop("step")
+    assert step1.drop("step").sort("prompt_id", "sample_idx").equals(expected.sort("prompt_id", "sample_idx"))
+    metrics = pl.read_parquet(str(run_dir / "iter_*" / "metrics.parquet"))
+    assert (metrics["nll_loss"] > 0).all() and (metrics["pg_loss"] == 0).all() and (metrics["teacher_tokens"] == 0).all()
+
+
+def test_a_run_directory_keeps_its_config(tmp_path):
+    cfg = _tiny_run_config(tmp_path, **{"run.steps": 1})
+    run_dir = tmp_path / "runs" / "fixed"
+    open_session(cfg, run_dir, log=lambda _: None)
+    other = _tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1})
+    with pytest.raises(ValueError, match="started with another config"):
+        open_session(other, run_dir, log=lambda _: None)

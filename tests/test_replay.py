@@ -1,0 +1,77 @@
+"""`kdrl replay`: a counterfactual update from persisted inputs, into a new run directory."""
+
+import polars as pl
+import pytest
+
+from flows.cli import main
+from kdrl.loop import train
+from kdrl.replay import replay_update
+from kdrl.storage import RunPaths
+
+TIMING = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from test_train import _tiny_run_config  # tests/ is on sys.path (rootdir conftest)
+
+    tmp = tmp_path_factory.mktemp("replay")
+    cfg = _tiny_run_config(tmp, **{"run.method": "kdrl_mask_response"})
+    run_dir = tmp / "runs" / "source"
+    train(cfg, run_dir, log=lambda _: None)
+    return run_dir
+
+
+def _snapshot(run_dir):
+    return {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_replay_without_overrides_reproduces_the_step(finished_run, tmp_path):
+    before = _snapshot(finished_run)
+    dest = replay_update(finished_run, 2, [], dest_dir=tmp_path / "same", log=lambda _: None)
+    src, new = RunPaths(finished_run), RunPaths(dest)
+    assert pl.read_parquet(new.metrics(2)).drop(TIMING).equals(pl.read_parquet(src.metrics(2)).drop(TIMING))
+    assert pl.read_parquet(new.advantages(2)).equals(pl.read_parquet(src.advantages(2)))
+    weights = "model/model.safetensors"
+    assert (new.checkpoint(2) / weights).read_bytes() == (src.checkpoint(2) / weights).read_bytes()
+    assert _snapshot(finished_run) == before  # the source run is never written
+
+
+def test_replay_with_another_beta_changes_only_the_kd_weight(finished_run, tmp_path):
+    dest = replay_update(finished_run, 1, ["loss.beta_init=0.5", "loss.beta_schedule=constant"],
+                         dest_dir=tmp_path / "beta", log=lambda _: None)
+    old = pl.read_parquet(RunPaths(finished_run).metrics(1)).row(0, named=True)
+    new = pl.read_parquet(RunPaths(dest).metrics(1)).row(0, named=True)
+    assert new["beta"] == 0.5 and old["beta"] != 0.5
+    # same weights before the update, same inputs: the KD term and PG term are unchanged, the loss is not
+    assert new["kd_loss"] == pytest.approx(old["kd_loss"], rel=1e-6)
+    assert new["pg_loss"] == pytest.approx(old["pg_loss"], rel=1e-6)
+    assert new["loss"] == pytest.approx(new["pg_loss"] + 0.5 * new["kd_loss"], rel=1e-5)
+
+
+def test_replay_refuses_what_it_cannot_do(finished_run, tmp_path):
+    with pytest.raises(ValueError, match=r"rollout\.samples_per_prompt"):
+        replay_update(finished_run, 1, ["rollout.samples_per_prompt=2"], dest_dir=tmp_path / "a", log=lambda _: None)
+    # a response the source's mask dropped (its teacher row is null) cannot be distilled in a replay
+    import shutil
+
+    from kdrl.storage import read_table, write_table
+
+    masked = tmp_path / "masked"
+    shutil.copytree(finished_run, masked)
+    teacher = read_table(RunPaths(masked).teacher(1), table="teacher_logprobs")
+    first_null = pl.Series([True] + [False] * (len(teacher) - 1))
+    write_table(teacher.with_columns(pl.when(first_null).then(None).otherwise(pl.col("teacher_logprobs")).alias("teacher_logprobs")),
+                RunPaths(masked).teacher(1), table="teacher_logprobs")
+    with pytest.raises(ValueError, match="1 responses the new KD mask keeps were never scored"):
+        replay_update(masked, 1, ["loss.kd_mask=none"], dest_dir=tmp_path / "b", log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match="no rollouts"):
+        replay_update(finished_run, 7, [], dest_dir=tmp_path / "c", log=lambda _: None)
+
+
+def test_replay_command(finished_run, capsys):
+    code = main(["replay", str(finished_run), "--iter", "2", "--set", "loss.beta_init=0.02", "--set", "loss.beta_schedule=constant"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "original" in out and "replayed" in out
+    assert main(["replay", "no-such-run", "--iter", "0", "--runs-dir", str(finished_run.parent)]) == 2
