@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kdrl.config import RunConfig
 from kdrl.data import build_prompts, worked_answer
@@ -74,7 +76,8 @@ def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="warm start", unit="step", disable=not sys.stderr.isatty(), leave=False)
+    for step in bar:
         batch = rng.sample(pairs, min(batch_size, len(pairs)))
         width = max(len(p) + len(c) for p, c in batch)
         ids_BS = torch.full((len(batch), width), pad_token_id)
@@ -90,6 +93,7 @@ def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if log is not None and (step + 1) % log_every == 0:
             log(f"[embedded]   step {step + 1}/{steps}  loss {loss.item():.4f}")
     model.eval()

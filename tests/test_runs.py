@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -18,25 +17,7 @@ from kdrl.config import dump_config, load_config
 from kdrl.runs import RUN_METRICS, RUNS, RunNotFoundError, list_runs, run_metrics
 from kdrl.storage import EVALUATIONS, STEP_METRICS, RunPaths, write_table
 
-ROOT = Path(__file__).resolve().parents[1]
-_HOLD = (
-    "import sys; from kdrl.runlock import hold_run_lock\n"
-    "with hold_run_lock(sys.argv[1]):\n"
-    "    print('ready', flush=True); sys.stdin.read()\n"
-)
-
-
-@contextmanager
-def locked_by_subprocess(run_dir: Path):
-    """A child process holding the lock of ``run_dir`` until the block ends."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+from test_runlock import ROOT, locked_by_subprocess  # tests/ is on sys.path
 
 
 def _metrics(step: int) -> pl.DataFrame:
