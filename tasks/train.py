@@ -32,6 +32,7 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from kdrl.loop import (
     StageOutput,
     format_step,
+    format_summary,
     stage_evaluate,
     stage_generate,
     stage_rewards,
@@ -39,6 +40,7 @@ from kdrl.loop import (
     stage_teacher_samples,
     stage_update,
 )
+from kdrl.runs import summarize_evaluation
 from kdrl.storage import RunPaths, content_hash, read_table
 from tasks import resident
 
@@ -95,7 +97,10 @@ def teacher_samples(run_dir: str) -> StageOutput:
 @task(cache_policy=RUN_CACHE, task_run_name="evaluate-{step}")
 def evaluate(run_dir: str, step: int, include_teacher: bool = False) -> StageOutput:
     """Held-out evaluation after `step` (−1: baseline of student and teacher)."""
-    return stage_evaluate(resident.session(run_dir), step, include_teacher=include_teacher)
+    out = stage_evaluate(resident.session(run_dir), step, include_teacher=include_teacher)
+    title = "before training (held-out)" if step < 0 else f"after step {step} (held-out)"
+    get_run_logger().info(format_summary(title, summarize_evaluation(read_table(out.path, table="evaluations"))))
+    return out
 
 
 @task(cache_policy=RUN_CACHE, task_run_name="generate-{step}")
