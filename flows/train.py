@@ -45,6 +45,10 @@ def kdrl_train(config_path: str | None = None, overrides: list[str] | None = Non
         if cfg.rollout.source == "teacher":
             _ensure(t.teacher_samples, run_dir)
         _ensure(t.evaluate, run_dir, -1, include_teacher=True)
+        if start > 0 and evaluation_due(cfg, start - 1):
+            # A run killed during the evaluation after a checkpointed step resumes after that
+            # step: the loop below would never evaluate it. The weights are that step's.
+            _ensure(t.evaluate, run_dir, start - 1)
         progress = report.start_progress(run_dir, start, cfg.run.steps)
         for step in range(start, cfg.run.steps):
             generated = _ensure(t.generate, run_dir, step)

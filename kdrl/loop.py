@@ -339,6 +339,9 @@ def train(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = print) 
     if not baseline.exists():
         stage_evaluate(s, -1, include_teacher=True)
     log(format_summary("before training (held-out)", summarize_evaluation(read_table(baseline, table="evaluations"))))
+    resumed_after = s.next_step - 1  # killed during the evaluation after a checkpointed step?
+    if resumed_after >= 0 and evaluation_due(cfg, resumed_after) and not s.paths.evaluation(resumed_after).exists():
+        stage_evaluate(s, resumed_after)
     for step in range(s.next_step, cfg.run.steps):
         log(format_step(run_iteration(s, step)))
         if evaluation_due(cfg, step):

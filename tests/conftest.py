@@ -1,10 +1,34 @@
-"""Shared tiny fixtures: the char-level tokenizer and random-init Llama student/teacher.
+"""Shared tiny fixtures: the char-level tokenizer and random-init Llama student/teacher, a
+cache folder for the embedded warm-started models, and one Prefect test harness per session.
 
 Session-scoped, so built once per test run. The models are shared: a test that changes weights
 (an optimizer step, a patched head) must work on ``copy.deepcopy(tiny_student)``.
 """
 
 from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+
+def _temp_dir_unless_set(name: str, prefix: str) -> None:
+    """Set ``name`` to a fresh temp folder (removed at exit) unless the environment has one."""
+    if name not in os.environ:
+        path = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ[name] = path
+
+
+# Prefect reads its settings when it is imported: these must be set before any test module (or
+# plugin) imports prefect. Subprocesses started by tests inherit them.
+_temp_dir_unless_set("PREFECT_HOME", "kdrl-test-prefect-home-")
+_temp_dir_unless_set("PREFECT_LOCAL_STORAGE_PATH", "kdrl-test-prefect-storage-")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # default 20 s: too short on CI
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
 
@@ -43,3 +67,27 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer, tiny_student, tiny_teacher)
     save_model(tiny_student, tiny_tokenizer, root / "student")
     save_model(tiny_teacher, tiny_tokenizer, root / "teacher")
     return root
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """A ``run.cache_dir`` shared by the tests that train tiny embedded models (3 SFT steps), so
+    each data/embedded config is warm-started once per session."""
+    return tmp_path_factory.mktemp("embedded_cache")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect API for the whole session (a temporary SQLite database behind a local server,
+    7-8 s to start); yields its API URL, which subprocesses can be given as PREFECT_API_URL.
+
+    The harness isolates only the database: results and cache records go to a temp
+    PREFECT_LOCAL_STORAGE_PATH, so no cached task of an earlier session can leak into this one.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect_storage")
+    # server_startup_timeout=None: wait PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (90 above)
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=None):
+        yield PREFECT_API_URL.value()

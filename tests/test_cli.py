@@ -1,4 +1,5 @@
-"""The `kdrl` command: a tiny end-to-end run, and config errors that name the key."""
+"""The `kdrl` command: a tiny end-to-end run (in this process, against the session's Prefect
+test harness), and config errors that name the key."""
 
 import polars as pl
 import pytest
@@ -6,18 +7,20 @@ import pytest
 from flows.cli import main
 
 
-def _tiny(tmp_path):
+def _tiny(tmp_path, cache_dir=None):
+    # data.* and embedded.* as in test_flow.py: the embedded models are warm-started once per session
     settings = {
-        "run.steps": 2, "run.eval_every": 0, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
+        "run.steps": 2, "run.eval_every": 0, "run.runs_dir": tmp_path / "runs",
+        "run.cache_dir": cache_dir or tmp_path / "cache",
         "embedded.teacher_steps": 3, "embedded.student_steps": 3,
-        "data.num_train": 16, "data.num_heldout": 4, "data.max_digits": 2,
+        "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
         "rollout.prompts_per_step": 2, "rollout.samples_per_prompt": 3, "rollout.max_new_tokens": 10,
     }
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
-def test_train_end_to_end_writes_a_readable_run(tmp_path, capsys):
-    assert main(["train", "--run-id", "smoke", *_tiny(tmp_path)]) == 0
+def test_train_end_to_end_writes_a_readable_run(tmp_path, capsys, prefect_harness, embedded_cache):
+    assert main(["train", "--run-id", "smoke", *_tiny(tmp_path, embedded_cache)]) == 0
     out = capsys.readouterr().out
     assert "before → after" in out and "student" in out and "teacher" in out
     run = tmp_path / "runs" / "smoke"

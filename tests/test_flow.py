@@ -1,0 +1,295 @@
+"""The `kdrl-train` flow and its deployment: a run killed inside any stage resumes to the same
+weights and metrics as an uninterrupted one, a locked run is refused without touching it,
+prefect.yaml deploys as documented, and the tasks' logic runs without the engine (`.fn`).
+
+The crash tests run `kdrl train` as subprocesses, as a person would, against one `prefect server`
+started for this module: a process killed with exit code 137 (`KDRL_FAULT`, like `kill -9`) would
+leave an ephemeral server behind. All runs share one embedded-model cache and one Prefect result
+storage, so the rerun of a killed run finds the cache records its first attempt left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+from test_runlock import locked_by_subprocess  # tests/ is on sys.path
+
+from flows.cli import main
+from kdrl.storage import RunPaths, read_table, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("generate", "rewards", "teacher", "update", "evaluate")
+STEPS = 4
+LAST = STEPS - 1
+# Checkpoints after steps 1 and 3 ((step + 1) % 2 == 0, and always after the last). A run killed
+# inside step 3 therefore resumes from checkpoint 1 and must *replay* update 2 from its persisted
+# Parquet inputs before redoing step 3. (With 3 steps, checkpoint_every=2 would checkpoint after
+# step 1, and a kill in step 2 would resume without replaying anything.)
+TINY = {
+    "run.method": "kdrl_anneal", "run.steps": STEPS, "run.checkpoint_every": 2, "run.eval_every": 0,
+    "embedded.teacher_steps": 3, "embedded.student_steps": 3,
+    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
+    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
+    "optim.lr": 1e-3, "optim.micro_batch_size": 5,
+}
+# One torch thread in the subprocesses: two OpenMP threads on a 2-core box that also runs pytest
+# and the Prefect server spin against each other (a 1M-parameter backward then takes seconds).
+SUBPROCESS = {"run.num_threads": 1}
+TIMING = re.compile(r"^time_.*_s$|^tokens_per_s$")
+TASK_STATE = re.compile(r"Task run '([a-z_]+-[-0-9]+)' - Finished in state (\w+)")
+
+
+def _flags(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _env(**updates: str) -> dict[str, str]:
+    """This process's environment without a Prefect API or a fault, plus `updates`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **updates}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(api_url: str, proc: subprocess.Popen, log: Path, *, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"prefect server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite, ~3-8 s to become
+    healthy); yields its API URL and terminates it at module teardown."""
+    home = tmp_path_factory.mktemp("prefect_server_home")
+    port, log = _free_port(), home / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--analytics-off", "--no-ui"],
+            env=_env(PREFECT_HOME=str(home)), stdout=out, stderr=subprocess.STDOUT,
+        )
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(api_url, proc, log)
+        yield api_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def flow_env(prefect_server, tmp_path_factory, embedded_cache):
+    """What every `kdrl train` subprocess of this module shares: the server, the client's home,
+    the result storage (cache records), the runs folder and the embedded-model cache."""
+    root = tmp_path_factory.mktemp("flow_runs")
+    env = _env(PREFECT_API_URL=prefect_server, PREFECT_HOME=str(root / "prefect_home"),
+               PREFECT_LOCAL_STORAGE_PATH=str(root / "prefect_storage"))
+    settings = {**TINY, **SUBPROCESS, "run.runs_dir": root / "runs", "run.cache_dir": embedded_cache}
+    return SimpleNamespace(env=env, runs_dir=root / "runs", flags=_flags(settings))
+
+
+def _kdrl_train(flow_env, run_id: str, *, fault: str | None = None, plain: bool = False) -> subprocess.CompletedProcess:
+    """`python -m flows.cli train` as a subprocess; stdout and stderr (Prefect's log) in one string."""
+    env = flow_env.env if fault is None else {**flow_env.env, "KDRL_FAULT": fault}
+    argv = ["train", "--run-id", run_id, *flow_env.flags, *(["--no-prefect"] if plain else [])]
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def reference(flow_env) -> Path:
+    """The uninterrupted run every resumed run must reproduce."""
+    done = _kdrl_train(flow_env, "reference")
+    assert done.returncode == 0, done.stdout[-4000:]
+    return flow_env.runs_dir / "reference"
+
+
+def _task_states(log: str) -> dict[str, str]:
+    """{task run name: final state} of the per-step tasks in a flow's log ("generate-3": "Cached")."""
+    return {name: state for name, state in TASK_STATE.findall(log) if re.match(r"(generate|rewards|teacher|update|evaluate)-", name)}
+
+
+def _expected_states_after_kill(stage: str) -> dict[str, str]:
+    """The per-step task states of the rerun of a run killed inside `stage` of the last step."""
+    expected = {"evaluate--1": "Cached"}
+    if stage == "evaluate":  # step 3's checkpoint was written: only its evaluation is left
+        return {**expected, f"evaluate-{LAST}": "Completed"}
+    # resumed from checkpoint 1: step 2 comes from the cache and its update is replayed
+    expected.update({"generate-2": "Cached", "rewards-2": "Cached", "teacher-2": "Cached", "update-2": "Completed"})
+    finished = STAGES[: STAGES.index(stage)]  # the stages of step 3 that wrote their file
+    for name in ("generate", "rewards", "teacher"):
+        expected[f"{name}-{LAST}"] = "Cached" if name in finished else "Completed"
+    return {**expected, f"update-{LAST}": "Completed", f"evaluate-{LAST}": "Completed"}
+
+
+def _assert_same_run(reference: Path, resumed: Path) -> None:
+    a, b = RunPaths(reference), RunPaths(resumed)
+    weights = Path("model") / "model.safetensors"
+    assert (b.checkpoint(LAST) / weights).read_bytes() == (a.checkpoint(LAST) / weights).read_bytes()
+    for step in range(STEPS):
+        for name, table in (("rollouts", "rollouts"), ("rewards", "rewards"), ("teacher", "teacher_logprobs"),
+                            ("advantages", "advantages"), ("metrics", "step_metrics")):
+            fa = read_table(getattr(a, name)(step), table=table)
+            fb = read_table(getattr(b, name)(step), table=table)
+            timing = [c for c in fa.columns if TIMING.match(c)]
+            assert fb.drop(timing).equals(fa.drop(timing)), f"{name} of step {step}"
+    for path in (Path("offline") / "eval_baseline.parquet", b.evaluation(LAST).relative_to(b.root)):
+        assert read_table(b.root / path, table="evaluations").equals(read_table(a.root / path, table="evaluations")), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_result(stage, flow_env, reference):
+    run_id = f"killed-in-{stage}"
+    killed = _kdrl_train(flow_env, run_id, fault=f"{stage}:{LAST}")
+    assert killed.returncode == 137, killed.stdout[-4000:]
+    resumed = _kdrl_train(flow_env, run_id)  # the same command, without the fault
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    # Prefect's cache did the resuming: finished stages came back Cached, the rest ran
+    assert _task_states(resumed.stdout) == _expected_states_after_kill(stage), resumed.stdout[-4000:]
+    _assert_same_run(reference, flow_env.runs_dir / run_id)
+
+
+@pytest.mark.slow
+def test_the_plain_loop_killed_in_the_final_evaluation_resumes_too(flow_env, reference):
+    # the same resume rule without Prefect (`kdrl train --no-prefect`): no cache, files decide
+    killed = _kdrl_train(flow_env, "plain-killed-in-evaluate", fault=f"evaluate:{LAST}", plain=True)
+    assert killed.returncode == 137, killed.stdout[-4000:]
+    resumed = _kdrl_train(flow_env, "plain-killed-in-evaluate", plain=True)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resuming {flow_env.runs_dir / 'plain-killed-in-evaluate'} after step {LAST}" in resumed.stdout
+    _assert_same_run(reference, flow_env.runs_dir / "plain-killed-in-evaluate")
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["flow", "no-prefect"])
+def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, prefect_harness, embedded_cache):
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("written before the refused attempt\n")
+    argv = ["train", "--run-id", "busy", *_flags({**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache})]
+    with locked_by_subprocess(run_dir) as holder:
+        before = _snapshot(run_dir)
+        code = main(argv + (["--no-prefect"] if plain else []))
+        after = _snapshot(run_dir)
+    assert code == 3
+    err = capsys.readouterr().err
+    assert f"kdrl: run {run_dir} is locked by PID {holder.pid} on " in err
+    assert after == before and set(before) == {".lock", "notes.txt"}  # no config.yaml, no prompts: refused first
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness):
+    # `prefect deploy` needs nothing else non-interactively: prefect.yaml names the work pool and
+    # the pull step, --all skips the deployment picker and --no-prompt the "save?" questions. It
+    # imports the entrypoint (flows/train.py), so it must run from the repository root. Its
+    # "{{ $PWD }}" is the PWD environment variable, not the working directory: a shell's `cd`
+    # sets it, subprocess(cwd=...) does not, so it is set here as a shell would.
+    env = _env(PREFECT_API_URL=prefect_harness, PWD=str(ROOT))
+    for command in (["work-pool", "create", "kdrl-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        done = subprocess.run([sys.executable, "-m", "prefect", *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout[-4000:]
+
+    from prefect.client.orchestration import get_client
+
+    async def read(names):
+        async with get_client() as client:
+            return [await client.read_deployment_by_name(name) for name in names]
+
+    nightly, manual = asyncio.run(read(["kdrl-train/nightly", "kdrl-train/manual"]))
+    for deployment in (nightly, manual):
+        assert deployment.entrypoint == "flows/train.py:kdrl_train" and deployment.work_pool_name == "kdrl-process"
+        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        assert deployment.global_concurrency_limit.limit == 1
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
+    assert nightly.parameters == {"config_path": "data/configs/default.yaml", "overrides": [], "run_id": "nightly-{date}"}
+    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"  # a late night run never overlaps the next
+    assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
+    assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
+    assert manual.concurrency_options.collision_strategy == "ENQUEUE"
+
+    from flows.train import resolve_run_dir
+    from kdrl.config import load_config
+
+    assert resolve_run_dir(load_config(), "nightly-{date}").name == "nightly-" + time.strftime("%Y%m%d", time.gmtime())
+
+
+def test_tasks_run_without_the_engine(tmp_path, embedded_cache):
+    from prefect.logging import disable_run_logger
+
+    from kdrl.config import load_config
+    from kdrl.stages import score_rewards
+    from tasks import resident
+    from tasks import train as t
+
+    # no run.num_threads here: it would change torch's thread count for the rest of this process
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}.items()])
+    run_dir = str(tmp_path / "runs" / "fn")
+    paths = RunPaths(Path(run_dir))
+    assert resident.open_run(run_dir, cfg.model_dump(mode="json"), log=lambda _: None).next_step == 0
+    try:
+        generated = t.generate.fn(run_dir, 0)
+        rewarded = t.rewards.fn(run_dir, 0)
+        scored = t.teacher.fn(run_dir, 0)
+        with disable_run_logger():  # update logs the step line through get_run_logger()
+            updated = t.update.fn(run_dir, 0, {"generate": generated.seconds, "reward": rewarded.seconds, "teacher": scored.seconds})
+
+        # cache keys: the rewards key is the content of its inputs; the step and run keys the step
+        key = t._rewards_key(None, {"run_dir": run_dir, "step": 0})
+        assert key == t._rewards_key(None, {"run_dir": run_dir, "step": 0})
+        ctx = SimpleNamespace(task=SimpleNamespace(name="generate"))
+        assert t._run_key(ctx, {"run_dir": run_dir, "step": 0}) != t._run_key(ctx, {"run_dir": run_dir, "step": 1})
+        rollouts = read_table(paths.rollouts(0), table="rollouts")
+        changed = rollouts.with_columns(pl.when(pl.col("sample_idx") == 0).then(pl.lit("x")).otherwise("completion_text").alias("completion_text"))
+        write_table(changed, paths.rollouts(0), table="rollouts")
+        assert t._rewards_key(None, {"run_dir": run_dir, "step": 0}) != key
+    finally:
+        resident.close_run(run_dir)
+    with pytest.raises(RuntimeError, match="call the open_run task first"):
+        resident.session(run_dir)
+
+    assert (generated.path, rewarded.path, scored.path, updated.path) == tuple(
+        str(p) for p in (paths.rollouts(0), paths.rewards(0), paths.teacher(0), paths.metrics(0)))
+    assert rollouts.height == 3 * 4 and rollouts["step"].unique().to_list() == [0]
+    expected = score_rewards(rollouts, read_table(paths.prompts, table="prompts"), cfg.reward)
+    got = read_table(rewarded.path, table="rewards")
+    assert_frame_equal(got, expected.select(got.columns), check_dtypes=False)
+    metrics = read_table(updated.path, table="step_metrics").row(0, named=True)
+    assert metrics["step"] == 0 and metrics["teacher_tokens"] > 0 and metrics["beta"] == pytest.approx(5e-3)
+    assert metrics["time_generate_s"] == generated.seconds and metrics["time_teacher_s"] == scored.seconds
+    assert not (paths.checkpoint(0) / "trainer_state.pt").exists()  # checkpoint_every=2: the first is after step 1
