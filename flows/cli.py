@@ -80,10 +80,8 @@ def _train(args: argparse.Namespace) -> int:
                 train(cfg, run_dir)
         else:
             _prefect_defaults()
-            from flows.train import kdrl_train
-
             config_path = None if args.config is None else str(args.config)
-            run_dir = Path(kdrl_train(config_path=config_path, overrides=list(args.overrides), run_id=args.run_id))
+            run_dir = _run_flow(config_path, list(args.overrides), args.run_id)
     except RunLockedError as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 3
@@ -92,6 +90,28 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     _print_before_after(run_dir, cfg.run.steps - 1)
     return 0
+
+
+def _run_flow(config_path: str | None, overrides: list[str], run_id: str | None) -> Path:
+    """The kdrl-train flow against the configured Prefect API, or a local server started for
+    this run (see flows/server.py) when none is configured."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import local_server
+    from flows.train import kdrl_train
+
+    if PREFECT_API_URL.value():
+        return Path(kdrl_train(config_path=config_path, overrides=overrides, run_id=run_id))
+    print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own)")
+    with local_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        try:
+            return Path(kdrl_train(config_path=config_path, overrides=overrides, run_id=run_id))
+        finally:  # deliver queued logs and events while the server is still up
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
 
 
 def _print_before_after(run_dir: Path, last_step: int) -> None:

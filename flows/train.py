@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 
 from kdrl.config import RunConfig, load_config
 from kdrl.loop import evaluation_due
@@ -50,6 +51,7 @@ def kdrl_train(config_path: str | None = None, overrides: list[str] | None = Non
             # step: the loop below would never evaluate it. The weights are that step's.
             _ensure(t.evaluate, run_dir, start - 1)
         progress = report.start_progress(run_dir, start, cfg.run.steps)
+        published = []  # artifacts are posted in the background, overlapping the next iteration
         for step in range(start, cfg.run.steps):
             generated = _ensure(t.generate, run_dir, step)
             rewarded = _ensure(t.rewards, run_dir, step)
@@ -58,7 +60,8 @@ def kdrl_train(config_path: str | None = None, overrides: list[str] | None = Non
             t.update(run_dir, step, seconds)
             if evaluation_due(cfg, step):
                 _ensure(t.evaluate, run_dir, step)
-            report.publish_iteration(run_dir, step, progress, cfg.run.steps)
+            published.append(report.publish_iteration.submit(run_dir, step, progress, cfg.run.steps))
+        wait(published)
         report.final_report(run_dir, cfg.run.steps - 1)
         t.close_run(run_dir)
     logger.info("run %s complete: %s", Path(run_dir).name, run_dir)

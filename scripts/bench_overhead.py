@@ -7,7 +7,8 @@ models from run.cache_dir, trained there on first use: several minutes; add e.g.
 `--set embedded.teacher_steps=50` to shorten that, model quality does not matter here) for
 `--iters` iterations four times in this one process, in the order plain loop, flow, flow, plain
 loop (ABBA, so slow drift of a shared machine cancels). The plain loop is `kdrl.loop.train`; the
-flow is `flows.train.kdrl_train`, in ephemeral mode unless PREFECT_API_URL names a server.
+flow is `flows.train.kdrl_train` run as `kdrl train` runs it (the server PREFECT_API_URL names, else
+a local server at lower priority, see flows/server.py; `--ephemeral`: Prefect's ephemeral mode).
 
 An iteration's wall time is the time between two consecutive metrics.parquet writes (so the
 flow's task orchestration, cache keys, result records and artifacts between two updates all
@@ -99,6 +100,9 @@ class RunTiming:
     total: float
 
 
+EPHEMERAL = False
+
+
 def run_once(driver: str, run_index: int, cfg_overrides: list[str], runs_dir: Path, probe: Probe) -> RunTiming:
     import polars as pl
 
@@ -109,8 +113,12 @@ def run_once(driver: str, run_index: int, cfg_overrides: list[str], runs_dir: Pa
     run_id = f"{driver}-{run_index}"
     probe.calls.clear()
     started = time.perf_counter()
-    if driver == "flow":
+    if driver == "flow" and EPHEMERAL:
         kdrl_train(config_path=None, overrides=cfg_overrides, run_id=run_id)
+    elif driver == "flow":  # exactly what `kdrl train` does: the configured API, or its own local server
+        from flows.cli import _run_flow
+
+        _run_flow(None, cfg_overrides, run_id)
     else:
         train(load_config(overrides=cfg_overrides), runs_dir / run_id, log=lambda _: None)
     total = time.perf_counter() - started
@@ -201,16 +209,22 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="training iterations per run (>= 3)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run, e.g. --set embedded.teacher_steps=50")
+    parser.add_argument("--ephemeral", action="store_true",
+                        help="run the flow in Prefect's ephemeral mode instead of `kdrl train`'s local server")
     args = parser.parse_args()
+    global EPHEMERAL
+    EPHEMERAL = args.ephemeral
     if args.iters < 3:
         parser.error("--iters must be at least 3")
 
     probe = Probe()
     instrument(probe)
+    from flows.server import NICENESS
     from kdrl.config import load_config
     from kdrl.embedded import resolve_model_path
 
-    mode = f"started server at {os.environ['PREFECT_API_URL']}" if os.environ.get("PREFECT_API_URL") else "ephemeral"
+    mode = (f"started server at {os.environ['PREFECT_API_URL']}" if os.environ.get("PREFECT_API_URL")
+            else "ephemeral" if EPHEMERAL else f"`kdrl train`'s local server (nice {NICENESS})")
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         runs_dir = Path(tmp)
         overrides = [f"run.steps={args.iters}", "run.eval_every=0", f"run.runs_dir={runs_dir}", *args.overrides]

@@ -34,8 +34,15 @@ def start_progress(run_dir: str, done: int, total: int) -> UUID:
 
 @task(cache_policy=NO_CACHE, task_run_name="publish-{step}")
 def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) -> None:
-    """Table artifact of one iteration (reward, KL, β, length, held-out accuracy, stage seconds)."""
-    row = run_metrics(Path(run_dir)).filter(step=step).select(_COLUMNS).row(0, named=True)
+    """Table artifact of one iteration (reward, KL, β, length, held-out accuracy, stage seconds).
+    Reads only this step's files, so its cost does not grow with the run."""
+    paths = RunPaths(Path(run_dir))
+    row = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
+    row["heldout_pass_at_1"] = None
+    if paths.evaluation(step).exists():
+        summary = summarize_evaluation(read_table(paths.evaluation(step), table="evaluations")).filter(model="student")
+        row["heldout_pass_at_1"] = summary.sort("temperature")["pass_at_1"][0] if len(summary) else None
+    row = {k: row[k] for k in _COLUMNS}
     create_table_artifact([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}],
                           key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
     update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))

@@ -1,0 +1,46 @@
+"""`kdrl train`'s own local Prefect server: reachable, low priority, and gone with its parent."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_CHILD = (
+    "import os, sys, time, urllib.request\n"
+    "from flows.server import local_server\n"
+    "with local_server() as url:\n"
+    "    urllib.request.urlopen(url + '/health', timeout=5)\n"
+    "    print(url, flush=True)\n"
+    "    time.sleep(600)\n"
+)
+
+
+def _server_pids(url: str) -> list[int]:
+    port = url.split(":")[-1].split("/")[0]
+    out = subprocess.run(["pgrep", "-f", f"prefect server start --host 127.0.0.1 --port {port}"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+@pytest.mark.slow
+def test_local_server_runs_at_low_priority_and_dies_with_its_parent(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    parent = subprocess.Popen([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)
+    try:
+        url = parent.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        (server,) = _server_pids(url)
+        assert os.getpriority(os.PRIO_PROCESS, server) >= 10
+        parent.send_signal(signal.SIGKILL)  # no cleanup in the parent at all
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _server_pids(url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _server_pids(url) == []
+    finally:
+        parent.kill()
