@@ -163,17 +163,23 @@ def _timed(fn):
 
 
 def stage_teacher_samples(s: Session) -> StageOutput:
-    """Offline, SFT only: G teacher samples for every training prompt → offline/teacher_samples.parquet."""
-    cfg, path = s.cfg, s.paths.offline / "teacher_samples.parquet"
+    """Offline, SFT only: G teacher samples for every training prompt with their rewards, and
+    (teacher.top_k > 0) the teacher's top-k per position → offline/teacher_{samples,rewards,
+    logprobs}.parquet. The sampled tokens' teacher log-probs are the samples' sampler_logprobs."""
+    cfg, offline = s.cfg, s.paths.offline
 
     def run():
         train = s.prompts.filter(pl.col("split") == "train")
         engine = HFRolloutEngine(s.teacher(), s.tokenizer, batch_size=cfg.rollout.batch_size)
         samples = generate_rollouts(engine, train, step=-1, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, -2))
-        write_table(samples, path, table="rollouts", metadata=s.metadata)
+        if cfg.teacher.top_k > 0:
+            scorer = HFTeacherScorer(s.teacher(), s.tokenizer, max_tokens_per_batch=cfg.teacher.max_tokens_per_batch)
+            scores = score_teacher(scorer, samples, pl.Series([True] * len(samples)), top_k=cfg.teacher.top_k)
+            write_table(scores, offline / "teacher_logprobs.parquet", table="teacher_logprobs", metadata=s.metadata)
         s.release_teacher()
-        return path
+        write_table(score_rewards(samples, s.prompts, cfg.reward), offline / "teacher_rewards.parquet", table="rewards", metadata=s.metadata)
+        return write_table(samples, offline / "teacher_samples.parquet", table="rollouts", metadata=s.metadata)
 
     return _timed(run)
 

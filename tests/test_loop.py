@@ -22,13 +22,21 @@ def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path):
     assert outputs[True].equals(outputs[False])
 
 
-def test_sft_trains_on_precomputed_teacher_samples(tmp_path):
-    cfg = _tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2})
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k):
+    cfg = _tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2, "teacher.top_k": top_k})
     run_dir = tmp_path / "runs" / "sft"
     train(cfg, run_dir, log=lambda _: None)
     paths = RunPaths(run_dir)
     pool = read_table(paths.offline / "teacher_samples.parquet", table="rollouts")
     assert pool["step"].unique().to_list() == [-1] and pool.height == 24 * 4  # every train prompt × G
+    teacher_rewards = read_table(paths.offline / "teacher_rewards.parquet", table="rewards")
+    assert teacher_rewards.select("prompt_id", "sample_idx").equals(pool.select("prompt_id", "sample_idx"))
+    topk_file = paths.offline / "teacher_logprobs.parquet"
+    assert topk_file.exists() == (top_k > 0)
+    if top_k:
+        scores = read_table(topk_file, table="teacher_logprobs")
+        assert scores["topk_ids"].list.eval(pl.element().list.len()).explode().unique().to_list() == [3]
     step1 = read_table(paths.rollouts(1), table="rollouts")
     expected = pool.filter(pl.col("prompt_id").is_in(step1["prompt_id"].unique().to_list())).drop("step")
     assert step1.drop("step").sort("prompt_id", "sample_idx").equals(expected.sort("prompt_id", "sample_idx"))
