@@ -76,6 +76,7 @@ class Session:
     prompts: pl.DataFrame
     tokenizer: object
     student: torch.nn.Module
+    student_path: str
     teacher_path: str | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -140,7 +141,7 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     if not paths.prompts.exists():
         write_table(build_prompts(cfg.data, tokenizer), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps)
-    s = Session(cfg, paths, read_table(paths.prompts, table="prompts"), tokenizer, student, teacher_path,
+    s = Session(cfg, paths, read_table(paths.prompts, table="prompts"), tokenizer, student, student_path, teacher_path,
                 optimizer, scheduler, log=log)
     resumed = latest_checkpoint(paths)
     if resumed is not None:
@@ -287,12 +288,23 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> dic
 
 def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> StageOutput:
     """Held-out evaluation of the student (and the teacher) after `step`; step −1 is the
-    baseline before training (offline/eval_baseline.parquet)."""
+    baseline before training (offline/eval_baseline.parquet). An evaluation file, once written,
+    is the record: it is returned as is, never recomputed. The student evaluated is the
+    session's, which must be at `step` (for the baseline of a resumed run: the initial weights,
+    loaded again)."""
     cfg = s.cfg
+    path = s.paths.offline / "eval_baseline.parquet" if step < 0 else s.paths.evaluation(step)
+    if path.exists():
+        return StageOutput(str(path), 0.0)
+    if step >= 0 and step != s.next_step - 1:
+        raise ValueError(f"cannot evaluate step {step}: the session's student is at step {s.next_step - 1}")
 
     def run():
         heldout = s.prompts.filter(pl.col("split") == "heldout")
-        models = [("student", s.student)] + ([("teacher", s.teacher())] if include_teacher and s.teacher_path else [])
+        student = s.student
+        if step < 0 and s.next_step > 0:
+            student = load_causal_lm(s.student_path, dtype=cfg.model.dtype, device=cfg.model.device)
+        models = [("student", student)] + ([("teacher", s.teacher())] if include_teacher and s.teacher_path else [])
         frames = [
             evaluate(HFRolloutEngine(model, s.tokenizer, batch_size=cfg.rollout.batch_size), heldout, step=step, model_name=name,
                      k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -301,7 +313,6 @@ def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> S
         ]
         s.release_teacher()
         maybe_fault("evaluate", step)
-        path = s.paths.offline / "eval_baseline.parquet" if step < 0 else s.paths.evaluation(step)
         return write_table(pl.concat(frames), path, table="evaluations", metadata=s.metadata)
 
     return _timed(run)

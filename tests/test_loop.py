@@ -51,3 +51,25 @@ def test_a_run_directory_keeps_its_config(tmp_path):
     other = _tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1})
     with pytest.raises(ValueError, match="started with another config"):
         open_session(other, run_dir, log=lambda _: None)
+
+
+def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path):
+    from kdrl.loop import stage_evaluate
+
+    cfg = _tiny_run_config(tmp_path, **{"run.steps": 2, "optim.lr": 1e-2})
+    run_dir = tmp_path / "runs" / "baseline"
+    train(cfg, run_dir, log=lambda _: None)
+    paths = RunPaths(run_dir)
+    original = read_table(paths.offline / "eval_baseline.parquet", table="evaluations")
+    trained = read_table(paths.evaluation(1), table="evaluations")
+    student_texts = lambda df: df.filter(model="student")["completion_text"].to_list()  # noqa: E731
+    assert student_texts(trained) != student_texts(original)  # training changed the outputs: the check below can fail
+    s = open_session(cfg, run_dir, log=lambda _: None)  # resumed after step 1
+    mtime = (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns
+    assert stage_evaluate(s, -1, include_teacher=True).seconds == 0.0  # the record is not recomputed
+    assert (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns == mtime
+    (paths.offline / "eval_baseline.parquet").unlink()
+    stage_evaluate(s, -1, include_teacher=True)  # recomputed: from the initial weights, not step 1's
+    assert read_table(paths.offline / "eval_baseline.parquet", table="evaluations").equals(original)
+    with pytest.raises(ValueError, match="student is at step 1"):
+        stage_evaluate(s, 0)
