@@ -168,6 +168,8 @@ def stage_teacher_samples(s: Session) -> StageOutput:
     (teacher.top_k > 0) the teacher's top-k per position → offline/teacher_{samples,rewards,
     logprobs}.parquet. The sampled tokens' teacher log-probs are the samples' sampler_logprobs."""
     cfg, offline = s.cfg, s.paths.offline
+    if (offline / "teacher_samples.parquet").exists():  # written last: the record is complete
+        return StageOutput(str(offline / "teacher_samples.parquet"), 0.0)
 
     def run():
         train = s.prompts.filter(pl.col("split") == "train")
@@ -350,7 +352,7 @@ def before_after(paths: RunPaths, last_step: int) -> pl.DataFrame:
 def train(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = print) -> pl.DataFrame:
     """Train (or resume) the run in `run_dir` without Prefect; returns the before/after summary."""
     s = open_session(cfg, run_dir, log=log)
-    if cfg.rollout.source == "teacher" and not (s.paths.offline / "teacher_samples.parquet").exists():
+    if cfg.rollout.source == "teacher":
         stage_teacher_samples(s)
     baseline = s.paths.offline / "eval_baseline.parquet"
     if not baseline.exists():
