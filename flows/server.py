@@ -50,13 +50,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextmanager
-def local_server(*, timeout_s: float = 90.0) -> Iterator[str]:
-    """Start `prefect server start` on a free loopback port at lower priority; yield its API URL."""
+def local_server(*, env: dict[str, str] | None = None, log_path: str | None = None, timeout_s: float = 90.0) -> Iterator[str]:
+    """Start `prefect server start` on a free loopback port at lower priority; yield its API URL.
+    `env` replaces the server's environment (e.g. another PREFECT_HOME); `log_path` keeps its output."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off", "--no-ui"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_lower_priority_and_die_with_parent)
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_lower_priority_and_die_with_parent)
     try:
         _wait_healthy(url, proc, timeout_s)
         yield url
@@ -67,3 +69,5 @@ def local_server(*, timeout_s: float = 90.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log_path:
+            out.close()

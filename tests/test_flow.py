@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,50 +59,15 @@ def _env(**updates: str) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **updates}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(api_url: str, proc: subprocess.Popen, log: Path, *, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"prefect server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite, ~3-8 s to become
-    healthy); yields its API URL and terminates it at module teardown."""
+    """The same low-priority local server `kdrl train` starts (flows/server.py), with its own
+    PREFECT_HOME (SQLite); yields its API URL and stops it at module teardown."""
+    from flows.server import local_server
+
     home = tmp_path_factory.mktemp("prefect_server_home")
-    port, log = _free_port(), home / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--analytics-off", "--no-ui"],
-            env=_env(PREFECT_HOME=str(home)), stdout=out, stderr=subprocess.STDOUT,
-        )
-    api_url = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_healthy(api_url, proc, log)
+    with local_server(env=_env(PREFECT_HOME=str(home)), log_path=str(home / "server.log")) as api_url:
         yield api_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
