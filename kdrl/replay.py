@@ -64,7 +64,7 @@ def _check_teacher_inputs(source: RunPaths, step: int, cfg: RunConfig, needed: b
 def _apply_optim(optimizer, scheduler, cfg: OptimConfig) -> None:
     """A loaded optimizer keeps the checkpoint's hyper-parameters; put the replay's in place."""
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, [scheduler.lr_lambdas[0](scheduler.last_epoch)] * len(optimizer.param_groups)):
+    for group, factor in zip(optimizer.param_groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
         group.update(lr=cfg.lr * factor, initial_lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 

@@ -18,7 +18,7 @@ from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.rewards import score_batch
 from kdrl.runs import summarize_evaluation  # noqa: F401  (re-exported: it moved to kdrl.runs)
 from kdrl.storage import ADVANTAGES, KEY, EVALUATIONS, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
-from kdrl.train import KD_MASKS, UpdateResult
+from kdrl.train import UpdateResult, kd_mask_B
 
 
 def generate_rollouts(
@@ -86,16 +86,10 @@ def kd_needed(rollouts: pl.DataFrame, rewards: pl.DataFrame, cfg: LossConfig) ->
     sizes = joined.group_by("prompt_id").len()["len"].unique().to_list()
     if len(sizes) != 1:
         raise ValueError(f"every prompt needs the same number of samples; found group sizes {sorted(sizes)}")
-    G = sizes[0]
-    rewards_PG = torch.tensor(joined["reward"].to_list(), dtype=torch.float32).view(-1, G)
-    keep = KD_MASKS[cfg.kd_mask](rewards_PG).reshape(-1).bool()
-    if not cfg.kd_on_truncated:
-        keep &= torch.tensor((joined["finish_reason"] != "length").to_list())
-    order = joined["row"].to_list()
-    restored = [False] * len(order)
-    for flag, row in zip(keep.tolist(), order):
-        restored[row] = flag
-    return pl.Series("kd_needed", restored)
+    rewards_PG = torch.tensor(joined["reward"].to_list(), dtype=torch.float32).view(-1, sizes[0])
+    truncated_B = torch.tensor((joined["finish_reason"] == "length").to_list())
+    keep_B = kd_mask_B(rewards_PG, truncated_B, cfg) > 0  # the one definition the update uses too
+    return joined.with_columns(pl.Series("kd_needed", keep_B.tolist())).sort("row")["kd_needed"]
 
 
 def score_teacher(scorer: TeacherScorer, rollouts: pl.DataFrame, needed: pl.Series, *, top_k: int = 0) -> pl.DataFrame:
