@@ -111,7 +111,7 @@ def run_metrics(run_dir: str | os.PathLike) -> pl.DataFrame:
     frames = [read_table(p, table="step_metrics") for _, p in _iter_files(root, "metrics.parquet")]
     metrics = pl.concat(frames) if frames else STEP_METRICS.to_frame()
     evals = [read_table(p, table="evaluations") for _, p in _iter_files(root, "eval.parquet")]
-    heldout = _student_summary(pl.concat(evals) if evals else None)
+    heldout = student_heldout(pl.concat(evals) if evals else None)
     joined = metrics.sort("step").join(heldout, on="step", how="left")
     return joined.select(list(RUN_METRICS)).cast(RUN_METRICS)
 
@@ -177,7 +177,7 @@ def _iter_files(root: Path, name: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _student_summary(evaluations: pl.DataFrame | None) -> pl.DataFrame:
+def student_heldout(evaluations: pl.DataFrame | None) -> pl.DataFrame:
     """(step, heldout_pass_at_1, heldout_mean_len) of the student, lowest temperature per step."""
     schema = {"step": pl.Int64, "heldout_pass_at_1": pl.Float64, "heldout_mean_len": pl.Float64}
     if evaluations is None:
@@ -214,9 +214,9 @@ def _run_row(root: Path) -> dict:
     if metrics_files:
         last = read_table(metrics_files[-1][1], table="step_metrics").row(-1, named=True)
     eval_files = _iter_files(root, "eval.parquet")
-    heldout = _student_summary(_read_evaluations(eval_files[-1][1] if eval_files else None))
+    heldout = student_heldout(_read_evaluations(eval_files[-1][1] if eval_files else None))
     base = paths.offline / "eval_baseline.parquet"
-    baseline = _student_summary(_read_evaluations(base if base.exists() else None))
+    baseline = student_heldout(_read_evaluations(base if base.exists() else None))
     complete = (
         isinstance(steps_total, int) and steps_total > 0 and len(metrics_files) == steps_total
         and (paths.checkpoint(steps_total - 1) / "trainer_state.pt").is_file()

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from kdrl.runs import run_metrics, summarize_evaluation
+from kdrl.runs import run_metrics, student_heldout, summarize_evaluation
 from kdrl.storage import RunPaths, read_table
 
 _COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1",
@@ -40,8 +40,8 @@ def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) ->
     row = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
     row["heldout_pass_at_1"] = None
     if paths.evaluation(step).exists():
-        summary = summarize_evaluation(read_table(paths.evaluation(step), table="evaluations")).filter(model="student")
-        row["heldout_pass_at_1"] = summary.sort("temperature")["pass_at_1"][0] if len(summary) else None
+        heldout = student_heldout(read_table(paths.evaluation(step), table="evaluations"))
+        row["heldout_pass_at_1"] = heldout["heldout_pass_at_1"][0] if len(heldout) else None
     row = {k: row[k] for k in _COLUMNS}
     create_table_artifact([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}],
                           key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
