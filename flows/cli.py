@@ -3,6 +3,9 @@
     kdrl train [--config cfg.yaml] [--set key=value ...] [--run-id ID]
     kdrl runs [--runs-dir runs]                       one line per run: method, status, last metrics
     kdrl show RUN [--runs-dir runs] [--columns a,b]   one line per step of a run (RUN: id or path)
+    kdrl replay RUN --iter K [--set loss.x=y]         re-run one update under changed settings
+    kdrl eval --checkpoint PATH [--dataset NAME]      pass@1 over k samples, greedy accuracy, lengths
+    kdrl compare [--seeds N] [--steps S]              every method on the same prompts/seeds/budget
 
 It lives beside the flows (not in `kdrl/`) so that the library never depends on the drivers.
 """
@@ -35,6 +38,37 @@ def _parser() -> argparse.ArgumentParser:
                         help="loss.* / optim.* override, e.g. --set loss.beta_init=0.02 (repeatable)")
     replay.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
     replay.add_argument("--dest", type=Path, default=None, help="output run directory (default: RUN-replayK-<hash> beside RUN)")
+    ev = sub.add_parser("eval", help="evaluate a model or checkpoint on a dataset: pass@1 over k samples, greedy accuracy, response lengths")
+    ev.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint), an iter_*/checkpoint folder, "
+                    "a Hugging Face model folder or hub name, or embedded:student / embedded:teacher")
+    ev.add_argument("--dataset", default="embedded", help='"embedded" (the held-out split), a local json/jsonl/csv/parquet file '
+                    "or folder, or a Hugging Face dataset name (default: embedded)")
+    ev.add_argument("--split", help="dataset split (default: train)")
+    ev.add_argument("--question-field", help="column with the question (default: question)")
+    ev.add_argument("--answer-field", help="column with the reference answer (default: answer)")
+    ev.add_argument("--prompt-template", help='format string around the question, e.g. "Q: {question}\\nA:"')
+    ev.add_argument("--samples", "-k", type=int, help="k samples per prompt for pass@1 (default: 4)")
+    ev.add_argument("--temperature", type=float, help="temperature of the k samples (default: 0.6)")
+    ev.add_argument("--max-new-tokens", type=int, help="longest response (default: the run's, else 512)")
+    ev.add_argument("--limit", type=int, help="evaluate at most this many prompts (default: all)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other EvalConfig value, e.g. --set greedy=false --set data.seed=7 (repeatable)")
+    ev.add_argument("--out", type=Path, default=None, help="output folder (default: evals/<model>--<dataset>-<hash>)")
+    ev.add_argument("--no-prefect", action="store_true", help="evaluate without a Prefect flow run")
+    cmp_ = sub.add_parser("compare", help="train every method on the same prompts, seeds and step budget; "
+                          "write a table (mean ± 95%% interval over seeds) and a plot")
+    cmp_.add_argument("--config", type=Path, default=None, help="base YAML config shared by every arm")
+    cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override of the base config for every arm (repeatable)")
+    cmp_.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed, run.seed+1, ...; default 3)")
+    cmp_.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's run.steps)")
+    cmp_.add_argument("--methods", default=None, help="comma-separated arms (default: sft,grpo,kd_rkl,kdrl,kdrl_anneal,"
+                      "kdrl_mask_response,kdrl_mask_group,kdrl_k3; also kdrl_topk)")
+    cmp_.add_argument("--eval-samples", type=int, default=4, help="k samples per held-out prompt for pass@1 (default 4)")
+    cmp_.add_argument("--eval-temperature", type=float, default=0.6, help="temperature of those samples (default 0.6)")
+    cmp_.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (default 10)")
+    cmp_.add_argument("--name", default=None, help="comparison folder name under run.runs_dir (default: compare-<hash>)")
+    cmp_.add_argument("--no-prefect", action="store_true", help="run the arms in a plain Python loop")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
@@ -79,7 +113,6 @@ def _train(args: argparse.Namespace) -> int:
             with hold_run_lock(run_dir):
                 train(cfg, run_dir)
         else:
-            _prefect_defaults()
             config_path = None if args.config is None else str(args.config)
             run_dir = _run_flow(config_path, list(args.overrides), args.run_id)
     except RunLockedError as err:
@@ -93,19 +126,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_flow(config_path: str | None, overrides: list[str], run_id: str | None) -> Path:
-    """The kdrl-train flow against the configured Prefect API, or a local server started for
-    this run (see flows/server.py) when none is configured."""
+    from flows.train import kdrl_train
+
+    return Path(_in_prefect(kdrl_train, config_path=config_path, overrides=overrides, run_id=run_id))
+
+
+def _in_prefect(flow, **parameters):
+    """Call `flow` against the configured Prefect API, or a local server started for this
+    command (see flows/server.py) when none is configured."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.server import local_server
-    from flows.train import kdrl_train
 
     if PREFECT_API_URL.value():
-        return Path(kdrl_train(config_path=config_path, overrides=overrides, run_id=run_id))
+        return flow(**parameters)
     print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own)")
     with local_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
         try:
-            return Path(kdrl_train(config_path=config_path, overrides=overrides, run_id=run_id))
+            return flow(**parameters)
         finally:  # deliver queued logs and events while the server is still up
             from prefect.events.worker import EventsWorker
             from prefect.logging.handlers import APILogWorker
@@ -176,9 +214,76 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from kdrl.evaluation import build_eval_config, read_summary, run_eval
+    from kdrl.runs import format_table
+
+    _quiet_libraries()
+    flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
+             "data.prompt_template": args.prompt_template, "samples": args.samples, "temperature": args.temperature,
+             "max_new_tokens": args.max_new_tokens, "limit": args.limit}
+    # Flag values are passed as JSON (valid YAML) so that text like "Q: {question}" stays a string.
+    import json
+
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None] + list(args.overrides)
+    out_dir = None if args.out is None else str(args.out)
+    try:
+        cfg = build_eval_config(args.checkpoint, args.dataset, overrides)
+        if args.no_prefect:
+            summary_path = run_eval(cfg, out_dir).summary
+        else:
+            from flows.evaluate import kdrl_eval
+
+            summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides, out_dir=out_dir)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    summary = read_summary(Path(summary_path).parent)
+    print(format_table(summary, columns=["temperature", "samples", "num_prompts", "pass_at_1", "mean_len", "p90_len", "truncated_frac"]))
+    print(f"\nper-sample rows: {Path(summary_path).parent / 'samples.parquet'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from kdrl.compare import DEFAULT_ARMS, load_plan, plan_compare, run_compare_plain
+    from kdrl.runlock import RunLockedError, hold_run_lock
+    from kdrl.runs import format_table
+    from kdrl.storage import read_table
+
+    _quiet_libraries()
+    overrides = [f"run.eval_samples={args.eval_samples}", f"run.eval_temperature={args.eval_temperature}",
+                 f"run.eval_every={args.eval_every}", *args.overrides]
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    arms = [a.strip() for a in args.methods.split(",") if a.strip()] if args.methods else list(DEFAULT_ARMS)
+    config_path = None if args.config is None else str(args.config)
+    try:
+        plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name)
+        print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
+        if args.no_prefect:
+            with hold_run_lock(plan.root):
+                run_compare_plain(plan)
+        else:
+            from flows.compare import kdrl_compare
+
+            _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name)
+    except RunLockedError as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    table = read_table(load_plan(plan.root).root / "comparison.parquet", table="comparison")
+    print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
+    print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"train": _train, "runs": _runs, "show": _show, "replay": _replay}[args.command](args)
+    _prefect_defaults()  # before anything imports prefect
+    commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

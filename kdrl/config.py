@@ -11,16 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+_SectionT = TypeVar("_SectionT", bound="_Section")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    def hash(self) -> str:
+        """Short content hash of the resolved values (stored in Parquet metadata)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class DataConfig(_Section):
@@ -194,6 +200,9 @@ class RunSection(_Section):
     """k: samples per held-out prompt for pass@1 (averaged over k)."""
     eval_temperature: float = 0.0
     """Evaluation temperature (0 = greedy)."""
+    eval_greedy: bool = True
+    """When eval_temperature > 0, also decode each held-out prompt greedily (greedy accuracy
+    beside pass@1; the greedy rows have temperature 0)."""
     num_threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
     cache_dir: str = ".cache/kdrl"
@@ -233,10 +242,47 @@ class RunConfig(_Section):
         """Whether the teacher scores rollouts (any β > 0)."""
         return self.loss.beta_init > 0 or (self.loss.beta_schedule == "linear" and self.loss.beta_min > 0)
 
-    def hash(self) -> str:
-        """Short content hash of the resolved config (stored in Parquet metadata)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+
+class EvalConfig(_Section):
+    """One `kdrl eval`: a model against the question/answer pairs of a dataset."""
+
+    checkpoint: str
+    """What to evaluate: a kdrl run directory (its latest checkpoint), a checkpoint folder
+    (iter_*/checkpoint), a Hugging Face model folder or hub name, or embedded:student/teacher."""
+    data: DataConfig = DataConfig()
+    """The dataset and its column mapping. source "embedded" evaluates the held-out split of this
+    data section (the prompts a run with the same data section never trains on); any other source
+    evaluates the rows of data.split (the first `limit` of a seeded shuffle when limit > 0)."""
+    limit: int = 0
+    """Evaluate at most this many prompts (0 = all; ignored for "embedded": data.num_heldout)."""
+    samples: int = 4
+    """k: samples per prompt; pass@1 is their mean accuracy, averaged over prompts."""
+    temperature: float = 0.6
+    """Temperature of the k samples (0 = greedy; then samples must be 1)."""
+    greedy: bool = True
+    """Also decode each prompt greedily (greedy accuracy), when temperature > 0."""
+    max_new_tokens: int = 512
+    """Longest response; longer ones are cut (finish_reason "length") and scored wrong."""
+    top_p: float = 1.0
+    """Nucleus truncation of the k samples (1.0 = none)."""
+    batch_size: int = 256
+    """Most sequences generated in one call."""
+    seed: int = 0
+    """Sampling seed."""
+    dtype: Dtype = "float32"
+    """Parameter dtype of the evaluated model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs."""
+    reward: RewardConfig = RewardConfig()
+    """How answers are extracted and compared (the training reward's rules)."""
+
+    @model_validator(mode="after")
+    def _sampling(self) -> EvalConfig:
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+        if self.temperature == 0 and self.samples != 1:
+            raise ValueError("temperature 0 is greedy: every sample would be the same; use samples=1")
+        return self
 
 
 _KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}
@@ -256,10 +302,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Method presets (paper §5). Values are applied under the user's YAML and --set overrides."""
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursively for nested mappings."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -291,12 +338,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
         user = loaded
     for text in overrides:
-        user = _merge(user, parse_override(text))
+        user = merge_dicts(user, parse_override(text))
     method = (user.get("run") or {}).get("method", RunSection().method)
     if method not in PRESETS:
         raise ValueError(f"{source}: run.method={method!r} is not one of {sorted(PRESETS)}")
+    return validate_config(RunConfig, merge_dicts(PRESETS[method], user), source=source, overrides=overrides)
+
+
+def validate_config(cls: type[_SectionT], values: dict[str, Any], *, source: str, overrides=()) -> _SectionT:
+    """`cls.model_validate(values)`, with one ValueError that names every bad key."""
     try:
-        return RunConfig.model_validate(_merge(PRESETS[method], user))
+        return cls.model_validate(values)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()

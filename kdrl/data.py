@@ -97,17 +97,18 @@ def load_source(cfg: DataConfig) -> datasets.Dataset:
     return ds
 
 
-def build_prompts(cfg: DataConfig, tokenizer) -> pl.DataFrame:
+def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None) -> pl.DataFrame:
     """The PROMPTS table: a seeded, disjoint train/held-out split, templated and tokenized.
 
     Held-out rows come first in the shuffled order so that growing num_train never moves a
     held-out prompt into training. Rows whose question or answer is empty are refused by id.
+    `ds` is `load_source(cfg)` when already loaded.
     """
     import polars as pl
 
     from kdrl.rewards import reference_answer
 
-    ds = load_source(cfg)
+    ds = load_source(cfg) if ds is None else ds
     need = cfg.num_train + cfg.num_heldout
     if len(ds) < need:
         raise ValueError(f"{cfg.source}: {len(ds)} rows, but num_train + num_heldout = {need}")

@@ -33,13 +33,14 @@ from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer, check_same_tokeniz
 from kdrl.models import load_causal_lm, load_tokenizer
 from kdrl.stages import (
     batch_table,
-    evaluate,
+    evaluate_passes,
     generate_rollouts,
     kd_needed,
     score_rewards,
     score_teacher,
     summarize_evaluation,
 )
+from kdrl.runs import latest_checkpoint
 from kdrl.storage import STEP_METRICS, RunPaths, read_table, write_table
 from kdrl.train import beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
 
@@ -151,12 +152,6 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     return s
 
 
-def latest_checkpoint(paths: RunPaths) -> int | None:
-    """The highest step with a complete checkpoint in the run directory, if any."""
-    done = [int(p.parent.parent.name.split("_")[1]) for p in paths.root.glob("iter_*/checkpoint/trainer_state.pt")]
-    return max(done) if done else None
-
-
 def _timed(fn):
     started = time.perf_counter()
     path = fn()
@@ -164,15 +159,19 @@ def _timed(fn):
 
 
 def stage_teacher_samples(s: Session) -> StageOutput:
-    """Offline, SFT only: G teacher samples for every training prompt with their rewards, and
-    (teacher.top_k > 0) the teacher's top-k per position → offline/teacher_{samples,rewards,
-    logprobs}.parquet. The sampled tokens' teacher log-probs are the samples' sampler_logprobs."""
+    """Offline, SFT only: G teacher samples for every training prompt the run's steps will draw,
+    with their rewards, and (teacher.top_k > 0) the teacher's top-k per position →
+    offline/teacher_{samples,rewards,logprobs}.parquet. The sampled tokens' teacher log-probs are
+    the samples' sampler_logprobs."""
     cfg, offline = s.cfg, s.paths.offline
     if (offline / "teacher_samples.parquet").exists():  # written last: the record is complete
         return StageOutput(str(offline / "teacher_samples.parquet"), 0.0)
 
     def run():
-        train = s.prompts.filter(pl.col("split") == "train")
+        train_ids = s.prompts.filter(pl.col("split") == "train")["prompt_id"].to_list()
+        drawn = {pid for step in range(cfg.run.steps)
+                 for pid in sample_prompt_ids(train_ids, step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)}
+        train = s.prompts.filter(pl.col("prompt_id").is_in(sorted(drawn)))
         engine = HFRolloutEngine(s.teacher(), s.tokenizer, batch_size=cfg.rollout.batch_size)
         samples = generate_rollouts(engine, train, step=-1, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, -2))
@@ -308,9 +307,10 @@ def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> S
             student = load_causal_lm(s.student_path, dtype=cfg.model.dtype, device=cfg.model.device)
         models = [("student", student)] + ([("teacher", s.teacher())] if include_teacher and s.teacher_path else [])
         frames = [
-            evaluate(HFRolloutEngine(model, s.tokenizer, batch_size=cfg.rollout.batch_size), heldout, step=step, model_name=name,
-                     k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                     reward_cfg=cfg.reward, seed=step_seed(cfg.run.seed, -1))
+            evaluate_passes(HFRolloutEngine(model, s.tokenizer, batch_size=cfg.rollout.batch_size), heldout, step=step,
+                            model_name=name, k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature,
+                            greedy=cfg.run.eval_greedy, max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
+                            seed=step_seed(cfg.run.seed, -1))
             for name, model in models
         ]
         s.release_teacher()

@@ -19,7 +19,8 @@ from typing import Callable
 import polars as pl
 
 from kdrl.config import OptimConfig, RunConfig, dump_config, load_config
-from kdrl.loop import latest_checkpoint, open_session, stage_update, teacher_needed
+from kdrl.loop import open_session, stage_update, teacher_needed
+from kdrl.runs import latest_checkpoint
 from kdrl.stages import kd_needed
 from kdrl.storage import RunPaths, read_table
 from kdrl.train import load_trainer_state, save_checkpoint

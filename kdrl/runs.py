@@ -167,11 +167,17 @@ def _run_dirs(runs_dir: Path) -> list[Path]:
             if p.is_dir() and p.name[:1] not in ("_", ".") and RunPaths(p).config.is_file()]
 
 
+def latest_checkpoint(paths: RunPaths) -> int | None:
+    """The highest step with a complete checkpoint in the run directory, if any."""
+    done = [step for step, _ in _iter_files(paths.root, "checkpoint/trainer_state.pt")]
+    return max(done) if done else None
+
+
 def _iter_files(root: Path, name: str) -> list[tuple[int, Path]]:
     """(step, path) of every ``iter_<step>/<name>``, by step (the glob order breaks past 99999)."""
     found = []
     for path in root.glob(f"iter_*/{name}"):
-        digits = path.parent.name.removeprefix("iter_")
+        digits = path.relative_to(root).parts[0].removeprefix("iter_")
         if digits.isdigit():
             found.append((int(digits), path))
     return sorted(found)
@@ -217,10 +223,7 @@ def _run_row(root: Path) -> dict:
     heldout = student_heldout(_read_evaluations(eval_files[-1][1] if eval_files else None))
     base = paths.offline / "eval_baseline.parquet"
     baseline = student_heldout(_read_evaluations(base if base.exists() else None))
-    complete = (
-        isinstance(steps_total, int) and steps_total > 0 and len(metrics_files) == steps_total
-        and (paths.checkpoint(steps_total - 1) / "trainer_state.pt").is_file()
-    )
+    complete = _complete(paths, steps_total, len(metrics_files))
     status = "running" if lock_holder(root) is not None else "complete" if complete else "stopped"
     return {
         "run_id": root.name,
@@ -237,6 +240,22 @@ def _run_row(root: Path) -> dict:
         "heldout_step": heldout["step"].first() if heldout.height else None,
         "modified": _modified(root),
     }
+
+
+def _complete(paths: RunPaths, steps_total, steps_done: int) -> bool:
+    return (
+        isinstance(steps_total, int) and steps_total > 0 and steps_done == steps_total
+        and (paths.checkpoint(steps_total - 1) / "trainer_state.pt").is_file()
+        and paths.evaluation(steps_total - 1).is_file()
+    )
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether every step of the run is written, the last one checkpointed and evaluated."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.is_file():
+        return False
+    return _complete(paths, _read_run_section(paths.root).get("steps"), len(_iter_files(paths.root, "metrics.parquet")))
 
 
 def _modified(root: Path) -> datetime:

@@ -147,10 +147,11 @@ def evaluate(
     max_new_tokens: int,
     reward_cfg: RewardConfig,
     seed: int,
+    top_p: float = 1.0,
 ) -> pl.DataFrame:
     """EVALUATIONS rows: k samples per held-out prompt (greedy when temperature is 0)."""
     rollouts = generate_rollouts(engine, prompts, step=step, n=k, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)
+                                 temperature=temperature, top_p=top_p, seed=seed)
     rewards = score_rewards(rollouts, prompts, reward_cfg)
     return pl.DataFrame(
         {
@@ -167,3 +168,27 @@ def evaluate(
         },
         schema=EVALUATIONS,
     )
+
+
+def evaluate_passes(
+    engine: RolloutEngine,
+    prompts: pl.DataFrame,
+    *,
+    step: int,
+    model_name: str,
+    k: int,
+    temperature: float,
+    greedy: bool,
+    max_new_tokens: int,
+    reward_cfg: RewardConfig,
+    seed: int,
+    top_p: float = 1.0,
+) -> pl.DataFrame:
+    """`evaluate` with k samples at `temperature`, plus one greedy decode per prompt when
+    `greedy` and temperature > 0 (its rows have temperature 0): pass@1 and greedy accuracy."""
+    passes = [(k, temperature)] + ([(1, 0.0)] if greedy and temperature > 0 else [])
+    return pl.concat([
+        evaluate(engine, prompts, step=step, model_name=model_name, k=n, temperature=t, max_new_tokens=max_new_tokens,
+                 reward_cfg=reward_cfg, seed=seed, top_p=top_p if t > 0 else 1.0)
+        for n, t in passes
+    ])

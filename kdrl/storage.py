@@ -141,6 +141,70 @@ EVALUATIONS = pl.Schema(
     }
 )
 
+# ``kdrl eval``: one row per decoding (the k samples at a temperature; greedy has temperature 0).
+# step is the evaluated checkpoint's training step (-1 when not from a kdrl run).
+EVAL_SUMMARY = pl.Schema(
+    {
+        "model": pl.String,
+        "dataset": pl.String,
+        "step": pl.Int64,
+        "temperature": pl.Float32,
+        "samples": pl.Int64,
+        "num_prompts": pl.Int64,
+        "pass_at_1": pl.Float64,
+        "mean_len": pl.Float64,
+        "p90_len": pl.Float64,
+        "truncated_frac": pl.Float64,
+    }
+)
+
+# ``kdrl compare``: one row per (method, seed) run, read from its directory. wall_s is the time
+# the compare driver measured around the run (null when it was complete before this compare).
+COMPARE_RUNS = pl.Schema(
+    {
+        "method": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "steps_done": pl.Int64,
+        "rollout_tokens": pl.Int64,
+        "teacher_tokens": pl.Int64,
+        "train_time_s": pl.Float64,
+        "wall_s": pl.Float64,
+    }
+)
+
+# ``kdrl compare``: held-out summary of every evaluation of every run. steps_trained = step + 1
+# (0 is the baseline before training); temperature 0 rows are greedy.
+COMPARE_CURVES = pl.Schema(
+    {
+        "method": pl.String,
+        "seed": pl.Int64,
+        "steps_trained": pl.Int64,
+        "temperature": pl.Float32,
+        "pass_at_1": pl.Float64,
+        "mean_len": pl.Float64,
+        "p90_len": pl.Float64,
+    }
+)
+
+# ``kdrl compare``: one row per method at the end of training; *_ci95 are half-widths of a
+# Student-t 95% interval over seeds (null with one seed). Per-run quantities are means over seeds.
+COMPARISON = pl.Schema(
+    {
+        "method": pl.String,
+        "seeds": pl.Int64,
+        "steps": pl.Int64,
+        "pass_at_1": pl.Float64,
+        "pass_at_1_ci95": pl.Float64,
+        "greedy": pl.Float64,
+        "greedy_ci95": pl.Float64,
+        "mean_len": pl.Float64,
+        "mean_len_ci95": pl.Float64,
+        "teacher_tokens": pl.Float64,
+        "wall_s": pl.Float64,
+    }
+)
+
 SCHEMAS: dict[str, pl.Schema] = {
     "prompts": PROMPTS,
     "rollouts": ROLLOUTS,
@@ -149,6 +213,10 @@ SCHEMAS: dict[str, pl.Schema] = {
     "advantages": ADVANTAGES,
     "step_metrics": STEP_METRICS,
     "evaluations": EVALUATIONS,
+    "eval_summary": EVAL_SUMMARY,
+    "compare_runs": COMPARE_RUNS,
+    "compare_curves": COMPARE_CURVES,
+    "comparison": COMPARISON,
 }
 
 # Columns that must be non-null and unique together. Evaluations hold student and teacher
@@ -161,6 +229,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "advantages": KEY,
     "step_metrics": ("step",),
     "evaluations": (*KEY, "model", "temperature"),
+    "eval_summary": ("model", "dataset", "temperature"),
+    "compare_runs": ("method", "seed"),
+    "compare_curves": ("method", "seed", "steps_trained", "temperature"),
+    "comparison": ("method",),
 }
 
 _RESERVED_METADATA = ("kdrl.table", "kdrl.schema_version", "kdrl.code_version")

@@ -29,7 +29,9 @@ def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k):
     train(cfg, run_dir, log=lambda _: None)
     paths = RunPaths(run_dir)
     pool = read_table(paths.offline / "teacher_samples.parquet", table="rollouts")
-    assert pool["step"].unique().to_list() == [-1] and pool.height == 24 * 4  # every train prompt × G
+    # exactly the prompts the run's 2 steps draw (3 each), G=4 samples each; not all 24 train prompts
+    drawn = {pid for step in range(2) for pid in read_table(paths.rollouts(step), table="rollouts")["prompt_id"]}
+    assert pool["step"].unique().to_list() == [-1] and set(pool["prompt_id"]) == drawn and pool.height == 2 * 3 * 4
     teacher_rewards = read_table(paths.offline / "teacher_rewards.parquet", table="rewards")
     assert teacher_rewards.select("prompt_id", "sample_idx").equals(pool.select("prompt_id", "sample_idx"))
     topk_file = paths.offline / "teacher_logprobs.parquet"

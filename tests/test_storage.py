@@ -95,6 +95,24 @@ def _frames(step: int = 0) -> dict[str, pl.DataFrame]:
                 "correct": [True, False],
             }
         ),
+        "eval_summary": pl.DataFrame(
+            {"model": ["m", "m"], "dataset": ["d", "d"], "step": [-1, -1], "temperature": [0.6, 0.0], "samples": [4, 1],
+             "num_prompts": [10, 10], "pass_at_1": [0.5, 0.6], "mean_len": [12.5, 11.0], "p90_len": [20.0, 18.0],
+             "truncated_frac": [0.0, 0.1]}
+        ),
+        "compare_runs": pl.DataFrame(
+            {"method": ["grpo", "kdrl"], "seed": [0, 0], "run_id": ["grpo-s0", "kdrl-s0"], "steps_done": [2, 1],
+             "rollout_tokens": [100, 50], "teacher_tokens": [0, 50], "train_time_s": [1.5, 1.0], "wall_s": [3.0, None]}
+        ),
+        "compare_curves": pl.DataFrame(
+            {"method": ["grpo", "grpo"], "seed": [0, 0], "steps_trained": [0, 2], "temperature": [0.6, 0.6],
+             "pass_at_1": [0.2, 0.4], "mean_len": [20.0, 18.5], "p90_len": [25.0, 24.0]}
+        ),
+        "comparison": pl.DataFrame(
+            {"method": ["teacher", "grpo"], "seeds": [None, 3], "steps": [0, 60], "pass_at_1": [0.9, 0.5],
+             "pass_at_1_ci95": [None, 0.05], "greedy": [0.95, 0.55], "greedy_ci95": [None, 0.04], "mean_len": [25.0, 26.0],
+             "mean_len_ci95": [None, 1.0], "teacher_tokens": [None, 0.0], "wall_s": [None, 80.0]}
+        ),
     }
 
 

@@ -1,0 +1,376 @@
+"""`kdrl compare`: the paper's methods on the same prompts, seeds and step budget.
+
+A comparison is a folder of ordinary runs, one per (arm, seed), plus tables read from them::
+
+    runs/compare-<hash>/
+      compare.yaml              what is compared: base config, overrides, arms, seeds
+      <arm>-s<seed>/            a normal run directory (kdrl show/replay/eval work on it)
+      runs.parquet              COMPARE_RUNS: one row per run (tokens, teacher tokens, seconds)
+      curves.parquet            COMPARE_CURVES: held-out pass@1 and length at every evaluation
+      comparison.parquet/.md    COMPARISON: one row per arm, mean ± 95% interval over seeds
+      comparison.png            held-out pass@1 and response length against step, per arm
+
+Every arm starts from the same config (same data, so the same prompts and held-out set, the same
+warm-started student and teacher, the same step budget and evaluation protocol); an arm only adds
+its method's overrides (`ARMS`), and seed s sets ``run.seed`` (sampling and prompt order).
+Rerunning the same command resumes: complete runs are skipped, a stopped one resumes after its
+last checkpoint. The tables are rewritten from the run folders after every run, so a comparison
+can be read while it is being made.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import yaml
+
+from kdrl.config import RunConfig, load_config
+from kdrl.runs import is_complete, summarize_evaluation
+from kdrl.storage import COMPARE_CURVES, COMPARE_RUNS, COMPARISON, RunPaths, read_table, write_table
+
+ARMS: dict[str, tuple[str, ...]] = {
+    "sft": ("run.method=sft",),
+    "grpo": ("run.method=grpo",),
+    "kd_rkl": ("run.method=kd_rkl",),
+    "kdrl": ("run.method=kdrl",),
+    "kdrl_anneal": ("run.method=kdrl_anneal",),
+    "kdrl_mask_response": ("run.method=kdrl_mask_response",),
+    "kdrl_mask_group": ("run.method=kdrl_mask_group",),
+    "kdrl_k3": ("run.method=kdrl", "loss.kl_estimator=k3"),
+    "kdrl_topk": ("run.method=kdrl", "loss.kl_estimator=topk", "teacher.top_k=16"),
+}
+"""Arm name → the overrides that make it (applied after the common ones). kdrl_k3 is the paper's
+estimator ablation (forward-KL gradient); kdrl_topk is available but not in the default set."""
+
+DEFAULT_ARMS = ("sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal", "kdrl_mask_response", "kdrl_mask_group", "kdrl_k3")
+
+# Two-sided 95% Student-t quantiles, t_{0.975, df}, for df = 1..30 (beyond: 1.96 + a 1/df term).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95_halfwidth(values: list[float]) -> float | None:
+    """Half-width of the Student-t 95% interval of the mean of `values` (None below 2 values).
+
+    >>> round(ci95_halfwidth([0.5, 0.6, 0.7]), 4)   # 4.303 * 0.1 / sqrt(3)
+    0.2484
+    >>> ci95_halfwidth([0.5]) is None
+    True
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    df = n - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+    return t * sd / math.sqrt(n)
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What a comparison runs; saved as compare.yaml in its folder."""
+
+    root: Path
+    config_path: str | None
+    overrides: tuple[str, ...]
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    def run_id(self, arm: str, seed: int) -> str:
+        return f"{arm}-s{seed}"
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.root / self.run_id(arm, seed)
+
+    def run_overrides(self, arm: str, seed: int) -> list[str]:
+        """Common overrides, then the arm's, then the seed and the comparison folder."""
+        return [*self.overrides, *ARMS[arm], f"run.seed={seed}", f"run.runs_dir={self.root}"]
+
+    def config(self, arm: str, seed: int) -> RunConfig:
+        return load_config(self.config_path, self.run_overrides(arm, seed))
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(arm, seed) in execution order: seed-major, so every arm has a result early."""
+        return [(arm, seed) for seed in self.seeds for arm in self.arms]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"config_path": self.config_path, "overrides": list(self.overrides),
+                               "arms": list(self.arms), "seeds": list(self.seeds)}, sort_keys=False)
+
+
+def plan_compare(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, arms=DEFAULT_ARMS,
+                 seeds: int = 3, name: str | None = None) -> ComparePlan:
+    """Validate every (arm, seed) config now — a typo fails before the first run, not the tenth —
+    and place the comparison under run.runs_dir (default name: compare-<hash of the configs>)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    base = load_config(config_path, overrides)
+    first_seed = base.run.seed
+    probe = ComparePlan(Path("."), config_path, tuple(overrides), tuple(arms), tuple(range(first_seed, first_seed + seeds)))
+    hashes = [probe.config(arm, seed).hash() for arm, seed in probe.runs()]  # validates each
+    digest = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:8]
+    root = Path(base.run.runs_dir) / (name or f"compare-{digest}")
+    return ComparePlan(root, config_path, probe.overrides, probe.arms, probe.seeds)
+
+
+def prepare(plan: ComparePlan) -> None:
+    """Create the comparison folder, or check that it holds this same comparison."""
+    saved = plan.root / "compare.yaml"
+    if saved.exists():
+        if yaml.safe_load(saved.read_text()) != yaml.safe_load(plan.to_yaml()):
+            raise ValueError(f"{plan.root} holds another comparison (see {saved}); use another --name")
+        return
+    plan.root.mkdir(parents=True, exist_ok=True)
+    saved.write_text(plan.to_yaml())
+
+
+def load_plan(root: str | Path) -> ComparePlan:
+    """The plan of an existing comparison folder."""
+    root = Path(root)
+    saved = yaml.safe_load((root / "compare.yaml").read_text())
+    return ComparePlan(root, saved["config_path"], tuple(saved["overrides"]), tuple(saved["arms"]), tuple(saved["seeds"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the runs back
+
+
+def _run_row(plan: ComparePlan, arm: str, seed: int, wall_s: float | None) -> dict:
+    root = plan.run_dir(arm, seed)
+    frames = [read_table(p, table="step_metrics") for p in sorted(root.glob("iter_*/metrics.parquet"))]
+    metrics = pl.concat(frames) if frames else pl.DataFrame(schema={"num_tokens": pl.Int64, "teacher_tokens": pl.Int64, "time_total_s": pl.Float64})
+    return {"method": arm, "seed": seed, "run_id": plan.run_id(arm, seed), "steps_done": len(frames),
+            "rollout_tokens": int(metrics["num_tokens"].sum()), "teacher_tokens": int(metrics["teacher_tokens"].sum()),
+            "train_time_s": float(metrics["time_total_s"].sum()), "wall_s": wall_s}
+
+
+def _curve_rows(plan: ComparePlan, arm: str, seed: int) -> list[pl.DataFrame]:
+    paths = RunPaths(plan.run_dir(arm, seed))
+    files = [(0, paths.offline / "eval_baseline.parquet")]
+    files += [(int(p.parent.name.removeprefix("iter_")) + 1, p) for p in paths.root.glob("iter_*/eval.parquet")]
+    out = []
+    for steps_trained, path in files:
+        if not path.exists():
+            continue
+        summary = summarize_evaluation(read_table(path, table="evaluations").filter(pl.col("model") == "student"))
+        out.append(summary.select(pl.lit(arm).alias("method"), pl.lit(seed).alias("seed"),
+                                  pl.lit(steps_trained).alias("steps_trained"), "temperature", "pass_at_1", "mean_len",
+                                  pl.col("p90_len").cast(pl.Float64)))
+    return out
+
+
+def teacher_reference(plan: ComparePlan) -> pl.DataFrame:
+    """The teacher's held-out summary (from the first run's baseline evaluation), if evaluated."""
+    for arm, seed in plan.runs():
+        path = RunPaths(plan.run_dir(arm, seed)).offline / "eval_baseline.parquet"
+        if path.exists():
+            return summarize_evaluation(read_table(path, table="evaluations").filter(pl.col("model") == "teacher"))
+    return pl.DataFrame()
+
+
+def collect(plan: ComparePlan, wall_s: dict[tuple[str, int], float] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(COMPARE_RUNS, COMPARE_CURVES) of every run started so far. wall_s gives measured wall
+    times; runs without one keep the time recorded in an earlier runs.parquet, if any."""
+    known: dict[tuple[str, int], float | None] = {}
+    previous = plan.root / "runs.parquet"
+    if previous.exists():
+        for row in read_table(previous, table="compare_runs").iter_rows(named=True):
+            known[(row["method"], row["seed"])] = row["wall_s"]
+    known.update(wall_s or {})
+    started = [(arm, seed) for arm, seed in plan.runs() if RunPaths(plan.run_dir(arm, seed)).config.exists()]
+    runs = pl.DataFrame([_run_row(plan, arm, seed, known.get((arm, seed))) for arm, seed in started],
+                        schema=COMPARE_RUNS, orient="row")
+    curves = [frame for arm, seed in started for frame in _curve_rows(plan, arm, seed)]
+    curve_table = (pl.concat(curves) if curves else COMPARE_CURVES.to_frame()).cast(COMPARE_CURVES)
+    return runs, curve_table.sort("method", "seed", "steps_trained", "temperature")
+
+
+def eval_temperature(plan: ComparePlan) -> float:
+    """The temperature pass@1 is reported at (the runs' run.eval_temperature)."""
+    return plan.config(plan.arms[0], plan.seeds[0]).run.eval_temperature
+
+
+def comparison_table(plan: ComparePlan, runs: pl.DataFrame, curves: pl.DataFrame) -> pl.DataFrame:
+    """COMPARISON: per arm, over the seeds whose run finished, the final held-out pass@1 (at the
+    evaluation temperature) and greedy accuracy with 95% intervals, mean response length, teacher
+    tokens scored and wall time per run. Two reference rows come first: the student before
+    training ("student@0") and the teacher."""
+    steps = plan.config(plan.arms[0], plan.seeds[0]).run.steps
+    temperature = eval_temperature(plan)
+
+    def at(frame: pl.DataFrame, t: float) -> pl.DataFrame:
+        return frame.filter((pl.col("temperature") - t).abs() < 1e-6)
+
+    rows = []
+    baseline = curves.filter(pl.col("steps_trained") == 0)
+    teacher = teacher_reference(plan)
+    for label, frame, seeds_col in (("student@0", baseline, True), ("teacher", teacher, False)):
+        if frame.height == 0 or at(frame, temperature).height == 0:
+            continue
+        sampled = at(frame, temperature).unique(["seed"] if seeds_col else ["temperature"])
+        greedy = at(frame, 0.0)
+        rows.append({"method": label, "seeds": sampled.height if seeds_col else None, "steps": 0,
+                     "pass_at_1": sampled["pass_at_1"].mean(), "pass_at_1_ci95": None,
+                     "greedy": greedy["pass_at_1"].mean() if greedy.height else None, "greedy_ci95": None,
+                     "mean_len": sampled["mean_len"].mean(), "mean_len_ci95": None, "teacher_tokens": None, "wall_s": None})
+    final = curves.filter(pl.col("steps_trained") == steps)
+    for arm in plan.arms:
+        mine = final.filter(pl.col("method") == arm)
+        sampled = at(mine, temperature).sort("seed")
+        if sampled.height == 0:
+            continue
+        greedy = at(mine, 0.0).sort("seed")
+        done = runs.filter((pl.col("method") == arm) & pl.col("seed").is_in(sampled["seed"].implode()))
+        rows.append({
+            "method": arm, "seeds": sampled.height, "steps": steps,
+            "pass_at_1": sampled["pass_at_1"].mean(), "pass_at_1_ci95": ci95_halfwidth(sampled["pass_at_1"].to_list()),
+            "greedy": greedy["pass_at_1"].mean() if greedy.height else None,
+            "greedy_ci95": ci95_halfwidth(greedy["pass_at_1"].to_list()) if greedy.height else None,
+            "mean_len": sampled["mean_len"].mean(), "mean_len_ci95": ci95_halfwidth(sampled["mean_len"].to_list()),
+            "teacher_tokens": done["teacher_tokens"].cast(pl.Float64).mean(), "wall_s": done["wall_s"].mean(),
+        })
+    return pl.DataFrame(rows, schema=COMPARISON, orient="row")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _fmt(mean, half, digits=3) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def comparison_markdown(plan: ComparePlan, table: pl.DataFrame, *, image: str | None = "comparison.png") -> str:
+    """The comparison as markdown: settings, the table, and the plot (`image`: a path or a
+    data URI; None leaves it out)."""
+    cfg = plan.config(plan.arms[0], plan.seeds[0])
+    k, t = cfg.run.eval_samples, cfg.run.eval_temperature
+    lines = [
+        f"# kdrl compare `{plan.root.name}`", "",
+        f"{len(plan.arms)} arms × seeds {list(plan.seeds)}, {cfg.run.steps} steps of "
+        f"{cfg.rollout.prompts_per_step}×{cfg.rollout.samples_per_prompt} rollouts each; held-out set of "
+        f"{cfg.data.num_heldout} prompts ({cfg.data.source}). pass@1 = mean accuracy of {k} sample(s) at T={t}; "
+        "± = half-width of the 95% Student-t interval over seeds; teacher tokens = tokens the teacher scored "
+        "per run; wall = seconds per run.", "",
+        f"| method | seeds | pass@1 (k={k}, T={t}) | greedy | mean length | teacher tokens | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table.iter_rows(named=True):
+        tokens = "–" if r["teacher_tokens"] is None else f"{r['teacher_tokens']:,.0f}"
+        wall = "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
+        lines.append(f"| {r['method']} | {r['seeds'] if r['seeds'] is not None else '–'} | {_fmt(r['pass_at_1'], r['pass_at_1_ci95'])} | "
+                     f"{_fmt(r['greedy'], r['greedy_ci95'])} | {_fmt(r['mean_len'], r['mean_len_ci95'], 1)} | {tokens} | {wall} |")
+    if image:
+        lines += ["", f"![held-out pass@1 and response length against step]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(plan: ComparePlan, curves: pl.DataFrame, path: str | Path) -> Path:
+    """PNG: held-out pass@1 (at the evaluation temperature) and mean response length against
+    steps trained, one line per arm (mean over seeds, band = 95% interval), teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temperature = eval_temperature(plan)
+    sampled = curves.filter((pl.col("temperature") - temperature).abs() < 1e-6)
+    fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    colors = plt.get_cmap("tab10")
+    for i, arm in enumerate(plan.arms):
+        mine = sampled.filter(pl.col("method") == arm)
+        if mine.height == 0:
+            continue
+        grouped = mine.group_by("steps_trained").agg(pl.col("pass_at_1"), pl.col("mean_len")).sort("steps_trained")
+        x = grouped["steps_trained"].to_list()
+        for ax, column in ((acc_ax, "pass_at_1"), (len_ax, "mean_len")):
+            values = grouped[column].to_list()
+            mean = [sum(v) / len(v) for v in values]
+            style = "--" if arm in ("sft", "grpo", "kd_rkl") else "-"
+            ax.plot(x, mean, style, color=colors(i % 10), label=arm, marker="o", markersize=3)
+            half = [ci95_halfwidth(v) for v in values]
+            if all(h is not None for h in half):
+                ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                                color=colors(i % 10), alpha=0.12)
+    teacher = teacher_reference(plan)
+    if teacher.height:
+        t_row = teacher.filter((pl.col("temperature") - temperature).abs() < 1e-6)
+        if t_row.height:
+            acc_ax.axhline(t_row["pass_at_1"][0], color="black", linestyle=":", label="teacher")
+            len_ax.axhline(t_row["mean_len"][0], color="black", linestyle=":", label="teacher")
+    acc_ax.set(xlabel="optimizer steps", ylabel=f"held-out pass@1 (T={temperature})", title="accuracy")
+    len_ax.set(xlabel="optimizer steps", ylabel="mean response length (tokens)", title="response length")
+    acc_ax.grid(alpha=0.3)
+    len_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, ncol=2)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class CompareOutput:
+    runs: str
+    curves: str
+    comparison: str
+    markdown: str
+    plot: str | None
+
+
+def write_comparison(plan: ComparePlan, wall_s: dict[tuple[str, int], float] | None = None, *, plot: bool = True) -> CompareOutput:
+    """Read every run of the comparison and (re)write its tables, markdown and plot."""
+    runs, curves = collect(plan, wall_s)
+    table = comparison_table(plan, runs, curves)
+    meta = {"kdrl.compare": plan.root.name}
+    write_table(runs, plan.root / "runs.parquet", table="compare_runs", metadata=meta)
+    write_table(curves, plan.root / "curves.parquet", table="compare_curves", metadata=meta)
+    write_table(table, plan.root / "comparison.parquet", table="comparison", metadata=meta)
+    png = plot_curves(plan, curves, plan.root / "comparison.png") if plot and curves.height else None
+    markdown = plan.root / "comparison.md"
+    markdown.write_text(comparison_markdown(plan, table, image="comparison.png" if png else None))
+    return CompareOutput(str(plan.root / "runs.parquet"), str(plan.root / "curves.parquet"),
+                         str(plan.root / "comparison.parquet"), str(markdown), None if png is None else str(png))
+
+
+def markdown_with_inline_plot(plan: ComparePlan) -> str:
+    """comparison.md with the PNG inlined as a data URI (for a Prefect markdown artifact)."""
+    table = read_table(plan.root / "comparison.parquet", table="comparison")
+    png = plan.root / "comparison.png"
+    image = f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if png.exists() else None
+    return comparison_markdown(plan, table, image=image) + f"\nFiles: `{plan.root}`\n"
+
+
+def run_compare_plain(plan: ComparePlan, *, log: Callable[[str], None] = print) -> CompareOutput:
+    """Every run of `plan` in this process without Prefect (the flow does the same with tasks)."""
+    import time
+
+    from kdrl.loop import train
+    from kdrl.runlock import hold_run_lock
+
+    prepare(plan)
+    wall: dict[tuple[str, int], float] = {}
+    for arm, seed in plan.runs():
+        run_dir = plan.run_dir(arm, seed)
+        if is_complete(run_dir):
+            continue
+        log(f"[kdrl] compare: {plan.run_id(arm, seed)}")
+        started = time.perf_counter()
+        with hold_run_lock(run_dir):
+            train(plan.config(arm, seed), run_dir, log=log)
+        wall[(arm, seed)] = time.perf_counter() - started
+        write_comparison(plan, wall, plot=False)
+    return write_comparison(plan, wall)

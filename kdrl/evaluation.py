@@ -1,0 +1,206 @@
+"""`kdrl eval`: any model on any question/answer dataset → per-sample and summary Parquet.
+
+What is evaluated can be a kdrl run directory (its latest checkpoint), one checkpoint folder
+(``iter_*/checkpoint``), a Hugging Face model folder or hub name, or ``embedded:student`` /
+``embedded:teacher``. The dataset is "embedded" (the held-out split of a data section) or any
+`datasets` source with a question and an answer column (``data.question_field`` /
+``data.answer_field``; the answer may be a worked answer ending in ``#### N``).
+
+    cfg = build_eval_config("runs/kdrl_anneal-1a2b3c4d", "embedded", ["samples=8"])
+    out = run_eval(cfg)          # evals/<name>/samples.parquet, summary.parquet, eval.yaml
+
+A checkpoint inside a run inherits that run's reward rules and max_new_tokens, and, for the
+"embedded" dataset, its data section (so its held-out prompts are the run's); options given
+explicitly win. Reported: pass@1 averaged over k samples at a temperature, greedy accuracy
+(temperature 0 rows), mean and p90 response length, share of truncated responses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import yaml
+
+from kdrl.config import DataConfig, EvalConfig, RunConfig, load_config, merge_dicts, parse_override, validate_config
+from kdrl.runs import summarize_evaluation
+from kdrl.storage import EVAL_SUMMARY, RunPaths, read_metadata, read_table, write_table
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder (or hub name) to load, and where it came from."""
+
+    path: str
+    step: int = -1
+    """Training step of the checkpoint (-1: not a kdrl checkpoint)."""
+    run_dir: Path | None = None
+    """The kdrl run it belongs to, if any."""
+
+
+def _iter_step(path: Path) -> int:
+    match = re.fullmatch(r"iter_(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _owning_run(path: Path) -> Path | None:
+    """The run directory holding `path` (itself or an ancestor with a config.yaml)."""
+    for candidate in (path, *path.parents):
+        if RunPaths(candidate).config.is_file():
+            return candidate
+    return None
+
+
+def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log: Callable[[str], None] = print) -> ResolvedModel:
+    """Where the weights of `checkpoint` are. Local paths are recognised by what they hold;
+    anything else is passed on as a hub name (loading reports it if it does not exist).
+
+    >>> resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")
+    ResolvedModel(path='Qwen/Qwen2.5-0.5B-Instruct', step=-1, run_dir=None)
+    """
+    if checkpoint.startswith("embedded:"):
+        from kdrl.embedded import resolve_model_path
+
+        return ResolvedModel(resolve_model_path(checkpoint, run_cfg or RunConfig(), log=log))
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder")
+        return ResolvedModel(checkpoint)
+    if RunPaths(path).config.is_file():  # a run directory: its latest checkpoint
+        from kdrl.runs import latest_checkpoint
+
+        step = latest_checkpoint(RunPaths(path))
+        if step is None:
+            raise FileNotFoundError(f"run {path} has no checkpoint yet (iter_*/checkpoint/trainer_state.pt)")
+        return ResolvedModel(str(RunPaths(path).checkpoint(step) / "model"), step, path)
+    if (path / "model" / "config.json").is_file():  # iter_*/checkpoint
+        return ResolvedModel(str(path / "model"), _iter_step(path.parent), _owning_run(path))
+    if (path / "config.json").is_file():  # an HF model folder (possibly iter_*/checkpoint/model)
+        step = _iter_step(path.parent.parent) if path.parent.name == "checkpoint" else -1
+        return ResolvedModel(str(path), step, _owning_run(path) if step >= 0 else None)
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint!r}: not a kdrl run directory (config.yaml), a checkpoint folder "
+        "(model/config.json) or a Hugging Face model folder (config.json)"
+    )
+
+
+def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """The EvalConfig of `checkpoint` on `dataset`: defaults ← what the owning run fixes (reward
+    rules, max_new_tokens, and the data section for "embedded") ← `overrides` ("samples=8",
+    "data.answer_field=solution", ...)."""
+    values: dict = {}
+    owner = None
+    if not checkpoint.startswith("embedded:") and Path(checkpoint).expanduser().exists():
+        owner = _owning_run(Path(checkpoint).expanduser())
+    if owner is not None:
+        run_cfg = load_config(RunPaths(owner).config)
+        values = {"max_new_tokens": run_cfg.rollout.max_new_tokens, "reward": run_cfg.reward.model_dump(mode="json")}
+        if dataset == "embedded":
+            values["data"] = run_cfg.data.model_dump(mode="json")
+    values = merge_dicts(values, {"checkpoint": checkpoint, "data": {"source": dataset}})
+    for text in overrides:
+        values = merge_dicts(values, parse_override(text))
+    return validate_config(EvalConfig, values, source=f"kdrl eval {checkpoint} on {dataset}", overrides=overrides)
+
+
+def eval_prompts(cfg: EvalConfig, tokenizer) -> pl.DataFrame:
+    """The PROMPTS rows to evaluate: the held-out split for "embedded", else the dataset's rows
+    (all of them, or the first `limit` of the seeded shuffle)."""
+    from kdrl.data import build_prompts, load_source
+
+    if cfg.data.source == "embedded":
+        return build_prompts(cfg.data, tokenizer).filter(pl.col("split") == "heldout")
+    ds = load_source(cfg.data)
+    n = len(ds) if cfg.limit <= 0 else min(cfg.limit, len(ds))
+    if n == 0:
+        raise ValueError(f"{cfg.data.source} (split {cfg.data.split!r}) has no rows")
+    data: DataConfig = cfg.data.model_copy(update={"num_train": 0, "num_heldout": n})
+    return build_prompts(data, tokenizer, ds=ds)
+
+
+def summarize(samples: pl.DataFrame, *, dataset: str) -> pl.DataFrame:
+    """EVAL_SUMMARY: one row per (model, temperature) of an EVALUATIONS table.
+
+    >>> ev = pl.DataFrame({"step": [3] * 3, "prompt_id": [0, 0, 1], "sample_idx": [0, 1, 0],
+    ...                    "model": ["m"] * 3, "temperature": [0.6] * 3, "correct": [True, False, True],
+    ...                    "completion_len": [4, 6, 5], "finish_reason": ["stop", "length", "stop"]})
+    >>> summarize(ev, dataset="d").select("samples", "pass_at_1", "truncated_frac").row(0)
+    (2, 0.75, 0.3333333333333333)
+    """
+    extra = samples.group_by("model", "temperature").agg(
+        (pl.col("sample_idx").max() + 1).cast(pl.Int64).alias("samples"),
+        (pl.col("finish_reason") == "length").mean().alias("truncated_frac"),
+    )
+    return (
+        summarize_evaluation(samples)
+        .join(extra, on=["model", "temperature"], how="left")
+        .with_columns(pl.lit(dataset).alias("dataset"))
+        .sort("model", "temperature", descending=[False, True])
+        .select(list(EVAL_SUMMARY))
+        .cast(EVAL_SUMMARY)
+    )
+
+
+def default_out_dir(cfg: EvalConfig, root: str | Path = "evals") -> Path:
+    """evals/<model>--<dataset>-<config hash>: one folder per distinct evaluation.
+
+    >>> default_out_dir(EvalConfig(checkpoint="runs/grpo-1/iter_00009/checkpoint")).name[:28]
+    'grpo-1-iter_00009--embedded-'
+    """
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:60] or "model"
+
+    path = Path(cfg.checkpoint)
+    parts = [p for p in path.parts if p not in ("checkpoint", "model", "runs", ".", "/")][-2:]
+    dataset = Path(cfg.data.source).stem if cfg.data.source != "embedded" else "embedded"
+    return Path(root) / f"{slug('-'.join(parts))}--{slug(dataset)}-{cfg.hash()[:8]}"
+
+
+@dataclass(frozen=True)
+class EvalOutput:
+    samples: str
+    summary: str
+
+
+def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> EvalOutput:
+    """Evaluate and write ``samples.parquet`` (EVALUATIONS), ``summary.parquet`` (EVAL_SUMMARY)
+    and ``eval.yaml`` under `out_dir`. A folder already holding this evaluation (same config
+    hash) is returned as it is; one holding another evaluation is refused, never overwritten."""
+    from kdrl.engines.hf import HFRolloutEngine
+    from kdrl.models import load_causal_lm, load_tokenizer
+    from kdrl.stages import evaluate_passes
+
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    result = EvalOutput(str(out / "samples.parquet"), str(out / "summary.parquet"))
+    if Path(result.summary).exists():
+        found = read_metadata(result.summary).get("kdrl.config_hash")
+        if found != cfg.hash():
+            raise FileExistsError(f"{out} holds another evaluation (config hash {found}, this one {cfg.hash()}); choose another --out")
+        log(f"[kdrl] {out} already holds this evaluation")
+        return result
+    run_cfg = RunConfig(data=cfg.data) if cfg.data.source == "embedded" else None
+    model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
+    tokenizer = load_tokenizer(model.path)
+    prompts = eval_prompts(cfg, tokenizer)
+    log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
+        f"{cfg.samples} sample(s) at T={cfg.temperature}" + (" + greedy" if cfg.greedy and cfg.temperature > 0 else ""))
+    engine = HFRolloutEngine(load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device), tokenizer, batch_size=cfg.batch_size)
+    samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=cfg.samples,
+                              temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
+                              reward_cfg=cfg.reward, seed=cfg.seed, top_p=cfg.top_p)
+    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_table(samples, result.samples, table="evaluations", metadata=metadata)
+    write_table(summarize(samples, dataset=cfg.data.source), result.summary, table="eval_summary", metadata=metadata)
+    return result
+
+
+def read_summary(out: EvalOutput | str | Path) -> pl.DataFrame:
+    """The summary table of a finished evaluation (an EvalOutput or its folder)."""
+    path = out.summary if isinstance(out, EvalOutput) else Path(out) / "summary.parquet"
+    return read_table(path, table="eval_summary")

@@ -1,0 +1,185 @@
+"""`kdrl compare`: the statistics by hand, the arms' configs, the table read from run folders, and
+the CI smoke comparison (every arm, 1 seed, 2 steps, tiny models) through Prefect."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.cli import main
+from kdrl.compare import (
+    ARMS,
+    DEFAULT_ARMS,
+    ci95_halfwidth,
+    collect,
+    comparison_table,
+    load_plan,
+    plan_compare,
+    prepare,
+    write_comparison,
+)
+from kdrl.storage import STEP_METRICS, RunPaths, read_table, write_table
+
+TINY = {
+    "run.checkpoint_every": 1, "embedded.teacher_steps": 3, "embedded.student_steps": 3,
+    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
+    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
+    "optim.lr": 1e-3, "optim.micro_batch_size": 6, "run.num_threads": 1,
+}
+
+
+def _sets(settings: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def test_ci95_is_the_student_t_interval():
+    # n=3: mean 0.6, sd 0.1, t_{0.975,2} = 4.303 → 4.303 * 0.1 / sqrt(3)
+    assert ci95_halfwidth([0.5, 0.6, 0.7]) == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    # n=2: sd = |a-b|/sqrt(2), t = 12.706
+    assert ci95_halfwidth([0.2, 0.4]) == pytest.approx(12.706 * (0.2 / math.sqrt(2)) / math.sqrt(2))
+    assert ci95_halfwidth([0.3, 0.3, 0.3]) == 0.0
+    assert ci95_halfwidth([0.3]) is None
+    # large n tends to the normal interval
+    values = [float(i % 2) for i in range(400)]
+    assert ci95_halfwidth(values) == pytest.approx(1.966 * 0.5006 / 20, rel=1e-3)
+
+
+def test_every_arm_shares_data_and_budget_and_differs_only_in_its_method(tmp_path):
+    plan = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 7}), arms=tuple(ARMS), seeds=2)
+    assert plan.root.parent == tmp_path and plan.root.name.startswith("compare-")
+    assert plan.seeds == (0, 1)
+    configs = {(arm, seed): plan.config(arm, seed) for arm, seed in plan.runs()}
+    assert len({c.hash() for c in configs.values()}) == len(configs)  # every run distinct
+    for (arm, seed), cfg in configs.items():
+        assert cfg.data == configs[("grpo", 0)].data and cfg.run.steps == 7 and cfg.run.seed == seed
+        assert cfg.run.runs_dir == str(plan.root) and cfg.rollout == configs[("grpo", 0)].rollout.model_copy(
+            update={"source": cfg.rollout.source})
+    sft, grpo, k3 = configs[("sft", 0)], configs[("grpo", 0)], configs[("kdrl_k3", 0)]
+    assert sft.rollout.source == "teacher" and sft.loss.nll_coef == 1.0 and not sft.uses_teacher
+    assert not grpo.uses_teacher and grpo.loss.pg_coef == 1.0
+    assert configs[("kd_rkl", 0)].loss.pg_coef == 0.0 and configs[("kd_rkl", 0)].loss.kl_estimator == "k2"
+    assert k3.loss.kl_estimator == "k3" and k3.loss.beta_schedule == "constant" and k3.loss.beta_init == 5e-3
+    assert configs[("kdrl_anneal", 0)].loss.beta_schedule == "linear"
+    assert configs[("kdrl_mask_group", 1)].loss.kd_mask == "group"
+    assert configs[("kdrl_topk", 0)].teacher.top_k == 16
+    # the same command plans the same folder; another budget another one
+    assert plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 7}), arms=tuple(ARMS), seeds=2).root == plan.root
+    assert plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 8}), arms=tuple(ARMS), seeds=2).root != plan.root
+
+
+def test_bad_arms_and_configs_fail_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="unknown arm.*'ppo'"):
+        plan_compare(None, [f"run.runs_dir={tmp_path}"], arms=("grpo", "ppo"))
+    with pytest.raises(ValueError, match="loss.beta_int"):
+        plan_compare(None, [f"run.runs_dir={tmp_path}", "loss.beta_int=0.1"])
+    with pytest.raises(ValueError, match="seeds"):
+        plan_compare(None, [f"run.runs_dir={tmp_path}"], seeds=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_holding_another_comparison_is_refused(tmp_path):
+    plan = plan_compare(None, [f"run.runs_dir={tmp_path}"], arms=("grpo",), seeds=1, name="mine")
+    prepare(plan)
+    prepare(plan)  # the same comparison again: fine
+    other = plan_compare(None, [f"run.runs_dir={tmp_path}"], arms=("grpo", "kdrl"), seeds=1, name="mine")
+    with pytest.raises(ValueError, match="holds another comparison"):
+        prepare(other)
+    assert load_plan(plan.root) == plan
+
+
+def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: int, teacher_tokens: int):
+    """A run folder as a finished run leaves it: config, baseline + final evaluations, metrics."""
+    paths = RunPaths(plan.run_dir(arm, seed))
+    paths.root.mkdir(parents=True)
+    paths.config.write_text(f"run: {{method: {arm}, steps: 2}}\n")
+    steps = plan.config(arm, seed).run.steps
+
+    def evaluations(step, acc, greedy, models=("student",)):
+        rows = []
+        for model in models:
+            for temperature, k, p in ((0.6, 4, acc), (0.0, 1, greedy)):
+                for prompt in range(10):  # 10 prompts, accuracy p: the first p*10 prompts right
+                    for sample in range(k):
+                        rows.append({"step": step, "prompt_id": prompt, "sample_idx": sample, "model": model,
+                                     "temperature": temperature, "completion_text": "x", "completion_len": length,
+                                     "finish_reason": "stop", "extracted_answer": "1", "correct": prompt < round(p * 10)})
+        return pl.DataFrame(rows)
+
+    write_table(evaluations(-1, 0.1, 0.2, ("student", "teacher")), paths.offline / "eval_baseline.parquet", table="evaluations")
+    write_table(evaluations(steps - 1, final_acc, greedy_acc), paths.evaluation(steps - 1), table="evaluations")
+    for step in range(steps):
+        row = {name: 0.0 for name in STEP_METRICS}
+        row.update(step=step, num_tokens=100, teacher_tokens=teacher_tokens, time_total_s=1.5)
+        write_table(pl.DataFrame([row], schema=STEP_METRICS), paths.metrics(step), table="step_metrics")
+
+
+def test_the_table_is_mean_and_interval_over_seeds_at_the_final_step(tmp_path):
+    plan = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 2, "run.eval_samples": 4,
+                                     "run.eval_temperature": 0.6}), arms=("grpo", "kdrl"), seeds=3, name="fake")
+    prepare(plan)
+    for seed, (acc, greedy) in enumerate([(0.5, 0.6), (0.6, 0.6), (0.7, 0.9)]):
+        _fake_run(plan, "grpo", seed, final_acc=acc, greedy_acc=greedy, length=20, teacher_tokens=0)
+    _fake_run(plan, "kdrl", 0, final_acc=0.8, greedy_acc=0.8, length=10, teacher_tokens=40)  # one seed so far
+    runs, curves = collect(plan, {("grpo", 0): 12.0})
+    assert runs.height == 4 and runs.filter(method="grpo", seed=0)["wall_s"][0] == 12.0
+    assert runs.filter(method="kdrl")["teacher_tokens"][0] == 80 and runs["train_time_s"][0] == pytest.approx(3.0)
+    assert sorted(curves["steps_trained"].unique().to_list()) == [0, 2]
+    table = comparison_table(plan, runs, curves)
+    assert table["method"].to_list() == ["student@0", "teacher", "grpo", "kdrl"]
+    grpo = table.filter(method="grpo").row(0, named=True)
+    assert grpo["seeds"] == 3 and grpo["pass_at_1"] == pytest.approx(0.6)
+    assert grpo["pass_at_1_ci95"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert grpo["greedy"] == pytest.approx(0.7) and grpo["mean_len"] == 20 and grpo["mean_len_ci95"] == 0
+    assert grpo["wall_s"] == 12.0 and grpo["teacher_tokens"] == 0
+    kdrl = table.filter(method="kdrl").row(0, named=True)
+    assert kdrl["seeds"] == 1 and kdrl["pass_at_1_ci95"] is None and kdrl["teacher_tokens"] == 80
+    assert table.filter(method="student@0")["pass_at_1"][0] == pytest.approx(0.1)
+    assert table.filter(method="teacher")["greedy"][0] == pytest.approx(0.2)
+
+    out = write_comparison(plan, {("grpo", 0): 12.0})
+    assert read_table(out.comparison, table="comparison").equals(table)
+    markdown = Path(out.markdown).read_text()
+    assert "| grpo | 3 | 0.600 ± 0.248 | 0.700 ± 0.430 | 20.0 ± 0.0 | 0 | 12 |" in markdown
+    assert Path(out.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # wall times measured earlier survive a rewrite that measured nothing new
+    assert read_table(write_comparison(plan, plot=False).runs, table="compare_runs").filter(method="grpo", seed=0)["wall_s"][0] == 12.0
+
+
+def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_harness, embedded_cache):
+    """The CI smoke comparison: all default arms on the tiny models, through the kdrl-compare
+    flow (one kdrl-train subflow per arm); then the same command again skips every run."""
+    settings = {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
+    argv = ["compare", "--seeds", "1", "--steps", "2", "--eval-samples", "2", "--eval-every", "1", "--name", "smoke",
+            *[arg for s in _sets(settings) for arg in ("--set", s)]]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    root = tmp_path / "runs" / "smoke"
+    table = read_table(root / "comparison.parquet", table="comparison")
+    assert table["method"].to_list() == ["student@0", "teacher", *DEFAULT_ARMS]
+    assert table.filter(pl.col("steps") == 2)["seeds"].to_list() == [1] * len(DEFAULT_ARMS)
+    runs = read_table(root / "runs.parquet", table="compare_runs")
+    assert runs["steps_done"].to_list() == [2] * len(DEFAULT_ARMS) and runs["wall_s"].is_not_null().all()
+    tokens = dict(zip(runs["method"], runs["teacher_tokens"]))
+    assert tokens["sft"] == 0 and tokens["grpo"] == 0 and tokens["kd_rkl"] > 0 and tokens["kdrl"] > 0
+    curves = read_table(root / "curves.parquet", table="compare_curves")
+    assert sorted(curves["steps_trained"].unique().to_list()) == [0, 1, 2]  # eval_every 1
+    assert (root / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "kdrl_k3" in (root / "comparison.md").read_text() and "kdrl_k3" in out
+
+    from prefect.client.orchestration import get_client
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    markdown = [a for a in asyncio.run(artifact()) if a.key == "smoke-comparison"]
+    assert markdown and "data:image/png;base64," in markdown[0].data and "| kdrl_anneal | 1 |" in markdown[0].data
+
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/iter_*/metrics.parquet")}
+    assert main(argv) == 0  # complete runs are skipped, the tables are rewritten the same
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/iter_*/metrics.parquet")} == before
+    assert read_table(root / "comparison.parquet", table="comparison").equals(table)

@@ -1,0 +1,163 @@
+"""`kdrl eval`: what a checkpoint argument resolves to, what a run passes on to its evaluation,
+local datasets with other column names, the output folder as a record, the CLI and the flow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from test_train import _tiny_run_config  # tests/ is on sys.path
+
+from flows.cli import main
+from kdrl.config import EvalConfig
+from kdrl.data import worked_answer
+from kdrl.evaluation import ResolvedModel, build_eval_config, eval_prompts, resolve_checkpoint, run_eval
+from kdrl.storage import read_table
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 2-step tiny run (checkpoints after steps 0 and 1)."""
+    from kdrl.loop import train
+
+    tmp = tmp_path_factory.mktemp("eval_run")
+    cfg = _tiny_run_config(tmp, **{"run.steps": 2, "rollout.max_new_tokens": 11})
+    run_dir = tmp / "runs" / "tiny"
+    train(cfg, run_dir, log=lambda _: None)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory):
+    """A local jsonl with other column names and a worked answer: {"problem", "solution"}."""
+    path = tmp_path_factory.mktemp("qa") / "sums.jsonl"
+    rows = [{"problem": f"{a}+{b}=", "solution": worked_answer(a, b), "id": i} for i, (a, b) in enumerate([(3, 4), (12, 9), (40, 2), (7, 7), (5, 55)])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_checkpoint_argument_resolves_to_the_weights(trained_run, tiny_model_dir):
+    latest = trained_run / "iter_00001" / "checkpoint"
+    assert resolve_checkpoint(str(trained_run)) == ResolvedModel(str(latest / "model"), 1, trained_run)
+    first = trained_run / "iter_00000" / "checkpoint"
+    assert resolve_checkpoint(str(first)) == ResolvedModel(str(first / "model"), 0, trained_run)
+    assert resolve_checkpoint(str(first / "model")) == ResolvedModel(str(first / "model"), 0, trained_run)
+    assert resolve_checkpoint(str(tiny_model_dir / "student")) == ResolvedModel(str(tiny_model_dir / "student"))
+    assert resolve_checkpoint("org/model-name") == ResolvedModel("org/model-name")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        resolve_checkpoint(str(tiny_model_dir / "nope"))
+    with pytest.raises(FileNotFoundError, match="not a kdrl run directory"):
+        resolve_checkpoint(str(tiny_model_dir))
+
+
+def test_a_run_without_checkpoints_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("run: {steps: 2}\n")
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def test_a_checkpoint_of_a_run_inherits_its_data_and_lengths_unless_given(trained_run):
+    from kdrl.config import load_config
+
+    run_cfg = load_config(trained_run / "config.yaml")
+    cfg = build_eval_config(str(trained_run), "embedded")
+    assert cfg.data == run_cfg.data and cfg.max_new_tokens == 11 and cfg.reward == run_cfg.reward
+    cfg = build_eval_config(str(trained_run), "embedded", ["max_new_tokens=20", "data.num_heldout=3", "samples=2"])
+    assert (cfg.max_new_tokens, cfg.data.num_heldout, cfg.data.num_train, cfg.samples) == (20, 3, 24, 2)
+    other = build_eval_config(str(trained_run), "some/dataset")
+    assert other.data.source == "some/dataset" and other.data.num_train == EvalConfig(checkpoint="x").data.num_train
+    assert build_eval_config("org/model", "embedded").max_new_tokens == 512
+    with pytest.raises(ValueError, match="sampels"):
+        build_eval_config("org/model", "embedded", ["sampels=3"])
+    with pytest.raises(ValueError, match="temperature 0 is greedy"):
+        build_eval_config("org/model", "embedded", ["temperature=0", "samples=4"])
+
+
+def test_embedded_evaluation_uses_exactly_the_runs_heldout_prompts(trained_run, tiny_tokenizer):
+    from kdrl.storage import RunPaths
+
+    cfg = build_eval_config(str(trained_run), "embedded")
+    run_prompts = read_table(RunPaths(trained_run).prompts, table="prompts").filter(pl.col("split") == "heldout")
+    assert eval_prompts(cfg, tiny_tokenizer).equals(run_prompts)
+
+
+def test_local_file_with_mapped_columns(qa_file, tiny_tokenizer, tiny_model_dir, tmp_path):
+    cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file),
+                            ["data.question_field=problem", "data.answer_field=solution", "limit=4", "samples=3",
+                             "max_new_tokens=6", "data.prompt_template='Q: {question}'"])
+    prompts = eval_prompts(cfg, tiny_tokenizer)
+    source = {json.loads(line)["problem"]: json.loads(line)["solution"] for line in qa_file.read_text().splitlines()}
+    assert prompts.height == 4 and prompts["split"].unique().to_list() == ["heldout"]
+    for q, a, text in prompts.select("question", "answer", "prompt_text").iter_rows():
+        assert a == source[q].rsplit("#### ", 1)[1] and text == f"Q: {q}"
+
+    out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
+    samples = read_table(out.samples, table="evaluations")
+    assert samples.height == 4 * 3 + 4  # k=3 at T=0.6, plus one greedy decode each
+    assert sorted(samples["temperature"].unique().to_list()) == pytest.approx([0.0, 0.6])
+    assert samples["completion_len"].max() <= 6
+    summary = read_table(out.summary, table="eval_summary")
+    assert summary["temperature"].to_list() == pytest.approx([0.6, 0.0]) and summary["samples"].to_list() == [3, 1]
+    # pass@1 recomputed by hand from the rows: mean over prompts of the mean over samples
+    sampled = samples.filter(pl.col("temperature") > 0)
+    by_prompt = sampled.group_by("prompt_id").agg(pl.col("correct").cast(pl.Float64).mean())["correct"]
+    assert summary["pass_at_1"][0] == pytest.approx(by_prompt.mean())
+    truncated = (sampled["finish_reason"] == "length").mean()
+    assert summary["truncated_frac"][0] == pytest.approx(truncated)
+    assert summary["num_prompts"].to_list() == [4, 4] and summary["dataset"][0] == str(qa_file)
+
+
+def test_the_output_folder_is_a_record(qa_file, tiny_model_dir, tmp_path):
+    overrides = ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"]
+    cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), overrides)
+    out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
+    stamp = Path(out.summary).stat().st_mtime_ns
+    messages = []
+    assert run_eval(cfg, tmp_path / "ev", log=messages.append) == out
+    assert Path(out.summary).stat().st_mtime_ns == stamp and "already holds this evaluation" in messages[0]
+    changed = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), [*overrides, "max_new_tokens=5"])
+    with pytest.raises(FileExistsError, match="holds another evaluation"):
+        run_eval(changed, tmp_path / "ev", log=lambda _: None)
+    assert Path(out.summary).stat().st_mtime_ns == stamp
+
+
+def test_bad_columns_and_rows_are_named(qa_file, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"no column 'question'.*\['problem', 'solution', 'id'\]"):
+        run_eval(build_eval_config(str(tiny_model_dir / "student"), str(qa_file)), tmp_path / "a", log=lambda _: None)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\n1+1=,#### 2\n2+2=,\n")
+    with pytest.raises(ValueError, match=r"bad.csv: row 1: no reference answer in 'answer'"):
+        run_eval(build_eval_config(str(tiny_model_dir / "student"), str(bad)), tmp_path / "b", log=lambda _: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_without_prefect(qa_file, tiny_model_dir, tmp_path, capsys):
+    argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--dataset", str(qa_file), "--question-field", "problem",
+            "--answer-field", "solution", "-k", "2", "--max-new-tokens", "5", "--prompt-template", "Q: {question} A:",
+            "--out", str(tmp_path / "ev"), "--no-prefect"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pass_at_1" in out and "truncated_frac" in out and str(tmp_path / "ev" / "samples.parquet") in out
+    assert read_table(tmp_path / "ev" / "summary.parquet", table="eval_summary")["num_prompts"].to_list() == [5, 5]
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--no-prefect"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_the_eval_flow_writes_the_summary_and_an_artifact(trained_run, tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.evaluate import kdrl_eval
+
+    summary = kdrl_eval(str(trained_run), "embedded", ["samples=2"], str(tmp_path / "flow-ev"))
+    table = read_table(summary, table="eval_summary")
+    assert table["num_prompts"].to_list() == [4, 4] and table["step"].to_list() == [1, 1]
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    [artifact] = [a for a in asyncio.run(artifacts()) if a.key and a.key.endswith("-eval") and "tiny" in a.key]
+    assert "| 0.6 | 2 | 4 |" in artifact.data
