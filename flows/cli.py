@@ -251,14 +251,13 @@ def _compare(args: argparse.Namespace) -> int:
     from kdrl.storage import read_table
 
     _quiet_libraries()
-    overrides = [f"run.eval_samples={args.eval_samples}", f"run.eval_temperature={args.eval_temperature}",
-                 f"run.eval_every={args.eval_every}", *args.overrides]
-    if args.steps is not None:
-        overrides.append(f"run.steps={args.steps}")
+    protocol = {"steps": args.steps, "eval_samples": args.eval_samples, "eval_temperature": args.eval_temperature,
+                "eval_every": args.eval_every}
+    overrides = list(args.overrides)
     arms = [a.strip() for a in args.methods.split(",") if a.strip()] if args.methods else list(DEFAULT_ARMS)
     config_path = None if args.config is None else str(args.config)
     try:
-        plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name)
+        plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name, **protocol)
         print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
         if args.no_prefect:
             with hold_run_lock(plan.root):
@@ -266,7 +265,7 @@ def _compare(args: argparse.Namespace) -> int:
         else:
             from flows.compare import kdrl_compare
 
-            _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name)
+            _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name, **protocol)
     except RunLockedError as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 3

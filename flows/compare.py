@@ -20,9 +20,12 @@ from tasks import compare as c
 
 @flow(name="kdrl-compare")
 def kdrl_compare(config_path: str | None = None, overrides: list[str] | None = None, arms: list[str] | None = None,
-                 seeds: int = 3, name: str | None = None) -> str:
-    """Train every arm for every seed on the same config; returns the comparison folder."""
-    root = c.open_compare(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name)
+                 seeds: int = 3, steps: int | None = None, eval_samples: int = 4, eval_temperature: float = 0.6,
+                 eval_every: int = 10, name: str | None = None) -> str:
+    """Train every arm for every seed on the same config (held-out pass@1 over `eval_samples`
+    samples at `eval_temperature`, every `eval_every` steps); returns the comparison folder."""
+    root = c.open_compare(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name,
+                          {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature, "eval_every": eval_every})
     plan = load_plan(root)
     logger = get_run_logger()
     with hold_run_lock(root):

@@ -107,9 +107,15 @@ class ComparePlan:
 
 
 def plan_compare(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, arms=DEFAULT_ARMS,
-                 seeds: int = 3, name: str | None = None) -> ComparePlan:
+                 seeds: int = 3, name: str | None = None, steps: int | None = None, eval_samples: int = 4,
+                 eval_temperature: float = 0.6, eval_every: int = 10) -> ComparePlan:
     """Validate every (arm, seed) config now — a typo fails before the first run, not the tenth —
-    and place the comparison under run.runs_dir (default name: compare-<hash of the configs>)."""
+    and place the comparison under run.runs_dir (default name: compare-<hash of the configs>).
+
+    The evaluation protocol (k samples at a temperature, every N steps) is set for every arm;
+    `overrides` come after it and win; `steps` (if given) sets run.steps last."""
+    overrides = [f"run.eval_samples={eval_samples}", f"run.eval_temperature={eval_temperature}", f"run.eval_every={eval_every}",
+                 *overrides, *([f"run.steps={steps}"] if steps is not None else [])]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")

@@ -205,6 +205,12 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness
     assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
     assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
     assert manual.concurrency_options.collision_strategy == "ENQUEUE"
+    compare, evaluate = asyncio.run(read(["kdrl-compare/compare", "kdrl-eval/eval"]))
+    assert compare.entrypoint == "flows/compare.py:kdrl_compare" and compare.parameters["seeds"] == 3
+    assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"
+    # the deployed flows' parameters are the functions' (a renamed argument breaks the deployment)
+    assert "checkpoint" in evaluate.parameter_openapi_schema["required"]
+    assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples", "eval_temperature", "arms"}
 
     from flows.train import resolve_run_dir
     from kdrl.config import load_config
