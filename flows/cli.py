@@ -245,7 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kdrl.compare import DEFAULT_ARMS, load_plan, plan_compare, run_compare_plain
+    from kdrl.compare import DEFAULT_ARMS, plan_compare, run_compare_plain
     from kdrl.runlock import RunLockedError, hold_run_lock
     from kdrl.runs import format_table
     from kdrl.storage import read_table
@@ -272,7 +272,7 @@ def _compare(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
-    table = read_table(load_plan(plan.root).root / "comparison.parquet", table="comparison")
+    table = read_table(plan.root / "comparison.parquet", table="comparison")
     print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")
     return 0

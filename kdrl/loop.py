@@ -373,5 +373,5 @@ def format_summary(title: str, summary: pl.DataFrame) -> str:
     lines = [f"== {title}"]
     for row in summary.iter_rows(named=True):
         lines.append(f"   {row['model']:8s} pass@1 {row['pass_at_1']:.3f}  mean len {row['mean_len']:.1f}  "
-                     f"p90 len {row['p90_len']}  ({row['num_prompts']} prompts, T={row['temperature']})")
+                     f"p90 len {row['p90_len']}  ({row['num_prompts']} prompts, T={row['temperature']:g})")
     return "\n".join(lines)
