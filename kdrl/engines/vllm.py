@@ -122,7 +122,7 @@ class VLLMRolloutEngine:
             raise ValueError("empty prompt: every prompt needs at least one token (e.g. <bos>)")
         greedy = temperature == 0
         params = SamplingParams(
-            n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=-1 if not greedy else -1,
+            n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=-1,
             max_tokens=max_new_tokens, logprobs=0, ignore_eos=False, skip_special_tokens=True,
             seed=seed if self._per_request_seed and not greedy else None,
         )
