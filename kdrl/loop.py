@@ -10,7 +10,14 @@ Prefect (notebooks, debugging). Both write the same files:
 
 The `Session` keeps models, engines and the optimizer resident between stages. Opening it on a
 run directory that has checkpoints resumes after the latest one; since prompts and sampling
-seeds are pure functions of (seed, step), a resumed run reproduces an uninterrupted one.
+seeds are pure functions of (seed, step), a resumed run reproduces an uninterrupted one (HF
+engines; a vLLM engine on CPU is seeded once per process, see `kdrl.engines.vllm`).
+
+Engines (``rollout.engine``, ``teacher.engine``: hf | vllm | auto) are resolved when the session
+opens (`kdrl.engines.select`), recorded in every Parquet file's metadata, and built on first use.
+A vLLM rollout engine gets the trainer's weights after every update (`stage_update`: timed, and
+every ``rollout.sync_check_every`` syncs checked against the trainer's log-probs) and before any
+use that finds it stale (a resumed run, an engine first built after some updates).
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ from kdrl.batching import collate, join_step_tables
 from kdrl.config import RunConfig, dump_config, load_config
 from kdrl.data import build_prompts, sample_prompt_ids
 from kdrl.embedded import resolve_model_path
+from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer, check_same_tokenizer
-from kdrl.models import load_causal_lm, load_tokenizer
+from kdrl.engines.select import EngineChoice, choose_engine, count_parameters
+from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
+from kdrl.runs import latest_checkpoint
 from kdrl.stages import (
     batch_table,
     evaluate_passes,
@@ -40,7 +50,6 @@ from kdrl.stages import (
     score_teacher,
     summarize_evaluation,
 )
-from kdrl.runs import latest_checkpoint
 from kdrl.storage import STEP_METRICS, RunPaths, read_table, write_table
 from kdrl.train import beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
 
@@ -84,31 +93,118 @@ class Session:
     next_step: int = 0
     optimizer_step: int = 0
     log: Callable[[str], None] = print
+    rollout_choice: EngineChoice = field(default_factory=lambda: EngineChoice("hf", "rollout.engine=hf"))
+    teacher_choice: EngineChoice = field(default_factory=lambda: EngineChoice("hf", "teacher.engine=hf"))
     _teacher: torch.nn.Module | None = field(default=None, repr=False)
+    _rollout: RolloutEngine | None = field(default=None, repr=False)
+    _rollout_at: int = field(default=0, repr=False)  # optimizer step whose weights the engine holds
+    _teacher_llm: object | None = field(default=None, repr=False)
+    _teacher_asleep: bool = field(default=False, repr=False)
 
     @property
     def metadata(self) -> dict[str, str]:
-        return {"kdrl.config_hash": self.cfg.hash(), "kdrl.run_id": self.paths.root.name}
+        return {"kdrl.config_hash": self.cfg.hash(), "kdrl.run_id": self.paths.root.name,
+                "kdrl.rollout_engine": self.rollout_choice.engine, "kdrl.teacher_engine": self.teacher_choice.engine}
 
     @property
-    def student_engine(self) -> HFRolloutEngine:
-        return HFRolloutEngine(self.student, self.tokenizer, batch_size=self.cfg.rollout.batch_size)
+    def student_engine(self) -> RolloutEngine:
+        """The rollout engine, built on first use and holding the trainer's current weights."""
+        cfg = self.cfg
+        if self._rollout is None:
+            if self.rollout_choice.engine == "vllm":
+                from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm
+
+                settings = VLLMSettings.from_config(cfg.rollout.vllm, model_dtype=cfg.model.dtype)
+                started = time.perf_counter()
+                llm = build_llm(self.student_path, settings=settings, seed=cfg.run.seed)
+                self.log(f"[kdrl] vLLM rollout engine on {self.student_path} started in {time.perf_counter() - started:.1f}s")
+                self._rollout = VLLMRolloutEngine(llm, self.tokenizer, trainer_model=self.student, sleep_mode=settings.sleeps)
+                self._rollout_at = 0  # built from the initial weights
+            else:
+                self._rollout = HFRolloutEngine(self.student, self.tokenizer, batch_size=cfg.rollout.batch_size)
+                self._rollout_at = self.optimizer_step  # it runs on the trainer's own module
+        if self._rollout_at != self.optimizer_step:
+            self.sync_rollout_engine()
+        return self._rollout
+
+    def sync_rollout_engine(self) -> float | None:
+        """Push the trainer's weights into a built vLLM rollout engine; seconds (None: nothing to do)."""
+        if self._rollout is None or self.rollout_choice.engine != "vllm":
+            self._rollout_at = self.optimizer_step
+            return None
+        seconds = self._rollout.sync_weights()
+        self._rollout_at = self.optimizer_step
+        return seconds
 
     def teacher(self) -> torch.nn.Module:
-        """The teacher model, loaded on first use (and again after `release_teacher`)."""
+        """The HF teacher model, loaded on first use (and again after `release_teacher`)."""
         if self.teacher_path is None:
             raise ValueError("this run has no teacher (β = 0 and rollout.source = student)")
         if self._teacher is None:
             self._teacher = load_causal_lm(self.teacher_path, dtype=self.cfg.teacher.dtype, device=self.cfg.teacher.device)
         return self._teacher
 
+    def _teacher_vllm(self):
+        if self.teacher_path is None:
+            raise ValueError("this run has no teacher (β = 0 and rollout.source = student)")
+        if self._teacher_llm is None:
+            from kdrl.engines.vllm import VLLMSettings, build_llm
+
+            settings = VLLMSettings.from_config(self.cfg.teacher.vllm, model_dtype=self.cfg.teacher.dtype)
+            started = time.perf_counter()
+            self._teacher_llm = build_llm(self.teacher_path, settings=settings, seed=self.cfg.run.seed)
+            self.log(f"[kdrl] vLLM teacher engine on {self.teacher_path} started in {time.perf_counter() - started:.1f}s")
+        if self._teacher_asleep:
+            self._teacher_llm.wake_up()
+            self._teacher_asleep = False
+        return self._teacher_llm
+
+    def teacher_scorer(self) -> TeacherScorer:
+        """Scores completions under the teacher, on the configured engine."""
+        if self.teacher_choice.engine == "vllm":
+            from kdrl.engines.vllm import VLLMTeacherScorer
+
+            return VLLMTeacherScorer(self._teacher_vllm())
+        return HFTeacherScorer(self.teacher(), self.tokenizer, max_tokens_per_batch=self.cfg.teacher.max_tokens_per_batch)
+
+    def teacher_sampler(self) -> RolloutEngine:
+        """Samples from the teacher (SFT data, baseline evaluation), on the configured engine."""
+        if self.teacher_choice.engine == "vllm":
+            from kdrl.engines.vllm import VLLMRolloutEngine
+
+            return VLLMRolloutEngine(self._teacher_vllm(), self.tokenizer)
+        return HFRolloutEngine(self.teacher(), self.tokenizer, batch_size=self.cfg.rollout.batch_size)
+
     def release_teacher(self) -> None:
-        """Drop the teacher from memory when `teacher.offload` is on (the student stays)."""
-        if self.cfg.teacher.offload and self._teacher is not None:
+        """With `teacher.offload`: drop the HF teacher from memory, or put a vLLM teacher to sleep
+        (the student stays)."""
+        if not self.cfg.teacher.offload:
+            return
+        if self._teacher_llm is not None and not self._teacher_asleep:
+            self._teacher_llm.sleep(level=1)
+            self._teacher_asleep = True
+        if self._teacher is not None:
             self._teacher = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module, teacher_path: str | None) -> tuple[EngineChoice, EngineChoice]:
+    """The engines of the rollout and teacher stages (see `kdrl.engines.select`)."""
+    from kdrl.engines.vllm import VLLMSettings, vllm_available
+
+    installed = vllm_available()
+    rollout = choose_engine(cfg.rollout.engine, stage="rollout", num_params=sum(p.numel() for p in student.parameters()),
+                            device=resolve_device(cfg.model.device).type, vllm_installed=installed)
+    if teacher_path is None:
+        return rollout, EngineChoice("hf", "no teacher")
+    sleeps = VLLMSettings.from_config(cfg.teacher.vllm, model_dtype=cfg.teacher.dtype).sleeps
+    needs_count = cfg.teacher.engine == "auto" and resolve_device(cfg.teacher.device).type != "cuda"
+    teacher = choose_engine(cfg.teacher.engine, stage="teacher", num_params=count_parameters(teacher_path) if needs_count else None,
+                            device=resolve_device(cfg.teacher.device).type, vllm_installed=installed,
+                            must_release=cfg.teacher.offload and not sleeps)
+    return rollout, teacher
 
 
 def _check_run_config(cfg: RunConfig, paths: RunPaths) -> None:
@@ -142,8 +238,11 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     if not paths.prompts.exists():
         write_table(build_prompts(cfg.data, tokenizer), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps)
+    rollout_choice, teacher_choice = resolve_engines(cfg, student=student, teacher_path=teacher_path)
+    log(f"[kdrl] engines: rollout {rollout_choice.engine} ({rollout_choice.reason}); "
+        f"teacher {teacher_choice.engine} ({teacher_choice.reason})")
     s = Session(cfg, paths, read_table(paths.prompts, table="prompts"), tokenizer, student, student_path, teacher_path,
-                optimizer, scheduler, log=log)
+                optimizer, scheduler, log=log, rollout_choice=rollout_choice, teacher_choice=teacher_choice)
     resumed = latest_checkpoint(paths)
     if resumed is not None:
         state = load_trainer_state(paths.checkpoint(resumed), model=student, optimizer=optimizer, scheduler=scheduler)
@@ -172,12 +271,10 @@ def stage_teacher_samples(s: Session) -> StageOutput:
         drawn = {pid for step in range(cfg.run.steps)
                  for pid in sample_prompt_ids(train_ids, step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)}
         train = s.prompts.filter(pl.col("prompt_id").is_in(sorted(drawn)))
-        engine = HFRolloutEngine(s.teacher(), s.tokenizer, batch_size=cfg.rollout.batch_size)
-        samples = generate_rollouts(engine, train, step=-1, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+        samples = generate_rollouts(s.teacher_sampler(), train, step=-1, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, -2))
         if cfg.teacher.top_k > 0:
-            scorer = HFTeacherScorer(s.teacher(), s.tokenizer, max_tokens_per_batch=cfg.teacher.max_tokens_per_batch)
-            scores = score_teacher(scorer, samples, pl.Series([True] * len(samples)), top_k=cfg.teacher.top_k)
+            scores = score_teacher(s.teacher_scorer(), samples, pl.Series([True] * len(samples)), top_k=cfg.teacher.top_k)
             write_table(scores, offline / "teacher_logprobs.parquet", table="teacher_logprobs", metadata=s.metadata)
         s.release_teacher()
         write_table(score_rewards(samples, s.prompts, cfg.reward), offline / "teacher_rewards.parquet", table="rewards", metadata=s.metadata)
@@ -199,9 +296,11 @@ def stage_generate(s: Session, step: int) -> StageOutput:
             rollouts = pool.filter(pl.col("prompt_id").is_in(chosen)).with_columns(pl.lit(step, pl.Int64).alias("step"))
         else:
             prompts = s.prompts.filter(pl.col("prompt_id").is_in(chosen)).sort("prompt_id")
-            rollouts = generate_rollouts(s.student_engine, prompts, step=step, n=cfg.rollout.samples_per_prompt,
+            engine = s.student_engine
+            rollouts = generate_rollouts(engine, prompts, step=step, n=cfg.rollout.samples_per_prompt,
                                          max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                          top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, step))
+            engine.sleep()  # vLLM with sleep mode: the GPU is the trainer's until the sync
         maybe_fault("generate", step)
         return write_table(rollouts, s.paths.rollouts(step), table="rollouts", metadata=s.metadata)
 
@@ -233,8 +332,7 @@ def stage_teacher(s: Session, step: int) -> StageOutput:
             return None
         rollouts = read_table(s.paths.rollouts(step), table="rollouts")
         rewards = read_table(s.paths.rewards(step), table="rewards")
-        scorer = HFTeacherScorer(s.teacher(), s.tokenizer, max_tokens_per_batch=s.cfg.teacher.max_tokens_per_batch)
-        scores = score_teacher(scorer, rollouts, kd_needed(rollouts, rewards, s.cfg.loss), top_k=s.cfg.teacher.top_k)
+        scores = score_teacher(s.teacher_scorer(), rollouts, kd_needed(rollouts, rewards, s.cfg.loss), top_k=s.cfg.teacher.top_k)
         s.release_teacher()
         maybe_fault("teacher", step)
         return write_table(scores, s.paths.teacher(step), table="teacher_logprobs", metadata=s.metadata)
@@ -255,11 +353,21 @@ def stage_update(s: Session, step: int, seconds: dict[str, float]) -> StageOutpu
     result = update_step(s.student, s.optimizer, s.scheduler, batch.to(device), loss_cfg=cfg.loss, optim_cfg=cfg.optim,
                          optimizer_step=s.optimizer_step, temperature=cfg.rollout.temperature)
     s.optimizer_step += cfg.loss.ppo_epochs
+    times = {**seconds, "update": time.perf_counter() - started}
+    gaps = rollout_logprob_gap(result.student_logp_BT, batch.sampler_logp_BT, batch.completion_mask_BT.to(device)) \
+        if cfg.rollout.source == "student" else {}
+    sync_seconds = s.sync_rollout_engine()
+    if sync_seconds is not None:
+        times["sync"] = sync_seconds
+        if cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0:
+            sample = rollouts.head(cfg.rollout.sync_check_samples)
+            gap_max, gap_mean = s.student_engine.logprob_gap(sample["prompt_token_ids"].to_list(),
+                                                             sample["completion_token_ids"].to_list())
+            gaps.update(sync_logp_gap_max=gap_max, sync_logp_gap_mean=gap_mean)
     maybe_fault("update", step)
     write_table(batch_table(batch.keys, result, batch.rewards_PG, batch.completion_mask_BT), paths.advantages(step),
                 table="advantages", metadata=s.metadata)
-    times = {**seconds, "update": time.perf_counter() - started}
-    metrics = step_metrics(step, result.metrics, rewards, rollouts, teacher, times)
+    metrics = step_metrics(step, result.metrics, rewards, rollouts, teacher, times, gaps)
     write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics", metadata=s.metadata)
     if step == cfg.run.steps - 1 or (cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0):
         save_checkpoint(paths.checkpoint(step), model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
@@ -268,10 +376,21 @@ def stage_update(s: Session, step: int, seconds: dict[str, float]) -> StageOutpu
     return StageOutput(str(paths.metrics(step)), times["update"])
 
 
-def step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> dict:
-    """The STEP_METRICS row: update scalars, rewards, lengths, tokens and per-stage seconds."""
+def rollout_logprob_gap(trainer_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict[str, float]:
+    """Train/inference mismatch of the batch an update trained on: mean and max over completion
+    tokens of |log π_trainer − log π_sampler|, the trainer's log-probs taken before the update
+    (≈ 1e-6 with HF in fp32; bf16 vLLM sampling or a stale sync shows up here)."""
+    gap_BT = (trainer_logp_BT.float() - sampler_logp_BT.to(trainer_logp_BT.device).float()).abs() * mask_BT
+    count = float(mask_BT.sum())
+    return {"rollout_logp_gap_mean": float(gap_BT.sum()) / max(count, 1.0), "rollout_logp_gap_max": float(gap_BT.max()) if count else 0.0}
+
+
+def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=None) -> dict:
+    """The STEP_METRICS row: update scalars, rewards, lengths, tokens, per-stage seconds and the
+    train/inference log-prob gaps (NaN where not measured)."""
     lengths = rollouts["completion_token_ids"].list.len()
-    total = sum(times.get(k, 0.0) for k in ("generate", "reward", "teacher", "update"))
+    gaps = gaps or {}
+    total = sum(times.get(k, 0.0) for k in ("generate", "reward", "teacher", "update", "sync"))
     teacher_tokens = 0 if teacher is None else int(teacher["teacher_logprobs"].list.len().sum() or 0)
     row = {name: float(update_metrics.get(name, 0.0)) for name in
            ("loss", "pg_loss", "kd_loss", "nll_loss", "beta", "lr", "grad_norm", "kl_k1_mean", "clip_frac", "kd_token_frac")}
@@ -283,7 +402,9 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times) -> dic
         "teacher_tokens": teacher_tokens,
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),
         "time_teacher_s": times.get("teacher", 0.0), "time_update_s": times.get("update", 0.0),
-        "time_total_s": total, "tokens_per_s": float(lengths.sum()) / max(total, 1e-9),
+        "time_sync_s": times.get("sync", 0.0), "time_total_s": total, "tokens_per_s": float(lengths.sum()) / max(total, 1e-9),
+        **{name: float(gaps.get(name, float("nan"))) for name in
+           ("rollout_logp_gap_mean", "rollout_logp_gap_max", "sync_logp_gap_max", "sync_logp_gap_mean")},
     }
 
 
@@ -302,17 +423,19 @@ def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> S
 
     def run():
         heldout = s.prompts.filter(pl.col("split") == "heldout")
-        student = s.student
-        if step < 0 and s.next_step > 0:
-            student = load_causal_lm(s.student_path, dtype=cfg.model.dtype, device=cfg.model.device)
-        models = [("student", student)] + ([("teacher", s.teacher())] if include_teacher and s.teacher_path else [])
-        frames = [
-            evaluate_passes(HFRolloutEngine(model, s.tokenizer, batch_size=cfg.rollout.batch_size), heldout, step=step,
-                            model_name=name, k=cfg.run.eval_samples, temperature=cfg.run.eval_temperature,
-                            greedy=cfg.run.eval_greedy, max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
-                            seed=step_seed(cfg.run.seed, -1))
-            for name, model in models
-        ]
+        if step < 0 and s.next_step > 0:  # the baseline of a resumed run: the initial weights again
+            initial = load_causal_lm(s.student_path, dtype=cfg.model.dtype, device=cfg.model.device)
+            engines = [("student", lambda: HFRolloutEngine(initial, s.tokenizer, batch_size=cfg.rollout.batch_size))]
+        else:
+            engines = [("student", lambda: s.student_engine)]
+        if include_teacher and s.teacher_path:
+            engines.append(("teacher", s.teacher_sampler))
+        frames = []
+        for name, engine in engines:
+            frames.append(evaluate_passes(engine(), heldout, step=step, model_name=name, k=cfg.run.eval_samples,
+                                          temperature=cfg.run.eval_temperature, greedy=cfg.run.eval_greedy,
+                                          max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
+                                          seed=step_seed(cfg.run.seed, -1)))
         s.release_teacher()
         maybe_fault("evaluate", step)
         return write_table(pl.concat(frames), path, table="evaluations", metadata=s.metadata)

@@ -87,7 +87,21 @@ def test_sync_makes_vllm_score_the_updated_weights(llms, tiny_tokenizer, tiny_st
         return max(abs(a - b) for ra, rb in zip(updated, scored) for a, b in zip(ra, rb))
 
     stale = gap()
+    stale_check, _ = engine.logprob_gap(*args)  # the mismatch check sees the same staleness
     seconds = engine.sync_weights()
+    synced_max, synced_mean = engine.logprob_gap(*args)
     assert stale > 1e-2 and gap() < 1e-4 and seconds > 0
+    assert stale_check == pytest.approx(stale, abs=1e-4) and synced_max < 1e-4 and 0 <= synced_mean <= synced_max
     engine.trainer_model = tiny_student  # restore the shared engine for other tests
     engine.sync_weights()
+
+
+def test_sleep_is_a_no_op_without_sleep_mode(llms, tiny_tokenizer):
+    """On CPU vLLM has no sleep mode: the engine must not call it (and must keep working)."""
+    from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings
+
+    assert not VLLMSettings(enable_sleep_mode=True).sleeps or torch.cuda.is_available()
+    engine = VLLMRolloutEngine(llms["student"], tiny_tokenizer)
+    engine.sleep()
+    assert not engine.asleep
+    assert len(engine.generate(_prompts(tiny_tokenizer)[:1], n=2, max_new_tokens=4).completion_token_ids) == 2

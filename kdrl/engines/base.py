@@ -23,8 +23,13 @@ class RolloutEngine(Protocol):
         """n samples per prompt; rows ordered prompt-major (prompt 0's n samples first)."""
         ...
 
-    def sync_weights(self) -> None:
-        """Make the next generate() use the trainer's current weights."""
+    def sync_weights(self) -> float | None:
+        """Make the next generate() use the trainer's current weights (seconds it took, or None
+        when the engine runs on the trainer's own module)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free accelerator memory until the next sync/generate (no-op where there is none to free)."""
         ...
 
 

