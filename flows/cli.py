@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, help="temperature of the k samples (default: 0.6)")
     ev.add_argument("--max-new-tokens", type=int, help="longest response (default: the run's, else 512)")
     ev.add_argument("--limit", type=int, help="evaluate at most this many prompts (default: all)")
+    ev.add_argument("--engine", choices=["auto", "hf", "vllm"], help="who decodes (default: auto, vLLM where installed and faster)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="any other EvalConfig value, e.g. --set greedy=false --set data.seed=7 (repeatable)")
     ev.add_argument("--out", type=Path, default=None, help="output folder (default: evals/<model>--<dataset>-<hash>)")
@@ -221,7 +222,7 @@ def _eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
     flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
              "data.prompt_template": args.prompt_template, "samples": args.samples, "temperature": args.temperature,
-             "max_new_tokens": args.max_new_tokens, "limit": args.limit}
+             "max_new_tokens": args.max_new_tokens, "limit": args.limit, "engine": args.engine}
     # Flag values are passed as JSON (valid YAML) so that text like "Q: {question}" stays a string.
     import json
 

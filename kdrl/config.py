@@ -330,6 +330,11 @@ class EvalConfig(_Section):
     """Parameter dtype of the evaluated model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs."""
+    engine: Engine = "auto"
+    """Who decodes: "hf", "vllm", or "auto" (as for rollout.engine: vLLM where installed and
+    faster)."""
+    vllm: VLLMConfig = VLLMConfig()
+    """vLLM settings when the engine resolves to vllm."""
     reward: RewardConfig = RewardConfig()
     """How answers are extracted and compared (the training reward's rules)."""
 

@@ -171,7 +171,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     and ``eval.yaml`` under `out_dir`. A folder already holding this evaluation (same config
     hash) is returned as it is; one holding another evaluation is refused, never overwritten."""
     from kdrl.engines.hf import HFRolloutEngine
-    from kdrl.models import load_causal_lm, load_tokenizer
+    from kdrl.engines.select import choose_engine, count_parameters
+    from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm, vllm_available
+    from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
     from kdrl.stages import evaluate_passes
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
@@ -188,11 +190,18 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     prompts = eval_prompts(cfg, tokenizer)
     log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
         f"{cfg.samples} sample(s) at T={cfg.temperature}" + (" + greedy" if cfg.greedy and cfg.temperature > 0 else ""))
-    engine = HFRolloutEngine(load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device), tokenizer, batch_size=cfg.batch_size)
+    choice = choose_engine(cfg.engine, field="engine", num_params=lambda: count_parameters(model.path),
+                           device=resolve_device(cfg.device).type, vllm_installed=vllm_available())
+    log(f"[kdrl] engine: {choice.engine} ({choice.reason})")
+    if choice.engine == "vllm":
+        settings = VLLMSettings.from_config(cfg.vllm, model_dtype=cfg.dtype)
+        engine = VLLMRolloutEngine(build_llm(model.path, settings=settings, seed=cfg.seed), tokenizer)
+    else:
+        engine = HFRolloutEngine(load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device), tokenizer, batch_size=cfg.batch_size)
     samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=cfg.samples,
                               temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
                               reward_cfg=cfg.reward, seed=cfg.seed, top_p=cfg.top_p)
-    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path}
+    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path, "kdrl.engine": choice.engine}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_table(samples, result.samples, table="evaluations", metadata=metadata)

