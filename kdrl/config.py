@@ -86,9 +86,10 @@ class VLLMConfig(_Section):
     tensor_parallel_size: int = 1
     """GPUs the engine shards the model over."""
     enable_sleep_mode: bool = False
-    """GPU: free the engine's memory while the trainer works (rollout engine: weights offloaded to
-    CPU and KV cache dropped during rewards/teacher/update, woken before the sync; teacher engine:
-    what teacher.offload does). Ignored on CPU, where vLLM has no sleep mode."""
+    """GPU: free the engine's memory while the trainer works. The rollout engine sleeps (weights
+    offloaded to CPU, KV cache dropped) from the end of generation to the next sync; the teacher
+    engine sleeps where teacher.offload would unload it (only with teacher.offload). Ignored on
+    CPU, where vLLM has no sleep mode."""
     max_model_len: int = 0
     """Longest prompt + completion the engine plans for (0 = the model's maximum)."""
     enforce_eager: bool = True

@@ -152,7 +152,8 @@ class Session:
 
             settings = VLLMSettings.from_config(self.cfg.teacher.vllm, model_dtype=self.cfg.teacher.dtype)
             started = time.perf_counter()
-            self._teacher_llm = build_llm(self.teacher_path, settings=settings, seed=self.cfg.run.seed)
+            self._teacher_llm = build_llm(self.teacher_path, settings=settings, seed=self.cfg.run.seed,
+                                          max_logprobs=self.cfg.teacher.top_k)
             self.log(f"[kdrl] vLLM teacher engine on {self.teacher_path} started in {time.perf_counter() - started:.1f}s")
         if self._teacher_asleep:
             self._teacher_llm.wake_up()

@@ -17,7 +17,8 @@ from kdrl.runs import run_metrics, student_heldout, summarize_evaluation
 from kdrl.storage import RunPaths, read_table
 
 _COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1",
-            "time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s")
+            "time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_sync_s", "time_total_s",
+            "rollout_logp_gap_max")
 
 
 def artifact_key(run_dir: str, suffix: str) -> str:
@@ -43,7 +44,8 @@ def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) ->
         heldout = student_heldout(read_table(paths.evaluation(step), table="evaluations"))
         row["heldout_pass_at_1"] = heldout["heldout_pass_at_1"][0] if len(heldout) else None
     row = {k: row[k] for k in _COLUMNS}
-    create_table_artifact([{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}],
+    # NaN (a gap not measured) is published as null by Prefect's TableArtifact
+    create_table_artifact([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}],
                           key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
     update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))
 

@@ -4,6 +4,7 @@ the CI smoke comparison (every arm, 1 seed, 2 steps, tiny models) through Prefec
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 
@@ -176,8 +177,14 @@ def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_ha
         async with get_client() as client:
             return await client.read_latest_artifacts()
 
-    markdown = [a for a in asyncio.run(artifact()) if a.key == "smoke-comparison"]
-    assert markdown and "data:image/png;base64," in markdown[0].data and "| kdrl_anneal | 1 |" in markdown[0].data
+    artifacts = {a.key: a for a in asyncio.run(artifact())}
+    markdown = artifacts["smoke-comparison"]
+    assert "data:image/png;base64," in markdown.data and "| kdrl_anneal | 1 |" in markdown.data
+    # per-iteration tables: a gap not measured (SFT trains on teacher samples) is null, not NaN
+    (sft_row,) = json.loads(artifacts["sft-s0-iteration"].data)
+    (grpo_row,) = json.loads(artifacts["grpo-s0-iteration"].data)
+    assert sft_row["rollout_logp_gap_max"] is None and 0 <= grpo_row["rollout_logp_gap_max"] < 1e-4
+    assert grpo_row["time_sync_s"] == 0
 
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/iter_*/metrics.parquet")}
     assert main(argv) == 0  # complete runs are skipped, the tables are rewritten the same

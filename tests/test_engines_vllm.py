@@ -22,7 +22,9 @@ def llms(tiny_model_dir, tmp_path_factory):
     vllm_environment(tmp_path_factory.mktemp("vllm_cache"))
     from kdrl.engines.vllm import build_llm
 
-    return {role: build_llm(str(tiny_model_dir / role), seed=0) for role in ("student", "teacher")}
+    # the teacher allows more top-k than vLLM's default cap of 20 (teacher.top_k is passed on)
+    return {role: build_llm(str(tiny_model_dir / role), seed=0, max_logprobs=32 if role == "teacher" else 0)
+            for role in ("student", "teacher")}
 
 
 def _prompts(tokenizer) -> list[list[int]]:
@@ -46,6 +48,18 @@ def test_teacher_scores_match_hf(llms, tiny_tokenizer, tiny_teacher, tiny_studen
         for ia, ib, lpa in zip(a, b, la):
             if len(set(round(x, 3) for x in lpa)) == len(lpa):
                 assert ia == ib
+
+
+def test_teacher_top_k_beyond_vllms_default_cap(llms, tiny_tokenizer, tiny_teacher):
+    from kdrl.engines.hf import HFTeacherScorer
+    from kdrl.engines.vllm import VLLMTeacherScorer
+
+    prompts = _prompts(tiny_tokenizer)[:2]
+    completions = [tiny_tokenizer("3=5", add_special_tokens=False)["input_ids"]] * 2
+    hf = HFTeacherScorer(tiny_teacher, tiny_tokenizer).score(prompts, completions, top_k=24)
+    ours = VLLMTeacherScorer(llms["teacher"]).score(prompts, completions, top_k=24)
+    assert len(ours.topk_logprobs[0][0]) == 24
+    assert torch.allclose(torch.tensor(hf.topk_logprobs), torch.tensor(ours.topk_logprobs), atol=1e-4)
 
 
 def test_rollouts_carry_the_policys_logprobs(llms, tiny_tokenizer, tiny_student):

@@ -92,15 +92,16 @@ class VLLMSettings:
         return self.enable_sleep_mode and torch.cuda.is_available()
 
 
-def build_llm(model_path: str, *, settings: VLLMSettings = VLLMSettings(), seed: int = 0):
-    """A ``vllm.LLM`` on `model_path` (a local HF folder or hub name); prefix caching on."""
+def build_llm(model_path: str, *, settings: VLLMSettings = VLLMSettings(), seed: int = 0, max_logprobs: int = 20):
+    """A ``vllm.LLM`` on `model_path` (a local HF folder or hub name); prefix caching on.
+    `max_logprobs`: the largest top-k a request may ask for (vLLM refuses more; its default is 20)."""
     vllm_environment()
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(
         model=str(model_path), tokenizer=str(model_path), dtype=settings.dtype, seed=seed,
         enforce_eager=settings.enforce_eager, enable_prefix_caching=True,
-        tensor_parallel_size=settings.tensor_parallel_size,
+        tensor_parallel_size=settings.tensor_parallel_size, max_logprobs=max(20, max_logprobs),
     )
     if torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.enable_sleep_mode)
