@@ -190,6 +190,16 @@ class Session:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def close(self) -> None:
+        """Free the engines and the teacher now, all together. vLLM engines sit in reference
+        cycles, so without the explicit collection they would be freed at some later gc pass,
+        possibly while the next session's engines live, which breaks those (vLLM's shared
+        parallel state)."""
+        self._rollout = self._teacher_llm = self._teacher = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module, teacher_path: str | None) -> tuple[EngineChoice, EngineChoice]:
     """The engines of the rollout and teacher stages (see `kdrl.engines.select`)."""
@@ -476,21 +486,24 @@ def before_after(paths: RunPaths, last_step: int) -> pl.DataFrame:
 def train(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = print) -> pl.DataFrame:
     """Train (or resume) the run in `run_dir` without Prefect; returns the before/after summary."""
     s = open_session(cfg, run_dir, log=log)
-    if cfg.rollout.source == "teacher":
-        stage_teacher_samples(s)
-    baseline = s.paths.offline / "eval_baseline.parquet"
-    if not baseline.exists():
-        stage_evaluate(s, -1, include_teacher=True)
-    log(format_summary("before training (held-out)", summarize_evaluation(read_table(baseline, table="evaluations"))))
-    resumed_after = s.next_step - 1  # killed during the evaluation after a checkpointed step?
-    if resumed_after >= 0 and evaluation_due(cfg, resumed_after) and not s.paths.evaluation(resumed_after).exists():
-        stage_evaluate(s, resumed_after)
-    for step in range(s.next_step, cfg.run.steps):
-        log(format_step(run_iteration(s, step)))
-        if evaluation_due(cfg, step):
-            out = stage_evaluate(s, step)
-            log(format_summary(f"after step {step}", summarize_evaluation(read_table(out.path, table="evaluations"))))
-    return before_after(s.paths, cfg.run.steps - 1)
+    try:
+        if cfg.rollout.source == "teacher":
+            stage_teacher_samples(s)
+        baseline = s.paths.offline / "eval_baseline.parquet"
+        if not baseline.exists():
+            stage_evaluate(s, -1, include_teacher=True)
+        log(format_summary("before training (held-out)", summarize_evaluation(read_table(baseline, table="evaluations"))))
+        resumed_after = s.next_step - 1  # killed during the evaluation after a checkpointed step?
+        if resumed_after >= 0 and evaluation_due(cfg, resumed_after) and not s.paths.evaluation(resumed_after).exists():
+            stage_evaluate(s, resumed_after)
+        for step in range(s.next_step, cfg.run.steps):
+            log(format_step(run_iteration(s, step)))
+            if evaluation_due(cfg, step):
+                out = stage_evaluate(s, step)
+                log(format_summary(f"after step {step}", summarize_evaluation(read_table(out.path, table="evaluations"))))
+        return before_after(s.paths, cfg.run.steps - 1)
+    finally:
+        s.close()
 
 
 def format_summary(title: str, summary: pl.DataFrame) -> str:

@@ -24,6 +24,7 @@ def open_run(run_dir: str | Path, config: dict[str, Any], *, log=print) -> Sessi
     key = _key(run_dir)
     cfg = RunConfig.model_validate(config)
     if key not in _SESSIONS or _SESSIONS[key].cfg != cfg:
+        close_run(run_dir)
         _SESSIONS[key] = open_session(cfg, Path(run_dir), log=log)
     return _SESSIONS[key]
 
@@ -37,5 +38,7 @@ def session(run_dir: str | Path) -> Session:
 
 
 def close_run(run_dir: str | Path) -> None:
-    """Free the models of `run_dir`."""
-    _SESSIONS.pop(_key(run_dir), None)
+    """Free the models and engines of `run_dir` now (`Session.close`)."""
+    session = _SESSIONS.pop(_key(run_dir), None)
+    if session is not None:
+        session.close()

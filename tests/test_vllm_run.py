@@ -165,3 +165,21 @@ def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_mode
         frames[engine] = read_table(path, table="evaluations")
     assert frames["hf"].height == 6
     assert frames["vllm"].drop("model").equals(frames["hf"].drop("model"))
+
+
+def test_runs_one_after_another_in_one_process_each_get_working_engines(tmp_path, embedded_cache):
+    """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
+    together (`Session.close`) before the next session builds its own, so every arm samples
+    and syncs correctly (an engine freed while another lives would break the survivor)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
+    values = {**TINY, **VLLM, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
+    values.pop("run.method")
+    argv = ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2", "--eval-samples", "1",
+            "--eval-every", "2", "--name", "cmp", *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-6000:]
+    for arm in ("kdrl", "sft", "grpo"):
+        m = pl.read_parquet(tmp_path / "runs" / "cmp" / f"{arm}-s0" / "iter_*" / "metrics.parquet")
+        assert m.height == 2 and (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all(), arm
