@@ -50,7 +50,7 @@ from kdrl.stages import (
     score_teacher,
     summarize_evaluation,
 )
-from kdrl.storage import STEP_METRICS, RunPaths, read_table, write_table
+from kdrl.storage import LOGP_GAPS, STEP_METRICS, RunPaths, read_table, write_table
 from kdrl.train import beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
 
 FAULT_ENV = "KDRL_FAULT"
@@ -98,8 +98,7 @@ class Session:
     _teacher: torch.nn.Module | None = field(default=None, repr=False)
     _rollout: RolloutEngine | None = field(default=None, repr=False)
     _rollout_at: int = field(default=0, repr=False)  # optimizer step whose weights the engine holds
-    _teacher_llm: object | None = field(default=None, repr=False)
-    _teacher_asleep: bool = field(default=False, repr=False)
+    _teacher_vllm: object | None = field(default=None, repr=False)  # a VLLMRolloutEngine on the teacher
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -144,36 +143,33 @@ class Session:
             self._teacher = load_causal_lm(self.teacher_path, dtype=self.cfg.teacher.dtype, device=self.cfg.teacher.device)
         return self._teacher
 
-    def _teacher_vllm(self):
+    def teacher_vllm(self):
+        """The teacher's vLLM engine (a `VLLMRolloutEngine`), built on first use, awake."""
         if self.teacher_path is None:
             raise ValueError("this run has no teacher (β = 0 and rollout.source = student)")
-        if self._teacher_llm is None:
-            from kdrl.engines.vllm import VLLMSettings, build_llm
+        if self._teacher_vllm is None:
+            from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm
 
             settings = VLLMSettings.from_config(self.cfg.teacher.vllm, model_dtype=self.cfg.teacher.dtype)
             started = time.perf_counter()
-            self._teacher_llm = build_llm(self.teacher_path, settings=settings, seed=self.cfg.run.seed,
-                                          max_logprobs=self.cfg.teacher.top_k)
+            llm = build_llm(self.teacher_path, settings=settings, seed=self.cfg.run.seed, max_logprobs=self.cfg.teacher.top_k)
             self.log(f"[kdrl] vLLM teacher engine on {self.teacher_path} started in {time.perf_counter() - started:.1f}s")
-        if self._teacher_asleep:
-            self._teacher_llm.wake_up()
-            self._teacher_asleep = False
-        return self._teacher_llm
+            self._teacher_vllm = VLLMRolloutEngine(llm, self.tokenizer, sleep_mode=settings.sleeps)
+        self._teacher_vllm.wake()
+        return self._teacher_vllm
 
     def teacher_scorer(self) -> TeacherScorer:
         """Scores completions under the teacher, on the configured engine."""
         if self.teacher_choice.engine == "vllm":
             from kdrl.engines.vllm import VLLMTeacherScorer
 
-            return VLLMTeacherScorer(self._teacher_vllm())
+            return VLLMTeacherScorer(self.teacher_vllm().llm)
         return HFTeacherScorer(self.teacher(), self.tokenizer, max_tokens_per_batch=self.cfg.teacher.max_tokens_per_batch)
 
     def teacher_sampler(self) -> RolloutEngine:
         """Samples from the teacher (SFT data, baseline evaluation), on the configured engine."""
         if self.teacher_choice.engine == "vllm":
-            from kdrl.engines.vllm import VLLMRolloutEngine
-
-            return VLLMRolloutEngine(self._teacher_vllm(), self.tokenizer)
+            return self.teacher_vllm()
         return HFRolloutEngine(self.teacher(), self.tokenizer, batch_size=self.cfg.rollout.batch_size)
 
     def release_teacher(self) -> None:
@@ -181,9 +177,8 @@ class Session:
         (the student stays)."""
         if not self.cfg.teacher.offload:
             return
-        if self._teacher_llm is not None and not self._teacher_asleep:
-            self._teacher_llm.sleep(level=1)
-            self._teacher_asleep = True
+        if self._teacher_vllm is not None:
+            self._teacher_vllm.sleep()  # a no-op where the engine cannot sleep (CPU)
         if self._teacher is not None:
             self._teacher = None
             gc.collect()
@@ -195,7 +190,7 @@ class Session:
         cycles, so without the explicit collection they would be freed at some later gc pass,
         possibly while the next session's engines live, which breaks those (vLLM's shared
         parallel state)."""
-        self._rollout = self._teacher_llm = self._teacher = None
+        self._rollout = self._teacher_vllm = self._teacher = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -413,8 +408,7 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),
         "time_teacher_s": times.get("teacher", 0.0), "time_update_s": times.get("update", 0.0),
         "time_sync_s": times.get("sync", 0.0), "time_total_s": total, "tokens_per_s": float(lengths.sum()) / max(total, 1e-9),
-        **{name: float(gaps.get(name, float("nan"))) for name in
-           ("rollout_logp_gap_mean", "rollout_logp_gap_max", "sync_logp_gap_max", "sync_logp_gap_mean")},
+        **{name: float(gaps.get(name, float("nan"))) for name in LOGP_GAPS},
     }
 
 
@@ -433,19 +427,20 @@ def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> S
 
     def run():
         heldout = s.prompts.filter(pl.col("split") == "heldout")
+
+        def passes(name: str, engine: RolloutEngine) -> pl.DataFrame:
+            return evaluate_passes(engine, heldout, step=step, model_name=name, k=cfg.run.eval_samples,
+                                   temperature=cfg.run.eval_temperature, greedy=cfg.run.eval_greedy,
+                                   max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
+                                   seed=step_seed(cfg.run.seed, -1))
+
         if step < 0 and s.next_step > 0:  # the baseline of a resumed run: the initial weights again
             initial = load_causal_lm(s.student_path, dtype=cfg.model.dtype, device=cfg.model.device)
-            engines = [("student", lambda: HFRolloutEngine(initial, s.tokenizer, batch_size=cfg.rollout.batch_size))]
+            frames = [passes("student", HFRolloutEngine(initial, s.tokenizer, batch_size=cfg.rollout.batch_size))]
         else:
-            engines = [("student", lambda: s.student_engine)]
+            frames = [passes("student", s.student_engine)]
         if include_teacher and s.teacher_path:
-            engines.append(("teacher", s.teacher_sampler))
-        frames = []
-        for name, engine in engines:
-            frames.append(evaluate_passes(engine(), heldout, step=step, model_name=name, k=cfg.run.eval_samples,
-                                          temperature=cfg.run.eval_temperature, greedy=cfg.run.eval_greedy,
-                                          max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
-                                          seed=step_seed(cfg.run.seed, -1)))
+            frames.append(passes("teacher", s.teacher_sampler()))
         s.release_teacher()
         maybe_fault("evaluate", step)
         return write_table(pl.concat(frames), path, table="evaluations", metadata=s.metadata)

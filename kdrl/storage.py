@@ -116,7 +116,7 @@ _STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s tim
 # Train/inference mismatch (NaN where not measured): rollout_* = |log π_trainer − log π_sampler| over
 # the step's rollout tokens before the update (on-policy runs); sync_* = the same for a sample of
 # them scored by the vLLM rollout engine right after the weight sync (rollout.sync_check_every).
-_LOGP_GAPS = "rollout_logp_gap_mean rollout_logp_gap_max sync_logp_gap_max sync_logp_gap_mean".split()
+LOGP_GAPS = "rollout_logp_gap_mean rollout_logp_gap_max sync_logp_gap_max sync_logp_gap_mean".split()
 
 # One row per optimizer step: losses, KL, lengths, token counts, per-stage seconds (time_sync_s:
 # pushing the weights into a vLLM rollout engine) and log-prob gaps.
@@ -128,7 +128,7 @@ STEP_METRICS = pl.Schema(
         "teacher_tokens": pl.Int64,
         **{name: pl.Float64 for name in _STAGE_SECONDS},
         "tokens_per_s": pl.Float64,
-        **{name: pl.Float64 for name in _LOGP_GAPS},
+        **{name: pl.Float64 for name in LOGP_GAPS},
     }
 )
 

@@ -39,14 +39,23 @@ TINY = {
 VLLM = {"rollout.engine": "vllm", "teacher.engine": "vllm"}
 
 
-def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None):
+def _kdrl(tmp_path: Path, argv: list[str], *, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m flows.cli ARGV` in a subprocess with its own Prefect home and vLLM cache, offline,
+    no Prefect API configured (a flow run starts its own server); stdout and stderr in one string."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PREFECT_HOME=str(tmp_path / "prefect_home"),
                VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"), **({"KDRL_FAULT": fault} if fault else {}))
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+
+
+def _sets(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None):
     values = {**TINY, **settings, "run.runs_dir": tmp_path / "runs", "run.cache_dir": cache}
-    argv = ["train", "--run-id", run_id, *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv, *(["--no-prefect"] if plain else [])], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    done = _kdrl(tmp_path, ["train", "--run-id", run_id, *_sets(values), *(["--no-prefect"] if plain else [])], fault=fault)
     return done, RunPaths(tmp_path / "runs" / run_id)
 
 
@@ -149,15 +158,11 @@ def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
 def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_model_dir):
     """`kdrl eval --engine vllm` writes the records `--engine hf` writes; greedy decoding of the
     same weights gives the same responses."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
     frames = {}
     for engine in ("hf", "vllm"):
-        argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect", "--engine", engine, "--samples", "1",
-                "--temperature", "0", "--max-new-tokens", "10", "--set", "data.num_heldout=6", "--set", "data.num_train=6",
-                "--out", str(tmp_path / engine)]
-        done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+        done = _kdrl(tmp_path, ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect", "--engine", engine,
+                                "--samples", "1", "--temperature", "0", "--max-new-tokens", "10", "--set", "data.num_heldout=6",
+                                "--set", "data.num_train=6", "--out", str(tmp_path / engine)])
         assert done.returncode == 0, done.stdout[-4000:]
         assert f"engine: {engine} (engine={engine})" in done.stdout
         path = tmp_path / engine / "samples.parquet"
@@ -171,14 +176,10 @@ def test_runs_one_after_another_in_one_process_each_get_working_engines(tmp_path
     """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
     together (`Session.close`) before the next session builds its own, so every arm samples
     and syncs correctly (an engine freed while another lives would break the survivor)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"))
     values = {**TINY, **VLLM, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
     values.pop("run.method")
-    argv = ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2", "--eval-samples", "1",
-            "--eval-every", "2", "--name", "cmp", *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    done = _kdrl(tmp_path, ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2",
+                            "--eval-samples", "1", "--eval-every", "2", "--name", "cmp", *_sets(values)])
     assert done.returncode == 0, done.stdout[-6000:]
     for arm in ("kdrl", "sft", "grpo"):
         m = pl.read_parquet(tmp_path / "runs" / "cmp" / f"{arm}-s0" / "iter_*" / "metrics.parquet")

@@ -7,6 +7,22 @@ from typing import Protocol
 from kdrl.types import Rollouts, TeacherScores
 
 
+def check_generate_args(prompt_token_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float) -> None:
+    """The arguments every `RolloutEngine.generate` refuses."""
+    if n < 1 or max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0 (got {n}, {max_new_tokens}, {temperature})")
+    if any(len(p) == 0 for p in prompt_token_ids):
+        raise ValueError("empty prompt: every prompt needs at least one token (e.g. <bos>)")
+
+
+def check_score_args(prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> None:
+    """The arguments every `TeacherScorer.score` refuses."""
+    if len(prompt_token_ids) != len(completion_token_ids):
+        raise ValueError(f"{len(prompt_token_ids)} prompts vs {len(completion_token_ids)} completions")
+    if any(len(p) == 0 for p, c in zip(prompt_token_ids, completion_token_ids) if c):
+        raise ValueError("empty prompt: no position predicts the first completion token")
+
+
 class RolloutEngine(Protocol):
     """Samples G responses per prompt from the current policy."""
 

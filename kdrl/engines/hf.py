@@ -26,6 +26,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.models import tokenizers_match
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
@@ -164,13 +165,7 @@ class HFRolloutEngine:
         seed: int = 0,
     ) -> Rollouts:
         """``n`` samples per prompt, rows prompt-major; the caller's RNG state is left untouched."""
-        if n < 1 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError(
-                "need n >= 1, max_new_tokens >= 1, temperature >= 0 "
-                f"(got {n}, {max_new_tokens}, {temperature})"
-            )
-        if any(len(p) == 0 for p in prompt_token_ids):
-            raise ValueError("empty prompt: every prompt needs at least one token (e.g. <bos>)")
+        check_generate_args(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature)
         rows = [(p, g) for p in range(len(prompt_token_ids)) for g in range(n)]
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
@@ -252,12 +247,7 @@ class HFTeacherScorer:
         top_k: int = 0,
     ) -> TeacherScores:
         """log π_T(o_t | prompt, o_<t) per completion token; top-k ids/log-probs when top_k > 0."""
-        if len(prompt_token_ids) != len(completion_token_ids):
-            raise ValueError(
-                f"{len(prompt_token_ids)} prompts vs {len(completion_token_ids)} completions"
-            )
-        if any(len(p) == 0 for p, c in zip(prompt_token_ids, completion_token_ids) if c):
-            raise ValueError("empty prompt: no position predicts the first completion token")
+        check_score_args(prompt_token_ids, completion_token_ids)
         n_rows = len(prompt_token_ids)
         logprobs: list[list[float]] = [[] for _ in range(n_rows)]
         topk_ids: list[list[list[int]]] = [[] for _ in range(n_rows)]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from kdrl.config import VLLMConfig
+from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
 
@@ -153,11 +154,8 @@ class VLLMRolloutEngine:
         """``n`` samples per prompt, rows prompt-major, with per-token sampler log-probs."""
         from vllm import SamplingParams
 
+        check_generate_args(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature)
         self.wake()
-        if n < 1 or max_new_tokens < 1 or temperature < 0:
-            raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0 (got {n}, {max_new_tokens}, {temperature})")
-        if any(len(p) == 0 for p in prompt_token_ids):
-            raise ValueError("empty prompt: every prompt needs at least one token (e.g. <bos>)")
         greedy = temperature == 0
         params = SamplingParams(
             n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=-1,
@@ -247,10 +245,7 @@ class VLLMTeacherScorer:
         """log π_T(o_t | prompt, o_<t) per completion token; top-k ids/log-probs when top_k > 0."""
         from vllm import SamplingParams
 
-        if len(prompt_token_ids) != len(completion_token_ids):
-            raise ValueError(f"{len(prompt_token_ids)} prompts vs {len(completion_token_ids)} completions")
-        if any(len(p) == 0 for p, c in zip(prompt_token_ids, completion_token_ids) if c):
-            raise ValueError("empty prompt: no position predicts the first completion token")
+        check_score_args(prompt_token_ids, completion_token_ids)
         rows = [r for r, c in enumerate(completion_token_ids) if c]
         logprobs: list[list[float]] = [[] for _ in prompt_token_ids]
         topk_ids: list[list[list[int]]] = [[] for _ in prompt_token_ids]
