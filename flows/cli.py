@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1", "time_total_s")
@@ -139,10 +141,15 @@ def _in_prefect(flow, **parameters):
 
     from flows.server import local_server
 
+    global _phase
     if PREFECT_API_URL.value():
+        _phase = f"running the {flow.name} flow"
         return flow(**parameters)
-    print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own)")
+    print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own)", flush=True)
+    _phase = "the local Prefect server was starting (it is stopped)"
     with local_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        print(f"[kdrl] local Prefect server at {url} (it stops with this command)", flush=True)
+        _phase = f"running the {flow.name} flow (the local Prefect server is stopped)"
         try:
             return flow(**parameters)
         finally:  # deliver queued logs and events while the server is still up
@@ -279,11 +286,40 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or an operator's polite stop), raised in the main thread so that
+    every `finally` runs: the flow run is marked Crashed, the local server stops."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+_phase = "starting"  # what the command was doing, for the message after an interrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _phase
+    from flows.server import ServerStartError
+
     args = _parser().parse_args(argv)
     _prefect_defaults()  # before anything imports prefect
     commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare}
-    return commands[args.command](args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    _phase = "starting"
+    try:
+        return commands[args.command](args)
+    except ServerStartError as err:
+        print(f"kdrl {args.command}: {err}", file=sys.stderr, flush=True)
+        return 1
+    except (KeyboardInterrupt, Terminated) as stop:
+        how, code = ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
+        after = "" if args.command in ("runs", "show") else (
+            " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
+            " the same command resumes.")
+        print(f"\nkdrl {args.command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

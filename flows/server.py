@@ -47,6 +47,34 @@ def _why_it_exited(output: str, home: str) -> str:
     return tail
 
 
+class ServerStartError(RuntimeError):
+    """The local server did not come up (it exited, or was not healthy in time): the message says why."""
+
+
+class ServerStartTimeout(ServerStartError, TimeoutError):
+    pass
+
+
+TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT_S = 90.0  # Prefect's default (20 s) is too short for a fresh or loaded machine
+
+
+def startup_timeout_s(env: dict[str, str] | None = None) -> float:
+    """Seconds to wait for the server: Prefect's own setting for its ephemeral server's start-up
+    (`PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`, in the environment or a Prefect profile),
+    else 90."""
+    value = (os.environ if env is None else env).get(TIMEOUT_SETTING)
+    if value is None:  # a Prefect profile may set it; Prefect's default (20) counts as unset
+        from prefect.settings import get_current_settings
+
+        configured = get_current_settings().server.ephemeral.startup_timeout_seconds
+        value = DEFAULT_TIMEOUT_S if configured == 20 else configured
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_SETTING}={value!r} is not a number of seconds") from None
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, output, home: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -54,27 +82,38 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, output, ho
             output.flush()
             output.seek(0)
             text = output.read().decode(errors="replace")
-            raise RuntimeError(f"the local Prefect server exited with code {proc.returncode} before it was ready:\n"
+            raise ServerStartError(f"the local Prefect server exited with code {proc.returncode} before it was ready:\n"
                                f"{_why_it_exited(text, home)}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1):
                 return
         except OSError:
             time.sleep(0.25)
-    raise TimeoutError(f"the local Prefect server at {url} was not ready after {timeout_s:.0f} s")
+    raise ServerStartTimeout(f"the local Prefect server at {url} was not ready after {timeout_s:g} s (a loaded or slow "
+                       f"machine?): wait longer with {TIMEOUT_SETTING}=300, or start a server yourself "
+                       "(`prefect server start`) and set PREFECT_API_URL")
 
 
 @contextmanager
-def local_server(*, env: dict[str, str] | None = None, log_path: str | None = None, timeout_s: float = 90.0) -> Iterator[str]:
+def local_server(*, env: dict[str, str] | None = None, log_path: str | None = None,
+                 timeout_s: float | None = None) -> Iterator[str]:
     """Start `prefect server start` on a free loopback port at lower priority; yield its API URL.
-    `env` replaces the server's environment (e.g. another PREFECT_HOME); `log_path` keeps its output."""
+    `env` replaces the server's environment (e.g. another PREFECT_HOME); `log_path` keeps its output;
+    `timeout_s` defaults to `startup_timeout_s()`.
+
+    The server gets a session of its own, so a Ctrl-C or a SIGTERM sent to the terminal's process
+    group reaches only the driver: the driver can still record on the server how its flow run
+    ended (Crashed, not a RUNNING ghost), then stops the server here.
+    """
+    timeout_s = startup_timeout_s(env) if timeout_s is None else timeout_s
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--analytics-off", "--no-ui"]
     # The output is kept (a temporary file unless log_path) so that a failed start can say why.
     out = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_lower_priority_and_die_with_parent)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_lower_priority_and_die_with_parent)
     try:
         _wait_healthy(url, proc, timeout_s, out, (os.environ if env is None else env).get("PREFECT_HOME", "~/.prefect"))
         yield url

@@ -15,9 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 
 from kdrl.config import RunConfig, load_config
+from kdrl.embedded import missing_embedded_models
 from kdrl.loop import evaluation_due
 from kdrl.runlock import hold_run_lock
-from tasks import report, train as t
+from tasks import report
+from tasks import train as t
+from tasks.housekeeping import crash_stale_flow_runs
 
 
 def resolve_run_dir(cfg: RunConfig, run_id: str | None) -> Path:
@@ -35,13 +38,28 @@ def _ensure(task, *args, **kwargs):
     return out
 
 
-@flow(name="kdrl-train")
+def _flow_run_name() -> str:
+    """A training flow run is named after its run id (what `kdrl runs` lists)."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    try:
+        cfg = load_config(parameters.get("config_path"), parameters.get("overrides") or [])
+    except (ValueError, FileNotFoundError):  # the flow itself reports it
+        return "kdrl-train"
+    return resolve_run_dir(cfg, parameters.get("run_id")).name
+
+
+@flow(name="kdrl-train", flow_run_name=_flow_run_name)
 def kdrl_train(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None) -> str:
     """Train (or resume) one KDRL run; returns its run directory."""
     cfg = load_config(config_path, overrides or [])
     run_dir = str(resolve_run_dir(cfg, run_id))
     logger = get_run_logger()
     with hold_run_lock(run_dir):
+        crash_stale_flow_runs(Path(run_dir).name)  # ours are the only live ones: we hold the lock
+        for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
+            t.warm_start(cfg.model_dump(mode="json"), role)
         start = t.open_run(run_dir, cfg.model_dump(mode="json"))
         if cfg.rollout.source == "teacher":
             _ensure(t.teacher_samples, run_dir)

@@ -154,6 +154,73 @@ def test_the_plain_loop_killed_in_the_final_evaluation_resumes_too(flow_env, ref
     _assert_same_run(reference, flow_env.runs_dir / "plain-killed-in-evaluate")
 
 
+def _flow_runs(api_url: str, name: str) -> list:
+    """The flow runs named `name` (a run id), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+                                               sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
+
+
+@pytest.mark.slow
+def test_a_killed_runs_flow_run_is_marked_crashed_when_the_run_starts_again(flow_env, prefect_server):
+    # kill -9 (exit 137, no cleanup) leaves its flow run RUNNING on the server: a ghost
+    killed = _kdrl_train(flow_env, "ghost", fault="update:1")
+    assert killed.returncode == 137, killed.stdout[-4000:]
+    [ghost] = _flow_runs(prefect_server, "ghost")  # flow runs are named after the run id
+    assert ghost.state.type.value == "RUNNING"
+    resumed = _kdrl_train(flow_env, "ghost")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "marked 1 earlier flow run(s) of ghost as Crashed" in resumed.stdout
+    first, second = _flow_runs(prefect_server, "ghost")
+    assert first.id == ghost.id and first.state.type.value == "CRASHED" and "process is gone" in first.state.message
+    assert second.state.type.value == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(flow_env, tmp_path):
+    """A scheduler's polite stop (SIGTERM to the process group, as `timeout` or a worker sends):
+    exit 143 with a word of what happened, the flow run Crashed on the server kdrl started itself,
+    that server gone; the same command then resumes."""
+    import signal
+
+    from test_server import _server_pids
+
+    from flows.server import local_server
+
+    env = {k: v for k, v in flow_env.env.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", "terminated", *flow_env.flags]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, url = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        url = url or (re.search(r"local Prefect server at (\S+)", line) or [None, None])[1]
+        if "Finished in state Completed" in line and "update-1" in line:
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a terminal or a supervisor does
+            break
+    lines.extend(proc.stdout)
+    code = proc.wait(timeout=120)
+    out = "".join(lines)
+    assert code == 143, out[-4000:]
+    assert "kdrl train: stopped by SIGTERM while running the kdrl-train flow" in out, out[-4000:]
+    assert url is not None and _server_pids(url) == []
+    with local_server(env=env) as api_url:
+        [run] = _flow_runs(api_url, "terminated")
+    assert run.state.type.value == "CRASHED", run.state
+    resumed = _kdrl_train(flow_env, "terminated")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+
+
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -65,3 +65,60 @@ def test_a_database_from_a_newer_prefect_is_named_with_the_way_out(tmp_path):
                                            rf"database \({home}\) was migrated by a newer Prefect.*PREFECT_HOME"):
         with local_server(env=env):
             pass
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs whose environment contains `marker` (a unique PREFECT_HOME)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_local_server_starts_ends_promptly_and_says_so(tmp_path):
+    home = str(tmp_path / "unique-prefect-home")
+    env = {**os.environ, "PREFECT_HOME": home, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", "interrupted", "--set", f"run.runs_dir={tmp_path}/runs"]
+    # a session of its own: killpg reaches what a terminal's Ctrl-C reaches, nothing of ours
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "starting a local Prefect server" in line:
+            time.sleep(0.5)  # the server is now being started (healthy only after seconds)
+            os.killpg(proc.pid, signal.SIGINT)
+            sent = time.monotonic()
+            break
+    lines.extend(proc.stdout)
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - sent
+    out = "".join(lines)
+    assert code == 130, out[-3000:]
+    assert took < 20, f"{took:.0f} s after Ctrl-C"
+    assert "kdrl train: interrupted (Ctrl-C) while the local Prefect server was starting" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    deadline = time.monotonic() + 20
+    while _processes_with(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(home) == []  # the server did not outlive the command
+
+
+def test_the_start_up_timeout_is_prefects_own_setting_and_its_error_says_what_to_set(tmp_path):
+    from flows.server import TIMEOUT_SETTING, ServerStartTimeout, local_server, startup_timeout_s
+
+    assert startup_timeout_s({TIMEOUT_SETTING: "300"}) == 300.0
+    with pytest.raises(ValueError, match=TIMEOUT_SETTING):
+        startup_timeout_s({TIMEOUT_SETTING: "soon"})
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), TIMEOUT_SETTING: "0.5"}
+    env.pop("PREFECT_API_URL", None)
+    with pytest.raises(ServerStartTimeout, match=r"not ready after 0\.5 s") as err:
+        with local_server(env=env):
+            pass
+    assert f"{TIMEOUT_SETTING}=300" in str(err.value) and "PREFECT_API_URL" in str(err.value)
