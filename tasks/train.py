@@ -5,6 +5,7 @@ and returns a small `StageOutput` (path, seconds). Cache policies, chosen per ta
 
 | task | cache key (+ TASK_SOURCE) | why |
 |---|---|---|
+| warm_start | none (NO_CACHE); runs only when the embedded model's folder is missing | the folder under run.cache_dir is the cache |
 | open_run | none (NO_CACHE) | loads models into this process; must always run |
 | teacher_samples | run dir, config hash | once per run; the file is the expensive offline phase |
 | evaluate | run dir, config hash, step | evaluation of a given step's weights never changes |
@@ -27,8 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 
+from kdrl.config import RunConfig
+from kdrl.embedded import cache_key as embedded_cache_key
+from kdrl.embedded import resolve_model_path
 from kdrl.loop import (
     StageOutput,
     format_step,
@@ -78,6 +83,23 @@ def _teacher_key(context, parameters) -> str:
 
 
 RUN_CACHE = CacheKeyFnPolicy(cache_key_fn=_run_key) + TASK_SOURCE
+
+
+@task(cache_policy=NO_CACHE, task_run_name="warm-start-{role}")
+def warm_start(config: dict[str, Any], role: str) -> str:
+    """Train one embedded model (the first run of a data/embedded config only; cached on disk
+    after that), with a progress artifact and a log line every `embedded.log_every_s` seconds."""
+    cfg = RunConfig.model_validate(config)
+    logger = get_run_logger()
+    artifact = create_progress_artifact(progress=0.0, key=f"embedded-{role}-{embedded_cache_key(cfg)}",
+                                        description=f"warm start of the embedded {role} (SFT steps)")
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+
+    path = resolve_model_path(f"embedded:{role}", cfg, log=logger.info, progress=progress)
+    update_progress_artifact(artifact, 100.0)
+    return path
 
 
 @task(cache_policy=NO_CACHE)
