@@ -57,7 +57,7 @@ def kdrl_train(config_path: str | None = None, overrides: list[str] | None = Non
     run_dir = str(resolve_run_dir(cfg, run_id))
     logger = get_run_logger()
     with hold_run_lock(run_dir):
-        crash_stale_flow_runs(Path(run_dir).name)  # ours are the only live ones: we hold the lock
+        crash_stale_flow_runs(run_dir)  # ours are the only live ones: we hold the lock
         for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
             t.warm_start(cfg.model_dump(mode="json"), role)
         start = t.open_run(run_dir, cfg.model_dump(mode="json"))

@@ -183,6 +183,13 @@ def test_a_killed_runs_flow_run_is_marked_crashed_when_the_run_starts_again(flow
     first, second = _flow_runs(prefect_server, "ghost")
     assert first.id == ghost.id and first.state.type.value == "CRASHED" and "process is gone" in first.state.message
     assert second.state.type.value == "COMPLETED"
+    # a run of the same id in another folder is another run: its ghost is not ours to end
+    elsewhere = _kdrl_train(SimpleNamespace(**{**vars(flow_env), "flags": [*flow_env.flags, "--set",
+                            f"run.runs_dir={flow_env.runs_dir}-elsewhere"]}), "ghost", fault="update:0")
+    assert elsewhere.returncode == 137, elsewhere.stdout[-4000:]
+    again = _kdrl_train(flow_env, "ghost")
+    assert again.returncode == 0 and "earlier flow run" not in again.stdout, again.stdout[-4000:]
+    assert [r.state.type.value for r in _flow_runs(prefect_server, "ghost")] == ["CRASHED", "COMPLETED", "RUNNING", "COMPLETED"]
 
 
 @pytest.mark.slow
