@@ -193,6 +193,35 @@ def test_a_killed_runs_flow_run_is_marked_crashed_when_the_run_starts_again(flow
 
 
 @pytest.mark.slow
+def test_the_warm_start_is_a_task_with_progress_in_the_ui(flow_env, prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from kdrl.config import load_config
+    from kdrl.embedded import cache_key
+
+    settings = {**TINY, **SUBPROCESS, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
+                "run.steps": 1, "embedded.log_every_s": 0}
+    done = _kdrl_train(SimpleNamespace(**{**vars(flow_env), "flags": _flags(settings)}), "fresh-cache")
+    assert done.returncode == 0, done.stdout[-4000:]
+    states = dict(re.findall(r"Task run '(warm-start-\w+)' - Finished in state (\w+)", done.stdout))
+    assert states == {"warm-start-student": "Completed", "warm-start-teacher": "Completed"}, done.stdout[-4000:]
+    assert re.search(r"\[embedded\]   step 1/3  loss", done.stdout)  # logged by the clock (every 0 s here)
+    key = cache_key(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="embedded-")))
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        artifacts = {a.key: a for a in asyncio.run(read())}
+    for role in ("teacher", "student"):
+        artifact = artifacts[f"embedded-{role}-{key}"]
+        assert artifact.type == "progress" and artifact.data == 100.0
+
+
+@pytest.mark.slow
 def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(flow_env, tmp_path):
     """A scheduler's polite stop (SIGTERM to the process group, as `timeout` or a worker sends):
     exit 143 with a word of what happened, the flow run Crashed on the server kdrl started itself,
