@@ -156,7 +156,7 @@ def sft_warm_start(model, pairs, *, steps: int, batch_size: int, lr: float, seed
     """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    warmup = min(50, max(1, steps // 10))
+    warmup = 50  # linear, then `schedule`
     schedule_ = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, warmup=warmup, total=steps, schedule=schedule))
     result = WarmStart(loss=float("nan"), kept_step=steps)
