@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1", "time_total_s")
 
@@ -318,8 +319,33 @@ def main(argv: list[str] | None = None) -> int:
         after = "" if args.command in ("runs", "show") else (
             " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
             " the same command resumes.")
-        print(f"\nkdrl {args.command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
-        return code
+        try:
+            print(f"\nkdrl {args.command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
+        except OSError:  # nobody reads our output any more (a pipe's reader died with the terminal)
+            pass
+        _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End an interrupted command without the interpreter's shutdown: Prefect's at-exit hooks wait
+    without a bound for their queues to drain, which, with the server gone (ours is stopped by
+    now), hung a SIGTERMed `kdrl train` for minutes. Queued logs were drained while the server
+    was up (`_in_prefect`); to a server of the user's own they get 5 more seconds here."""
+    if "prefect" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
