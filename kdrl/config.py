@@ -321,6 +321,11 @@ class RunConfig(_Section):
         """Whether the teacher scores rollouts (any β > 0)."""
         return self.loss.beta_init > 0 or (self.loss.beta_schedule == "linear" and self.loss.beta_min > 0)
 
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether a run loads the teacher at all: to score rollouts, or to sample them (SFT)."""
+        return self.uses_teacher or self.rollout.source == "teacher"
+
 
 class EvalConfig(_Section):
     """One `kdrl eval`: a model against the question/answer pairs of a dataset."""

@@ -78,19 +78,15 @@ def resolve_model_path(name_or_path: str, cfg: RunConfig, *, log=print,
     return str(path)
 
 
-def _pairs(questions: list[str], prompt_ids: list[list[int]], tokenizer) -> list[tuple[list[int], list[int]]]:
-    pairs = []
-    for question, ids in zip(questions, prompt_ids):
-        a, b = (int(x) for x in question.rstrip("=").split("+"))
-        completion = tokenizer(worked_answer(a, b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        pairs.append((list(ids), completion))
-    return pairs
-
-
 def _training_pairs(cfg: RunConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     prompts = build_prompts(cfg.data, tokenizer)
     train = prompts.filter(prompts["split"] == "train")
-    return _pairs(train["question"].to_list(), train["prompt_token_ids"].to_list(), tokenizer)
+    pairs = []
+    for question, prompt_ids in zip(train["question"].to_list(), train["prompt_token_ids"].to_list()):
+        a, b = (int(x) for x in question.rstrip("=").split("+"))
+        completion = tokenizer(worked_answer(a, b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        pairs.append((prompt_ids, completion))
+    return pairs
 
 
 def validation_problems(cfg: RunConfig, tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -289,8 +285,7 @@ def train_embedded_model(role: str, cfg: RunConfig, path: Path, *, log=print,
 def missing_embedded_models(cfg: RunConfig) -> list[str]:
     """The embedded models a run of `cfg` loads ("student", "teacher", in the order a session
     loads them) whose cached folder does not exist yet."""
-    needs_teacher = cfg.uses_teacher or cfg.rollout.source == "teacher"
-    names = [cfg.model.name_or_path, *([cfg.teacher.name_or_path] if needs_teacher else [])]
+    names = [cfg.model.name_or_path, *([cfg.teacher.name_or_path] if cfg.loads_teacher else [])]
     names = names if cfg.data.source == "embedded" else []
     roles = [n.split(":", 1)[1] for n in names if n.startswith("embedded:") and n.split(":", 1)[1] in ROLES]
     return [r for r in dict.fromkeys(roles) if not (embedded_dir(cfg) / r / "config.json").exists()]

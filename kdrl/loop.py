@@ -237,7 +237,7 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
     teacher_path = None
-    if cfg.uses_teacher or cfg.rollout.source == "teacher":
+    if cfg.loads_teacher:
         teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_path))
     if not paths.prompts.exists():
