@@ -150,6 +150,21 @@ def _as_fraction(s: str) -> Fraction | None:
         return None
 
 
+def is_numeric_answer(answer: str) -> bool:
+    """Whether an answer is one plain number, as the reward reads it: an integer, decimal, ``a/b``
+    or integer ``\\frac{a}{b}``, with an optional sign, thousands separators, ``$`` and a
+    trailing ``%``. Anything else (``x+1``, ``\\sqrt{2}``, ``72 dollars``, words) is graded by
+    math-verify's parsing alone; a task whose golds should all be numbers can warn on those.
+
+    >>> [is_numeric_answer(s) for s in ("72", "-1,234.5", "$3/4$", r"\\frac{1}{2}", "50%")]
+    [True, True, True, True, True]
+    >>> [is_numeric_answer(s) for s in ("x+1", r"\\sqrt{2}", "seven", "1, 2", "")]
+    [False, False, False, False, False]
+    """
+    s = _normalise(answer).removesuffix("\\%").removesuffix("%").strip()
+    return bool(s) and _NUMBER.fullmatch(s) is not None
+
+
 def _math_verify_match(pred_latex: str, gold_latex: str) -> bool:
     """math-verify on two ``$...$`` strings, its own signal-based timeouts off."""
     from math_verify import parse, verify  # lazy: sympy and friends cost ~0.3 s to import

@@ -11,6 +11,7 @@ from kdrl import rewards
 from kdrl.rewards import (
     answers_match,
     extract_answer,
+    is_numeric_answer,
     reference_answer,
     score_batch,
     score_response,
@@ -137,6 +138,19 @@ def test_extract_answer_rejects_unknown_mode():
 )
 def test_reference_answer(answer_field, expected):
     assert reference_answer(answer_field) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("72", True), ("-7", True), ("1,550", True), ("5/8", True), ("12.50", True), ("$72", True),
+        (r"\frac{1}{2}", True), (r"$-\dfrac{3}{4}$", True), ("50%", True), ("72.", True),
+        ("x+1", False), (r"\sqrt{2}", False), ("seven", False), ("72 dollars", False),
+        ("1, 2", False), ("", False), ("  ", False), ("10-3", False),
+    ],
+)
+def test_is_numeric_answer(answer, expected):
+    assert is_numeric_answer(answer) is expected
 
 
 def test_reference_answer_feeds_answers_match():
