@@ -245,7 +245,48 @@ _RESERVED_METADATA = ("kdrl.table", "kdrl.schema_version", "kdrl.code_version")
 
 
 class StorageError(ValueError):
-    """A table does not match its declared schema, key or metadata."""
+    """A table does not match its declared schema, key or metadata, or is not readable Parquet."""
+
+
+# What polars raises on a file that is not (all) Parquet; PanicException is a BaseException.
+_UNREADABLE = (pl.exceptions.PolarsError, pl.exceptions.PanicException)
+
+
+def _damaged(path: Path, err: BaseException) -> StorageError:
+    """The error for a file polars cannot read: which file, what is wrong with it, what to do.
+
+    Files are written atomically (a temp file renamed into place), so a damaged one was damaged
+    afterwards: a copy or sync cut short, a full disk, a crash of the machine, an edit.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+    except OSError:
+        size, head, tail = -1, b"", b""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if size < 0:
+        what = f"unreadable ({detail})"
+    elif size == 0:
+        what = "empty (0 bytes)"
+    elif head != b"PAR1":
+        what = f"not a Parquet file ({size} bytes, no PAR1 header)"
+    elif tail != b"PAR1":
+        what = f"truncated ({size} bytes, the Parquet footer is missing)"
+    else:
+        what = f"corrupt ({detail})"
+    step_dir = next((p for p in path.parents if p.name.startswith("iter_")), None)
+    if step_dir is not None:
+        todo = (f"delete {step_dir}/ and rerun the same `kdrl train` to recompute it, if no later step has a "
+                "checkpoint (a resumed run recomputes every step after its latest checkpoint); otherwise restore "
+                "it from a copy")
+    else:
+        todo = ("delete it and rerun the command that wrote it (`kdrl train` rewrites a run's offline/ files, "
+                "`kdrl eval` its output folder), or restore it from a copy")
+    return StorageError(f"{path} is damaged: {what}; kdrl writes whole files only, so something cut or changed "
+                        f"it afterwards (a partial copy, a full disk). To fix: {todo}")
 
 
 def write_table(
@@ -305,7 +346,7 @@ def read_table(path: str | os.PathLike, *, table: str) -> pl.DataFrame:
     """
     path = Path(path)
     schema = _schema(table)
-    meta = read_metadata(path)
+    meta = read_metadata(path)  # a damaged file is reported here, before any check of ours
     found_table = meta.get("kdrl.table")
     if found_table is not None and found_table != table:
         raise StorageError(f"{path}: holds table {found_table!r}, expected {table!r}")
@@ -314,7 +355,11 @@ def read_table(path: str | os.PathLike, *, table: str) -> pl.DataFrame:
         raise StorageError(
             f"{path}: schema version {version!r} is incompatible with {SCHEMA_VERSION!r}"
         )
-    return _conform(pl.read_parquet(path), schema, path=path)
+    try:
+        df = pl.read_parquet(path)
+    except _UNREADABLE as err:  # a sound footer over damaged pages
+        raise _damaged(path, err) from err
+    return _conform(df, schema, path=path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -329,7 +374,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
     ('rewards', '1', '1')
     """
-    meta = pl.read_parquet_metadata(Path(path))
+    path = Path(path)
+    try:
+        meta = pl.read_parquet_metadata(path)
+    except _UNREADABLE as err:
+        raise _damaged(path, err) from err
     return {k: v for k, v in meta.items() if k != "ARROW:schema"}
 
 

@@ -1,5 +1,6 @@
 """Parquet storage: every table round-trips, validation names what is wrong, writes are atomic."""
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -340,3 +341,47 @@ def test_written_file_respects_umask_like_a_plain_write(tmp_path):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage a real table file as a partial copy, a stray file or a bad disk would."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"this is not a parquet file\n" * 20)
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "corrupt":  # header and footer intact, the first column's pages scrambled
+        path.write_bytes(data[:4] + bytes(b ^ 0x5A for b in data[4:40]) + data[40:])
+
+
+@pytest.mark.parametrize(("how", "what"), [
+    ("truncated", "truncated"), ("garbage", "not a Parquet file"), ("empty", "empty (0 bytes)"), ("corrupt", "corrupt"),
+])
+def test_a_damaged_file_is_a_storage_error_naming_it_and_the_remedy(tmp_path, how, what):
+    path = write_table(_frames(3)["rewards"], RunPaths(tmp_path / "run").rewards(3), table="rewards")
+    _damage(path, how)
+    with pytest.raises(StorageError) as err:  # a ValueError: the CLI prints it without a traceback
+        read_table(path, table="rewards")
+    message = str(err.value)
+    assert message.startswith(f"{path} is damaged: {what}")
+    assert f"delete {path.parent}/ and rerun the same `kdrl train`" in message
+    if how != "corrupt":  # a sound footer: the metadata is still readable
+        with pytest.raises(StorageError, match=re.escape(f"is damaged: {what}")):
+            read_metadata(path)
+
+
+def test_a_damaged_file_outside_a_step_says_to_rerun_what_wrote_it(tmp_path):
+    path = write_table(_frames()["prompts"], RunPaths(tmp_path / "run").prompts, table="prompts")
+    _damage(path, "truncated")
+    with pytest.raises(StorageError, match=r"prompts\.parquet is damaged: truncated .* rerun the command that wrote it"):
+        read_table(path, table="prompts")
+
+
+def test_a_damaged_file_hashes_and_a_missing_one_is_not_found(tmp_path):
+    path = tmp_path / "r.parquet"
+    path.write_bytes(b"garbage")
+    assert content_hash(path) == content_hash(path)  # inputs' cache keys never need to parse the file
+    with pytest.raises(FileNotFoundError):
+        read_table(tmp_path / "missing.parquet", table="rewards")
