@@ -23,7 +23,8 @@ from kdrl.storage import STEP_METRICS, RunPaths, read_table
 # One row per run directory (``list_runs``). Step metrics are those of the last step written;
 # heldout_* come from the newest iter_*/eval.parquet, baseline_* from offline/eval_baseline.parquet
 # (student rows). status: "running" (locked by a live process), "complete" (every step written
-# and the last step checkpointed) or "stopped".
+# and the last step checkpointed), "stopped", or "damaged" (a file of the run cannot be read:
+# reason says which and why; only run_id, method, steps_total, steps_done and modified are filled).
 RUNS = pl.Schema(
     {
         "run_id": pl.String,
@@ -39,6 +40,7 @@ RUNS = pl.Schema(
         "heldout_pass_at_1": pl.Float64,
         "heldout_step": pl.Int64,
         "modified": pl.Datetime("us"),
+        "reason": pl.String,
     }
 )
 
@@ -82,7 +84,8 @@ def list_runs(runs_dir: str | os.PathLike) -> pl.DataFrame:
     """One ``RUNS`` row per directory of ``runs_dir`` holding a config.yaml, newest first.
 
     Directories starting with "_" or "." (shared caches) are skipped; a missing ``runs_dir``
-    gives an empty table.
+    gives an empty table. A run with a file that cannot be read (a truncated Parquet file, a
+    config.yaml that is not UTF-8 YAML) is listed as "damaged", with the reason; the others as usual.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -91,7 +94,7 @@ def list_runs(runs_dir: str | os.PathLike) -> pl.DataFrame:
     ...     list_runs(d).select("run_id", "method", "status", "steps_total", "steps_done").row(0)
     ('demo', 'grpo', 'stopped', 4, 0)
     """
-    rows = [_run_row(root) for root in _run_dirs(Path(runs_dir))]
+    rows = [_run_row_or_damaged(root) for root in _run_dirs(Path(runs_dir))]
     return pl.DataFrame(rows, schema=RUNS, orient="row").sort("modified", "run_id", descending=True)
 
 
@@ -202,13 +205,39 @@ def _read_evaluations(path: Path | None) -> pl.DataFrame | None:
 
 
 def _read_run_section(root: Path) -> dict:
-    """config.yaml's ``run`` section, read as plain YAML so configs of older versions still list."""
+    """config.yaml's ``run`` section, read as plain YAML so configs of older versions still list;
+    a ValueError naming the file when it is not UTF-8 YAML."""
+    path = RunPaths(root).config
+    todo = "restore it from a copy (it is the run's config as `kdrl train` wrote it)"
     try:
-        loaded = yaml.safe_load(RunPaths(root).config.read_text())
-    except yaml.YAMLError:
-        return {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is damaged: not UTF-8 text ({err.reason} at byte {err.start}); {todo}") from err
+    except yaml.YAMLError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path} is damaged: not valid YAML ({first}); {todo}") from err
     section = loaded.get("run") if isinstance(loaded, dict) else None
     return section if isinstance(section, dict) else {}
+
+
+def _run_row_or_damaged(root: Path) -> dict:
+    """``_run_row``, or a "damaged" row with the reason when a file of the run cannot be read."""
+    try:
+        return _run_row(root)
+    except (ValueError, OSError) as err:  # StorageError, a config that is not UTF-8 YAML, a permission
+        try:
+            section = _read_run_section(root)
+        except ValueError:
+            section = {}
+        steps_total = section.get("steps")
+        return {"run_id": root.name, "method": _text(section.get("method")), "status": "damaged",
+                "steps_total": steps_total if isinstance(steps_total, int) else None,
+                "steps_done": len(_iter_files(root, "metrics.parquet")), "modified": _modified(root),
+                "reason": str(err) or type(err).__name__}
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def _run_row(root: Path) -> dict:
@@ -227,7 +256,7 @@ def _run_row(root: Path) -> dict:
     status = "running" if lock_holder(root) is not None else "complete" if complete else "stopped"
     return {
         "run_id": root.name,
-        "method": section.get("method"),
+        "method": _text(section.get("method")),
         "status": status,
         "steps_total": steps_total if isinstance(steps_total, int) else None,
         "steps_done": len(metrics_files),
@@ -239,6 +268,7 @@ def _run_row(root: Path) -> dict:
         "heldout_pass_at_1": heldout["heldout_pass_at_1"].first() if heldout.height else None,
         "heldout_step": heldout["step"].first() if heldout.height else None,
         "modified": _modified(root),
+        "reason": None,
     }
 
 
@@ -255,7 +285,11 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
     paths = RunPaths(Path(run_dir))
     if not paths.config.is_file():
         return False
-    return _complete(paths, _read_run_section(paths.root).get("steps"), len(_iter_files(paths.root, "metrics.parquet")))
+    try:
+        steps_total = _read_run_section(paths.root).get("steps")
+    except ValueError:  # a damaged config.yaml: not a complete run
+        return False
+    return _complete(paths, steps_total, len(_iter_files(paths.root, "metrics.parquet")))
 
 
 def _modified(root: Path) -> datetime:

@@ -205,3 +205,65 @@ def test_reading_runs_does_not_import_torch():
     code = "import sys, kdrl.runs, flows.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def _damaged_runs(runs: Path) -> dict[str, Path]:
+    """Three runs beside the good ones, each with one file damaged as a partial copy would leave it."""
+    garbage = RunPaths(_make_run(runs, "bad-metrics", method="grpo", steps=3, done=2))
+    garbage.metrics(1).write_bytes(b"not parquet at all\n" * 10)
+    truncated = RunPaths(_make_run(runs, "bad-eval", method="kdrl", steps=3, done=1,
+                                   evals={0: _evaluations(0, [[True, False]])}))
+    data = truncated.evaluation(0).read_bytes()
+    truncated.evaluation(0).write_bytes(data[: len(data) // 2])
+    config = RunPaths(_make_run(runs, "bad-config", method="sft", steps=3, done=1))
+    config.config.write_bytes(b"run: {method: sft, steps: 3}\n# caf\xe9 in latin-1\n")
+    return {"bad-metrics": garbage.metrics(1), "bad-eval": truncated.evaluation(0), "bad-config": config.config}
+
+
+def test_list_runs_marks_a_damaged_run_and_lists_the_others(runs_dir):
+    damaged = _damaged_runs(runs_dir)
+    table = list_runs(runs_dir)
+    assert table.schema == RUNS
+    by_id = {row["run_id"]: row for row in table.iter_rows(named=True)}
+    assert {run: by_id[run]["status"] for run in ("done", "midway", "fresh", "no-final-ckpt")} == {
+        "done": "complete", "midway": "stopped", "fresh": "stopped", "no-final-ckpt": "stopped"}
+    assert by_id["done"]["reason"] is None and by_id["done"]["heldout_pass_at_1"] == pytest.approx(0.75)
+    for run, path in damaged.items():
+        row = by_id[run]
+        assert row["status"] == "damaged" and row["reason"].startswith(f"{path} is damaged: "), row
+        assert row["last_step"] is None and row["reward_mean"] is None
+    assert "not a Parquet file" in by_id["bad-metrics"]["reason"] and "truncated" in by_id["bad-eval"]["reason"]
+    assert "not UTF-8 text" in by_id["bad-config"]["reason"]
+    # what can still be read is filled in
+    assert (by_id["bad-metrics"]["method"], by_id["bad-metrics"]["steps_total"], by_id["bad-metrics"]["steps_done"]) == (
+        "grpo", 3, 2)
+    assert by_id["bad-config"]["method"] is None and by_id["bad-config"]["steps_done"] == 1
+
+
+def test_a_config_that_is_not_yaml_is_damaged(tmp_path):
+    paths = RunPaths(_make_run(tmp_path, "r", method="grpo", steps=2, done=0))
+    paths.config.write_text("run: {method: grpo\n")
+    row = list_runs(tmp_path).row(0, named=True)
+    assert row["status"] == "damaged" and f"{paths.config} is damaged: not valid YAML" in row["reason"]
+
+
+def test_cli_runs_lists_good_runs_and_prints_why_a_run_is_damaged(runs_dir, capsys):
+    damaged = _damaged_runs(runs_dir)
+    assert main(["runs", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    table, _, notes = out.partition("\n\n")
+    rows = {line.split()[0]: line.split()[2] for line in table.splitlines()[1:]}
+    assert rows == {"midway": "stopped", "fresh": "stopped", "done": "complete", "no-final-ckpt": "stopped",
+                    "bad-metrics": "damaged", "bad-eval": "damaged", "bad-config": "damaged"}
+    assert "reason" not in table.splitlines()[0]
+    assert notes.splitlines()[0] == "3 damaged run(s), listed without metrics:"
+    for run, path in damaged.items():
+        assert f"  {run}: {path} is damaged: " in notes
+
+
+def test_cli_show_of_a_damaged_run_names_the_file(runs_dir, capsys):
+    damaged = _damaged_runs(runs_dir)
+    assert main(["show", "bad-metrics", "--runs-dir", str(runs_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kdrl: {damaged['bad-metrics']} is damaged: not a Parquet file")
+    assert "Traceback" not in err and "ComputeError" not in err
