@@ -99,6 +99,7 @@ def _prefect_defaults() -> None:
 def _train(args: argparse.Namespace) -> int:
     from kdrl.config import load_config
     from kdrl.runlock import RunLockedError
+    from kdrl.train import TrainingError
 
     _quiet_libraries()
     try:
@@ -125,6 +126,9 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. a run directory started with another config
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # a non-finite update, a checkpoint the disk could not hold
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 1
     _print_before_after(run_dir, cfg.run.steps - 1)
     return 0
 

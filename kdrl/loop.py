@@ -23,7 +23,9 @@ use that finds it stale (a resumed run, an engine first built after some updates
 from __future__ import annotations
 
 import gc
+import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +53,9 @@ from kdrl.stages import (
     summarize_evaluation,
 )
 from kdrl.storage import LOGP_GAPS, STEP_METRICS, RunPaths, read_table, write_table
-from kdrl.train import beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
+from kdrl.train import TrainingDiverged, beta_at, build_optimizer, load_trainer_state, save_checkpoint, update_step
 
+DIVERGED_FILE = "diverged.json"  # iter_<step>/: what a non-finite update measured
 FAULT_ENV = "KDRL_FAULT"
 """Fault injection for restart tests: ``KDRL_FAULT=<stage>:<step>`` (stage one of generate,
 rewards, teacher, update, evaluate) ends the process with exit code 137 and no cleanup — like
@@ -231,6 +234,7 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)  # nothing of ours draws from it, but checkpoints store its state: same run, same bytes
     paths = RunPaths(Path(run_dir))
     _check_run_config(cfg, paths)
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
@@ -242,7 +246,7 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_path))
     if not paths.prompts.exists():
         write_table(build_prompts(cfg.data, tokenizer), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
-    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps)
+    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps * cfg.loss.ppo_epochs)
     rollout_choice, teacher_choice = resolve_engines(cfg, student=student, teacher_path=teacher_path)
     log(f"[kdrl] engines: rollout {rollout_choice.engine} ({rollout_choice.reason}); "
         f"teacher {teacher_choice.engine} ({teacher_choice.reason})")
@@ -355,8 +359,15 @@ def stage_update(s: Session, step: int, seconds: dict[str, float]) -> StageOutpu
     teacher = read_table(paths.teacher(step), table="teacher_logprobs") if paths.teacher(step).exists() and teacher_needed(s, step) else None
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=s.tokenizer.pad_token_id)
     device = next(s.student.parameters()).device
-    result = update_step(s.student, s.optimizer, s.scheduler, batch.to(device), loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                         optimizer_step=s.optimizer_step, temperature=cfg.rollout.temperature)
+    try:
+        result = update_step(s.student, s.optimizer, s.scheduler, batch.to(device), loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                             optimizer_step=s.optimizer_step, temperature=cfg.rollout.temperature)
+    except TrainingDiverged as err:
+        report = paths.iter_dir(step) / DIVERGED_FILE
+        report.write_text(json.dumps({"step": step, "error": str(err), **err.diagnostics}, indent=2, default=str) + "\n")
+        raise TrainingDiverged(f"step {step}, {err} — no metrics or checkpoint written for it; diagnostics in {report}. "
+                               "Usual causes: optim.lr too high, optim.grad_clip=0, a teacher that gives -inf log-probs.",
+                               err.diagnostics) from None
     s.optimizer_step += cfg.loss.ppo_epochs
     times = {**seconds, "update": time.perf_counter() - started}
     gaps = rollout_logprob_gap(result.student_logp_BT, batch.sampler_logp_BT, batch.completion_mask_BT.to(device)) \

@@ -9,10 +9,11 @@ loss over one rollout batch of B responses with completion mask m_BT (1 on real 
 
 with R_{i,t} = log π_T(o_t) − log π_θ(o_t) (teacher detached) and the per-token estimators
 k2 = ½R², k3 = e^R − R − 1, or an exact KL over the teacher's top-k support. k1 = −R has zero
-expected gradient as a loss, so it only exists in *reward* form: Â_{i,t} ← Â_i − β·sg(k1_{i,t}),
-the on-policy distillation of TRL/Tinker. N is the batch's completion-token count and N_kd the
-KD denominator (all tokens, or only the KD-unmasked ones); both are passed in, so micro-batches
-sum to the full-batch loss. Departures from the paper, all options: the std in Â, the KD
+expected gradient as a loss, so it only exists in *reward* form: Â_{i,t} ← Â_i − β·(N/N_kd)·sg(k1_{i,t}),
+the on-policy distillation of TRL/Tinker; the N/N_kd factor puts it on the KD term's scale
+(β/N_kd per distilled token), so `kd_denominator` means the same for every estimator. N is the
+batch's completion-token count and N_kd the KD denominator (all tokens, or only the KD-unmasked
+ones); both are passed in, so micro-batches sum to the full-batch loss. Departures from the paper, all options: the std in Â, the KD
 denominator, the clipping bounds, the sg(ρ) weight on KD (=1 in value when on-policy, needed for
 an unbiased gradient over several PPO epochs).
 
@@ -185,7 +186,8 @@ def kdrl_loss(
     """GRPO + β·KD + NLL over one (micro-)batch; the only place the terms meet.
 
     kd_BT is the per-token KD loss (k2, k3 or top-k) or None; kd_reward_BT is k1 in reward
-    form (detached here) or None. kd_mask_B is the reward-guided mask per response. num_tokens
+    form (detached here) or None. Both must be finite wherever kd_mask_B·mask_BT is 0 (0·inf is
+    NaN): `kdrl.train` sets R = 0 there before any exponential. kd_mask_B is the reward-guided mask per response. num_tokens
     and num_kd_tokens are the *global* denominators over the whole rollout batch; a fully masked
     batch (zero denominators) gives a zero loss, never NaN. Presets: GRPO = (kd None, β 0),
     KD-RKL = (pg_coef 0), SFT = (pg_coef 0, β 0, nll_coef 1).
@@ -197,8 +199,8 @@ def kdrl_loss(
     n_kd = torch.as_tensor(num_kd_tokens, dtype=dtype).clamp(min=1.0)
 
     advantages_BT = advantages_B.to(dtype)[:, None].expand_as(logp_BT)
-    if kd_reward_BT is not None:
-        advantages_BT = advantages_BT - beta * kd_reward_BT.detach() * kd_mask_BT
+    if kd_reward_BT is not None:  # k1 in reward form, per distilled token like the KD loss: β/N_kd after the 1/N below
+        advantages_BT = advantages_BT - beta * (n / n_kd) * kd_reward_BT.detach() * kd_mask_BT
     pg_BT, clipped_BT = policy_gradient_BT(
         logp_BT, old_logp_BT, advantages_BT, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high
     )

@@ -3,7 +3,12 @@
 `update_step` is the one place `backward()` runs. It is strictly on-policy by default: one
 optimizer step per rollout batch, π_old = sg(π_θ), so ρ = 1 in value. With ``ppo_epochs > 1`` the
 first pass's log-probs become π_old and each later pass is another optimizer step (ρ ≠ 1, clipping
-acts, KD is weighted by sg(ρ)). β and the learning rate follow the *optimizer* step.
+acts, KD is weighted by sg(ρ)). β and the learning rate follow the *optimizer* step, so a run
+makes run.steps × ppo_epochs optimizer steps and its schedule spans all of them.
+
+A step whose loss terms or gradient norm are not finite is never applied: `update_step` raises
+`TrainingDiverged` before `optimizer.step()`, naming the term, and `save_checkpoint` refuses
+weights that are not finite, so a NaN never reaches a checkpoint.
 
 Student log-probs are computed in float32 from the hidden states at the completion positions
 only, in row chunks under activation checkpointing, so at most one chunk of B×T×V logits exists.
@@ -11,7 +16,10 @@ only, in row chunks under activation checkpointing, so at most one chunk of B×T
 
 from __future__ import annotations
 
+import errno
+import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,24 @@ from kdrl.losses import (
     reverse_kl_k3_BT,
     reverse_kl_topk_BT,
 )
+
+class TrainingError(RuntimeError):
+    """A training step or checkpoint that could not be done; the message says why and what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """A loss term or the gradient norm is NaN/inf: the update was not applied. `diagnostics`
+    holds what was measured (terms, gradient norm, lr, β, the first non-finite gradients)."""
+
+    def __init__(self, message: str, diagnostics: dict):
+        super().__init__(message)
+        self.diagnostics = diagnostics
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (e.g. the disk is full); its temporary folder is gone and
+    every earlier checkpoint is untouched."""
+
 
 KD_MASKS = {"none": kd_mask_none_PG, "response": kd_mask_response_PG, "group": kd_mask_group_PG}
 KD_LOSSES = {"k2": reverse_kl_k2_BT, "k3": reverse_kl_k3_BT}
@@ -113,15 +139,34 @@ class UpdateResult:
     kd_per_token_BT: torch.Tensor
 
 
-def _kd_terms(cfg: LossConfig, logp_BT, topk_logp_BTK, mb: StepBatch):
-    """(kd loss per token or None, k1 reward per token or None) for the configured estimator."""
+def _kd_terms(cfg: LossConfig, logp_BT, topk_logp_BTK, mb: StepBatch, kd_mask_BT: torch.Tensor):
+    """(kd loss per token or None, k1 reward per token or None) for the configured estimator.
+
+    Where KD does not apply (padding, masked or unscored responses) the teacher log-prob is a fill
+    value: R is set to 0 there *before* any exponential, since e^R overflows above R ≈ 88 and the
+    mask's inf·0 would make the whole step NaN (k3)."""
     if mb.teacher_logp_BT is None:
         return None, None
+    teacher_logp_BT = torch.where(kd_mask_BT > 0, mb.teacher_logp_BT, logp_BT.detach())
     if cfg.kl_estimator == "k1":
-        return None, reverse_kl_k1_BT(logp_BT, mb.teacher_logp_BT)
+        return None, reverse_kl_k1_BT(logp_BT, teacher_logp_BT)
     if cfg.kl_estimator == "topk":
         return reverse_kl_topk_BT(topk_logp_BTK, mb.teacher_topk_logp_BTK), None
-    return KD_LOSSES[cfg.kl_estimator](logp_BT, mb.teacher_logp_BT), None
+    return KD_LOSSES[cfg.kl_estimator](logp_BT, teacher_logp_BT), None
+
+
+LOSS_TERMS = {"pg_loss": "pg", "kd_loss": "kd", "nll_loss": "nll"}
+
+
+def _non_finite_grads(model: torch.nn.Module, limit: int = 10) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
+
+
+def _diverged(what: str, *, model, optimizer, diagnostics: dict) -> TrainingDiverged:
+    """Drop the step's gradients and describe it; the caller raises."""
+    diagnostics["non_finite_grads"] = _non_finite_grads(model)
+    optimizer.zero_grad(set_to_none=True)
+    return TrainingDiverged(f"optimizer step {diagnostics['optimizer_step']}: {what}; the update was not applied", diagnostics)
 
 
 def update_step(
@@ -136,7 +181,10 @@ def update_step(
     temperature: float = 1.0,
 ) -> UpdateResult:
     """Advantages, KD mask and β from the batch, then `ppo_epochs` optimizer steps over
-    micro-batches with the global token denominators. `optimizer_step` is the count before."""
+    micro-batches with the global token denominators. `optimizer_step` is the count before.
+
+    Raises `TrainingDiverged` (gradients dropped, weights untouched by that optimizer step) at the
+    first loss term (pg, kd, nll) or gradient norm that is not finite."""
     advantages_B = group_advantages_PG(batch.rewards_PG, std_normalize=loss_cfg.std_normalize, unbiased=loss_cfg.unbiased_std).reshape(-1)
     kd_mask = kd_mask_B(batch.rewards_PG, batch.truncated_B, loss_cfg)
     mask_BT = batch.completion_mask_BT
@@ -155,7 +203,7 @@ def update_step(
             stop = min(start + optim_cfg.micro_batch_size, batch.num_rows)
             mb = batch.rows(start, stop)
             logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature, topk_ids_BTK=mb.teacher_topk_ids_BTK)
-            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb)
+            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb, kd_mask[start:stop, None] * mask_BT[start:stop])
             old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop]
             loss, metrics = kdrl_loss(
                 logp_BT=logp_BT, old_logp_BT=old, mask_BT=mask_BT[start:stop], advantages_B=advantages_B[start:stop],
@@ -163,9 +211,16 @@ def update_step(
                 num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef, nll_coef=loss_cfg.nll_coef,
                 clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
             )
-            loss.backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+            if not math.isfinite(float(metrics["loss"])):
+                bad = [term for key, term in LOSS_TERMS.items() if not math.isfinite(float(metrics[key]))] or ["loss"]
+                diagnostics = {"optimizer_step": optimizer_step + epoch, "epoch": epoch, "rows": [start, stop], "beta": beta,
+                               "lr": scheduler.get_last_lr()[0], **{k: float(v) for k, v in metrics.items()},
+                               "non_finite_terms": bad, "non_finite_student_logp": int((~torch.isfinite(logp_BT)).sum())}
+                raise _diverged(f"the {', '.join(bad)} loss term{'s are' if len(bad) > 1 else ' is'} not finite "
+                                f"(rows {start}-{stop - 1} of the batch)", model=model, optimizer=optimizer, diagnostics=diagnostics)
+            loss.backward()
             logp_parts.append(logp_BT.detach())
             kd_source = kd_BT if kd_BT is not None else kd_reward_BT
             kd_parts.append(torch.zeros_like(logp_BT) if kd_source is None else kd_source.detach())
@@ -174,6 +229,12 @@ def update_step(
             kd_per_token_BT = torch.cat(kd_parts)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip or float("inf"))
         lr = scheduler.get_last_lr()[0]
+        if not math.isfinite(float(grad_norm)):
+            diagnostics = {"optimizer_step": optimizer_step + epoch, "epoch": epoch, "beta": beta, "lr": lr, **sums,
+                           "grad_norm": float(grad_norm), "non_finite_terms": ["grad_norm"]}
+            raise _diverged(f"the gradient norm is {float(grad_norm)} (loss terms finite: pg {sums['pg_loss']:.4g}, "
+                            f"kd {sums['kd_loss']:.4g}, nll {sums['nll_loss']:.4g}; lr {lr:.3g})",
+                            model=model, optimizer=optimizer, diagnostics=diagnostics)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,14 +265,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
 
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int, optimizer_step: int) -> None:
     """Model (HF format, loadable by any HF tool) + trainer state (optimizer, scheduler, RNG,
-    counters). Written to a temp dir and renamed, so a checkpoint dir is complete or absent."""
-    import shutil
+    counters). Written to a temp dir and renamed, so a checkpoint dir is complete or absent.
 
+    Refuses non-finite weights (`TrainingDiverged`); a failed write (disk full, quota, permissions)
+    removes the temp dir and raises `CheckpointWriteError` naming the folder and the free space."""
     path = Path(path)
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"refusing to write {path}: {len(bad)} weight tensors are not finite (e.g. {bad[0]})",
+                               {"optimizer_step": optimizer_step, "non_finite_weights": bad[:10]})
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -223,9 +287,28 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    torch.save(state, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(state, tmp / "trainer_state.pt")
+    except Exception as err:  # a full disk: OSError (HF files), RuntimeError "[enforce fail at inline_container.cc" (torch), SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(path, err)) from err
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def _write_failure(path: Path, err: BaseException) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20)
+    where = f"no space left under {path.parent}" if full else f"could not write under {path.parent}"
+    room = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+    return (f"checkpoint {path.name} not written: {where}{room}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            "The partial checkpoint was removed and earlier checkpoints are intact; free some space (or point "
+            "run.runs_dir elsewhere) and rerun the same command to resume after the last checkpoint.")
 
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
