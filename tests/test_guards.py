@@ -242,3 +242,19 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
     assert metrics["lr"].to_list() == pytest.approx([1e-3 * (1 - 1 / 4), 1e-3 * (1 - 3 / 4)])
     assert states[0]["rng"]["python"] == states[1]["rng"]["python"]
     assert states[0]["optimizer_step"] == 4
+
+
+def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys):
+    from flows.cli import main
+    from test_train import TINY_RUN_OVERRIDES
+
+    overrides = {**TINY_RUN_OVERRIDES, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
+                 "run.steps": 4, "optim.lr": 1000}  # step 0 throws the weights far; step 1's gradient is NaN
+    argv = ["train", "--no-prefect", "--run-id", "lr1000"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "kdrl: step 1, optimizer step 1: the gradient norm is nan" in err and "Traceback" not in err
+    run = tmp_path / "runs" / "lr1000"
+    assert json.loads((run / "iter_00001" / "diverged.json").read_text())["lr"] == 1000
+    assert not (run / "iter_00001" / "metrics.parquet").exists() and not (run / "iter_00001" / "checkpoint").exists()
+    assert (run / "iter_00000" / "checkpoint").is_dir()  # the last good step is kept

@@ -170,15 +170,17 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, step_tables, tiny_t
         assert torch.equal(p, q)
 
 
+TINY_RUN_OVERRIDES = {
+    "run.steps": 3, "run.checkpoint_every": 1, "run.eval_every": 0, "run.method": "kdrl_anneal",
+    "embedded.teacher_steps": 3, "embedded.student_steps": 3,
+    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
+    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
+    "optim.lr": 1e-3, "optim.micro_batch_size": 5,
+}
+
+
 def _tiny_run_config(tmp_path, **extra):
-    overrides = {
-        "run.steps": 3, "run.checkpoint_every": 1, "run.eval_every": 0, "run.runs_dir": str(tmp_path / "runs"),
-        "run.cache_dir": str(tmp_path / "cache"), "run.method": "kdrl_anneal",
-        "embedded.teacher_steps": 3, "embedded.student_steps": 3,
-        "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
-        "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
-        "optim.lr": 1e-3, "optim.micro_batch_size": 5, **extra,
-    }
+    overrides = {**TINY_RUN_OVERRIDES, "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache"), **extra}
     return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
