@@ -8,15 +8,24 @@ The resolved config is written to ``runs/<id>/config.yaml`` and its hash into ev
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import reprlib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# Numeric fields whose out-of-range values make a run meaningless (or crash it much later) are
+# refused when the config is loaded, with the key: a count of 0, a negative coefficient, ...
+Count = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
 _SectionT = TypeVar("_SectionT", bound="_Section")
 
 
@@ -83,14 +92,14 @@ class VLLMConfig(_Section):
     gpu_memory_utilization: float = 0.35
     """Fraction of GPU memory this engine may take (weights + KV cache). Student and teacher
     engines share one GPU with the trainer: their sum must leave room for the update. Ignored on CPU."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: Count = 1
     """GPUs the engine shards the model over."""
     enable_sleep_mode: bool = False
     """GPU: free the engine's memory while the trainer works. The rollout engine sleeps (weights
     offloaded to CPU, KV cache dropped) from the end of generation to the next sync; the teacher
     engine sleeps where teacher.offload would unload it (only with teacher.offload). Ignored on
     CPU, where vLLM has no sleep mode."""
-    max_model_len: int = 0
+    max_model_len: NonNegInt = 0
     """Longest prompt + completion the engine plans for (0 = the model's maximum)."""
     enforce_eager: bool = True
     """No CUDA graphs: quick start-up, slower decoding. Set false for long GPU runs."""
@@ -110,10 +119,10 @@ class TeacherConfig(_Section):
     """Teacher parameter dtype."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the teacher runs."""
-    top_k: int = 0
+    top_k: NonNegInt = 0
     """Also store the teacher's top-k ids and log-probs per position (needed by loss.kl_estimator
     = "topk"); 0 stores only the sampled token's log-prob."""
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: Count = 16384
     """Scoring batches are length-sorted and packed up to this many (padded) tokens."""
     offload: bool = False
     """Unload the teacher after each scoring stage and reload it for the next, so teacher and
@@ -135,26 +144,26 @@ class RolloutConfig(_Section):
     The engine also decodes the student's held-out evaluations."""
     vllm: VLLMConfig = VLLMConfig()
     """vLLM settings of the rollout engine (used when the engine resolves to vllm)."""
-    sync_check_every: int = 1
+    sync_check_every: NonNegInt = 1
     """vLLM only: at every N-th step (0, N, 2N, ...) score `sync_check_samples` of the step's
     rollouts with the freshly synced engine and with the trainer, and record the log-prob gap
     (step metrics sync_logp_gap_*; 0 = never)."""
-    sync_check_samples: int = 4
+    sync_check_samples: Count = 4
     """Rollouts scored by the sync check."""
     source: Literal["student", "teacher"] = "student"
     """Who samples the training responses: the student (on-policy RL/KD) or the teacher (SFT)."""
-    prompts_per_step: int = 16
+    prompts_per_step: Count = 16
     """P: prompts per rollout batch (one optimizer step each)."""
-    samples_per_prompt: int = 8
+    samples_per_prompt: Count = 8
     """G: responses per prompt (the GRPO group)."""
-    max_new_tokens: int = 48
+    max_new_tokens: Count = 48
     """Longest completion; longer ones are cut with finish_reason "length" (reward 0)."""
-    temperature: float = 1.0
+    temperature: PosFloat = 1.0
     """Sampling temperature. Training rollouts should stay at 1 (else the KL is to another
     distribution than π_θ)."""
-    top_p: float = 1.0
+    top_p: Fraction = 1.0
     """Nucleus truncation; 1.0 = none (the default for on-policy RL/KD)."""
-    batch_size: int = 256
+    batch_size: Count = 256
     """Most sequences generated in one call."""
 
 
@@ -162,12 +171,12 @@ class RewardConfig(_Section):
     extract: Literal["auto", "hash", "boxed", "last_number"] = "auto"
     """How the final answer is found in a response: "hash" (`#### N`), "boxed" (`\\boxed{..}`),
     "last_number", or "auto" (hash, then boxed, then last number)."""
-    timeout_s: float = 5.0
+    timeout_s: PosFloat = 5.0
     """Upper bound on math-verify time per response (enforced without signals)."""
 
 
 class LossConfig(_Section):
-    pg_coef: float = 1.0
+    pg_coef: NonNegFloat = 1.0
     """Weight of the GRPO term (0 = pure distillation)."""
     std_normalize: bool = True
     """Divide group-centred rewards by the group std."""
@@ -178,11 +187,11 @@ class LossConfig(_Section):
     per-token reward added to the advantage, never a loss), topk (needs teacher.top_k > 0)."""
     beta_schedule: Literal["constant", "linear"] = "constant"
     """β per optimizer step s: constant β_init, or max(β_init − δ·s, β_min)."""
-    beta_init: float = 5e-3
+    beta_init: NonNegFloat = 5e-3
     """β at step 0 (0 disables KD and teacher scoring)."""
-    beta_min: float = 1e-3
+    beta_min: NonNegFloat = 1e-3
     """Floor of the linear schedule."""
-    beta_delta: float = 5e-5
+    beta_delta: NonNegFloat = 5e-5
     """δ: decrease of β per optimizer step in the linear schedule."""
     kd_mask: Literal["none", "response", "group"] = "none"
     """Reward-guided KD mask: all responses, only wrong responses, or only all-wrong groups."""
@@ -191,56 +200,56 @@ class LossConfig(_Section):
     mask drops) or only by the KD-unmasked ones (per-token mean over what is distilled)."""
     kd_on_truncated: bool = True
     """Apply KD to responses cut at max_new_tokens (their reward is 0 either way)."""
-    nll_coef: float = 0.0
+    nll_coef: NonNegFloat = 0.0
     """Weight of −log π_θ on the rollout tokens (1 for SFT on teacher samples)."""
     sft_only_correct: bool = False
     """SFT: train only on teacher samples with reward 1."""
-    clip_eps_low: float = 0.2
+    clip_eps_low: NonNegFloat = 0.2
     """PPO clip 1−ε_lo (acts only when ppo_epochs > 1)."""
-    clip_eps_high: float = 0.2
+    clip_eps_high: NonNegFloat = 0.2
     """PPO clip 1+ε_hi (DAPO uses a larger upper bound)."""
-    ppo_epochs: int = 1
+    ppo_epochs: Count = 1
     """Optimizer passes over each rollout batch; 1 = strictly on-policy (the paper)."""
 
 
 class OptimConfig(_Section):
-    lr: float = 1e-4
+    lr: PosFloat = 1e-4
     """AdamW peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegFloat = 1.0
     """Clip the global grad norm to this (0 = off)."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegInt = 0
     """Linear warm-up of the learning rate over this many optimizer steps."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate decay after warm-up, over run.steps."""
-    micro_batch_size: int = 64
+    micro_batch_size: Count = 64
     """Sequences per forward/backward; gradients accumulate to one step per rollout batch."""
 
 
 class EmbeddedConfig(_Section):
-    teacher_steps: int = 800
+    teacher_steps: NonNegInt = 800
     """Most SFT steps that train the tiny teacher (cached after the first run). The learning
     rate decays to 0 over these steps; training stops early once `teacher_target` is reached."""
-    teacher_target: float = 0.9
+    teacher_target: Annotated[float, Field(ge=0, le=1)] = 0.9
     """Greedy held-out accuracy the teacher should have. Its training stops at the first
     validation evaluation at or above this plus two standard errors (0.942 with 200 problems),
     so that other problems of the task — the held-out set — are answered this well too; if the
     cap comes first, the best evaluated weights are kept and the run says so with the numbers.
     0 = no target (train all `teacher_steps`)."""
-    student_steps: int = 150
+    student_steps: NonNegInt = 150
     """SFT steps that warm-start the tiny student (cached). Kept short: the student should be
     right only sometimes."""
-    batch_size: int = 64
+    batch_size: Count = 64
     """Warm-start batch size."""
-    lr: float = 2e-3
+    lr: PosFloat = 2e-3
     """Peak warm-start learning rate (50 warm-up steps)."""
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     """Teacher learning rate after warm-up: cosine decay to 0 at `teacher_steps`, or constant.
     The student always uses a constant rate (it stops long before a decay would matter)."""
-    eval_every: int = 100
+    eval_every: Count = 100
     """Evaluate the teacher on the validation problems every N SFT steps (and at the cap)."""
     num_validation: int = 200
     """Validation problems: generated after the train and held-out ones, disjoint from both, so
@@ -248,7 +257,7 @@ class EmbeddedConfig(_Section):
     seed: int = 0
     """Seed of the warm starts (initialisation and batch order), beside data.seed. Try another
     to see how much the embedded models vary from run to run."""
-    log_every_s: float = 30.0
+    log_every_s: NonNegFloat = 30.0
     """Log warm-start progress at least this often (seconds), TTY or not (workers, CI)."""
 
 
@@ -257,24 +266,24 @@ class RunSection(_Section):
         "custom", "sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal", "kdrl_mask_response", "kdrl_mask_group"
     ] = "kdrl_anneal"
     """Method preset applied under the YAML/--set values (see PRESETS); "custom" = none."""
-    steps: int = 60
+    steps: Count = 60
     """Optimizer steps (= rollout batches) to train."""
     seed: int = 0
     """Seed of sampling, initialisation and prompt order."""
     runs_dir: str = "runs"
     """Folder holding one directory per run."""
-    eval_every: int = 20
+    eval_every: NonNegInt = 20
     """Evaluate on the held-out set every N steps (0 = only before and after)."""
-    checkpoint_every: int = 20
-    """Save a resumable checkpoint every N steps (and always after the last)."""
-    eval_samples: int = 1
+    checkpoint_every: NonNegInt = 20
+    """Save a resumable checkpoint every N steps (and always after the last; 0 = only then)."""
+    eval_samples: Count = 1
     """k: samples per held-out prompt for pass@1 (averaged over k)."""
-    eval_temperature: float = 0.0
+    eval_temperature: NonNegFloat = 0.0
     """Evaluation temperature (0 = greedy)."""
     eval_greedy: bool = True
     """When eval_temperature > 0, also decode each held-out prompt greedily (greedy accuracy
     beside pass@1; the greedy rows have temperature 0)."""
-    num_threads: int = 0
+    num_threads: NonNegInt = 0
     """torch CPU threads (0 = leave torch's default)."""
     cache_dir: str = ".cache/kdrl"
     """Where embedded warm-started models are cached."""
@@ -302,18 +311,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.loss.kl_estimator == "topk" and self.teacher.top_k <= 0 and self.uses_teacher:
-            raise ValueError("loss.kl_estimator='topk' needs teacher.top_k > 0")
-        if self.rollout.source == "teacher" and self.loss.pg_coef != 0:
-            raise ValueError("rollout.source='teacher' (SFT) needs loss.pg_coef=0: off-policy samples")
+        problems = objective_problems(self)
         if self.teacher.engine == "vllm" and self.teacher.offload and not self.teacher.vllm.enable_sleep_mode:
-            raise ValueError("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
-                             "(a vLLM engine is put to sleep, not destroyed)")
+            problems.append("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
+                            "(a vLLM engine is put to sleep, not destroyed)")
         if self.rollout.engine == self.teacher.engine == "vllm":
             total = self.rollout.vllm.gpu_memory_utilization + self.teacher.vllm.gpu_memory_utilization
             if total > 0.9:
-                raise ValueError(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "
-                                 "> 0.9: the engines share the GPU with the trainer")
+                problems.append(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "
+                                "> 0.9: the engines share the GPU with the trainer")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -337,19 +345,19 @@ class EvalConfig(_Section):
     """The dataset and its column mapping. source "embedded" evaluates the held-out split of this
     data section (the prompts a run with the same data section never trains on); any other source
     evaluates the rows of data.split (the first `limit` of a seeded shuffle when limit > 0)."""
-    limit: int = 0
+    limit: NonNegInt = 0
     """Evaluate at most this many prompts (0 = all; ignored for "embedded": data.num_heldout)."""
     samples: int = 4
     """k: samples per prompt; pass@1 is their mean accuracy, averaged over prompts."""
-    temperature: float = 0.6
+    temperature: NonNegFloat = 0.6
     """Temperature of the k samples (0 = greedy; then samples must be 1)."""
     greedy: bool = True
     """Also decode each prompt greedily (greedy accuracy), when temperature > 0."""
-    max_new_tokens: int = 512
+    max_new_tokens: Count = 512
     """Longest response; longer ones are cut (finish_reason "length") and scored wrong."""
-    top_p: float = 1.0
+    top_p: Fraction = 1.0
     """Nucleus truncation of the k samples (1.0 = none)."""
-    batch_size: int = 256
+    batch_size: Count = 256
     """Most sequences generated in one call."""
     seed: int = 0
     """Sampling seed."""
@@ -372,6 +380,77 @@ class EvalConfig(_Section):
         if self.temperature == 0 and self.samples != 1:
             raise ValueError("temperature 0 is greedy: every sample would be the same; use samples=1")
         return self
+
+
+PRESET_TERMS: dict[str, tuple[bool, bool]] = {
+    "grpo": (True, False), "kd_rkl": (False, True), "kdrl": (True, True), "kdrl_anneal": (True, True),
+    "kdrl_mask_response": (True, True), "kdrl_mask_group": (True, True),
+}
+"""Preset → (reward term on, KD on): what the name promises. A run whose overrides switch one of
+the two off or on is another method under that name, and is refused (run.method=custom is free).
+sft is checked through rollout.source (its only data is the teacher's samples)."""
+
+
+def _no_kd(loss: LossConfig) -> str:
+    """How the config switched KD off, in its own keys (for messages)."""
+    if loss.beta_schedule == "linear":
+        return f"β = 0 (loss.beta_init={loss.beta_init:g}, loss.beta_min={loss.beta_min:g})"
+    return f"β = 0 (loss.beta_init={loss.beta_init:g})"
+
+
+def objective_problems(cfg: RunConfig) -> list[str]:
+    """Why the loss `cfg` describes would train on nothing, or not be what its keys say; [] if fine.
+
+    The terms (docs/objective.md): reward pg_coef·PG(Â) needs pg_coef > 0 and G ≥ 2 (Â_i = r_i −
+    mean_G r is 0 for a group of one); KD needs β > 0 and, as k1 lives inside the PG term as a
+    reward, pg_coef > 0 for k1; NLL needs nll_coef > 0. Every message names the keys to change."""
+    loss, G, method = cfg.loss, cfg.rollout.samples_per_prompt, cfg.run.method
+    kd, pg = cfg.uses_teacher, loss.pg_coef > 0
+    problems = []
+    if loss.beta_schedule == "linear" and loss.beta_min > loss.beta_init:
+        problems.append(f"loss.beta_min={loss.beta_min:g} > loss.beta_init={loss.beta_init:g}: the linear schedule "
+                        "max(β_init − δ·s, β_min) would never anneal; lower loss.beta_min or raise loss.beta_init")
+    if pg and G < 2:
+        problems.append(f"rollout.samples_per_prompt={G}: every group-relative advantage (r − mean of the group) is 0, "
+                        f"so the reward term (loss.pg_coef={loss.pg_coef:g}) has no gradient; use "
+                        "rollout.samples_per_prompt >= 2, or loss.pg_coef=0 to distil only (run.method=kd_rkl)")
+    if kd and loss.kl_estimator == "k1" and not pg:
+        problems.append("loss.kl_estimator='k1' acts only as a reward inside the policy-gradient term (Â − β·sg(k1)), "
+                        "which loss.pg_coef=0 switches off: it would distil nothing; use loss.kl_estimator=k2 "
+                        "(or k3, topk) to distil without the reward term")
+    if kd and loss.kl_estimator == "topk" and cfg.teacher.top_k <= 0:
+        problems.append("loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)")
+    if not kd and loss.kd_mask != "none":
+        problems.append(f"loss.kd_mask={loss.kd_mask!r} chooses which responses are distilled, but there is no KD: "
+                        f"{_no_kd(loss)}; set loss.kd_mask=none, or loss.beta_init > 0")
+    if not kd and loss.kl_estimator != "k2":
+        problems.append(f"loss.kl_estimator={loss.kl_estimator!r} chooses the KD estimator, but there is no KD: "
+                        f"{_no_kd(loss)}; drop loss.kl_estimator, or set loss.beta_init > 0")
+    if cfg.rollout.source == "teacher":
+        if pg:
+            problems.append(f"rollout.source='teacher' (SFT) needs loss.pg_coef=0, not {loss.pg_coef:g}: "
+                            "the policy gradient needs the student's own samples")
+        if kd:
+            problems.append(f"rollout.source='teacher' (SFT) needs β = 0 (loss.beta_init=0, loss.beta_min=0), not "
+                            f"loss.beta_init={loss.beta_init:g}: the reverse-KL estimators need the student's own samples")
+    elif method == "sft":
+        problems.append("run.method='sft' trains on teacher samples, but rollout.source='student': "
+                        "use run.method=custom for NLL on the student's own samples")
+    if not pg and not kd and loss.nll_coef == 0:
+        problems.append(f"no term of the loss is on (loss.pg_coef=0, {_no_kd(loss)}, loss.nll_coef=0): "
+                        "nothing would be trained")
+    if method in PRESET_TERMS:
+        want_pg, want_kd = PRESET_TERMS[method]
+        other = {v: k for k, v in reversed(PRESET_TERMS.items())}.get((pg, kd))
+        hint = f"that is run.method={other} (or use run.method=custom)" if other else "use run.method=custom"
+        if pg != want_pg:
+            problems.append(f"run.method={method!r} {'needs' if want_pg else 'has no'} the reward term, but "
+                            f"loss.pg_coef={loss.pg_coef:g}: {hint}")
+        if kd != want_kd:
+            setting = _no_kd(loss) if want_kd else f"loss.beta_init={loss.beta_init:g}"
+            problems.append(f"run.method={method!r} {'distils' if want_kd else 'has no KD'}, but {setting}: "
+                            f"{hint}")
+    return problems
 
 
 _KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}
@@ -410,39 +489,168 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw != "" else ""
-    for part in reversed(dotted.strip().split(".")):
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r}: the key {dotted.strip()!r} has an empty part (form: section.key=value)")
+    try:
+        value: Any = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value {raw!r} is not valid YAML "
+                         f"({getattr(err, 'problem', None) or err}); quote it, e.g. {dotted}='\"{raw}\"'") from None
+    for part in reversed(parts):
         value = {part: value}
     return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML keeps the last silently,
+    so a second `loss:` section would drop every key of the first."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode):
+    seen: dict[str, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice in one mapping (first on line "
+                    f"{seen[key_node.value].line + 1}): the first would be dropped", key_node.start_mark)
+            seen[key_node.value] = key_node.start_mark
+    yield from loader.construct_yaml_map(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML file at `path` ({} for an empty file); errors name the file, and
+    for syntax errors the line and column."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"config file {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                         "save the file as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+        source_line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        snippet = f"\n    {source_line}\n    {' ' * mark.column}^" if source_line else ""
+        raise ValueError(f"{where}: invalid YAML: {err.problem}{context}{snippet}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from None
+    if loaded is None:  # empty, or only comments: the defaults
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level (run:, loss:, ...), "
+                         f"got a {type(loaded).__name__}")
+    return loaded
+
+
+def _sections(cls: type[_Section], values: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """`values` with each section checked to be a mapping (an empty `run:` means its defaults)."""
+    out = dict(values)
+    for key, value in values.items():
+        field = cls.model_fields.get(str(key))
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, _Section)):
+            continue
+        if value is None:
+            out[key] = {}
+        elif isinstance(value, dict):
+            out[key] = _sections(section, value, where, f"{prefix}{key}.")
+        else:
+            raise ValueError(f"{where}: `{prefix}{key}` is a section: it needs a mapping of its keys "
+                             f"(`{key}:`, then indented `{next(iter(section.model_fields))}: ...` lines), "
+                             f"not {reprlib.repr(value)}")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults ← preset of run.method ← YAML at `path` ← `overrides`; errors name the bad key."""
     user: dict[str, Any] = {}
-    source = "defaults"
+    source = "defaults" if path is None else str(path)
+    where = f"{source}, overrides {list(overrides)}" if overrides else source
     if path is not None:
-        source = str(path)
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
-        user = loaded
+        user = _sections(RunConfig, read_yaml(path), source)
     for text in overrides:
         user = merge_dicts(user, parse_override(text))
-    method = (user.get("run") or {}).get("method", RunSection().method)
-    if method not in PRESETS:
-        raise ValueError(f"{source}: run.method={method!r} is not one of {sorted(PRESETS)}")
+    user = _sections(RunConfig, user, where)
+    method = user.get("run", {}).get("method", RunSection().method)
+    if not isinstance(method, str) or method not in PRESETS:
+        close = difflib.get_close_matches(str(method), PRESETS, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise ValueError(f"{where}: run.method={method!r} is not one of {sorted(PRESETS)}{hint}")
     return validate_config(RunConfig, merge_dicts(PRESETS[method], user), source=source, overrides=overrides)
 
 
+def _model_at(cls: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    for part in loc:
+        field = cls.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of `cls` ("loss.beta_init", "teacher.vllm.dtype", ...)."""
+    out = []
+    for name in cls.model_fields:
+        sub = _model_at(cls, (name,))
+        out.extend(_keys(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"])
+    return out
+
+
+def _unknown_key(cls: type[BaseModel], loc: tuple[str, ...]) -> str:
+    """ "unknown key; did you mean `loss.beta_init`?" for a key `cls` does not have at `loc`."""
+    parent = _model_at(cls, loc[:-1])
+    names = list(parent.model_fields) if parent else []
+    is_section = bool(names) and all(_model_at(parent, (n,)) for n in names)
+    what = "unknown section" if is_section else "unknown key"
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean `{'.'.join((*loc[:-1], close[0]))}`?"
+    elsewhere = [k for k in _keys(cls) if k.rsplit(".", 1)[-1] == loc[-1]]
+    if elsewhere:
+        return f"{what}; did you mean `{elsewhere[0]}`?"
+    return f"{what} (known: {', '.join(names)})" if names else what
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError) -> list[str]:
+    """One `<key path>: <message>` line per problem; a model-level problem (whose message names
+    its keys) as it is, without an empty location."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = _unknown_key(cls, loc)
+        elif e["type"] not in ("value_error", "missing"):
+            msg += f" (got {reprlib.repr(e.get('input'))})"
+        key = ".".join(loc)
+        lines.extend(f"{key}: {line}" if key else line for line in msg.splitlines())
+    return lines
+
+
 def validate_config(cls: type[_SectionT], values: dict[str, Any], *, source: str, overrides=()) -> _SectionT:
-    """`cls.model_validate(values)`, with one ValueError that names every bad key."""
+    """`cls.model_validate(values)`, with one ValueError that names every bad key, a line each."""
     try:
         return cls.model_validate(values)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise ValueError(f"invalid config ({source}, overrides {list(overrides)}): {problems}") from None
+        where = f"{source}, overrides {list(overrides)}" if overrides else source
+        problems = "\n  ".join(format_validation_error(cls, err))
+        raise ValueError(f"invalid config ({where}):\n  {problems}") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

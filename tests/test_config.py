@@ -1,9 +1,14 @@
-"""RunConfig: presets, YAML + --set precedence, errors that name the bad key."""
+"""RunConfig: presets, YAML + --set precedence, errors that name the bad key; every preset ×
+estimator × mask either trains on something or is refused up front; the messages through `kdrl`."""
+
+import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from kdrl.config import PRESETS, RunConfig, dump_config, load_config
+from flows.cli import main
+from kdrl.config import PRESETS, LossConfig, RunConfig, dump_config, load_config, merge_dicts, parse_override
 
 
 def test_defaults_are_the_paper_kdrl_annealing():
@@ -50,7 +55,7 @@ def test_typo_in_a_key_names_the_key(tmp_path):
         load_config(overrides=["loss.beta_int=0.01"])
     path = tmp_path / "cfg.yaml"
     path.write_text("rollout:\n  sampels_per_prompt: 4\n")
-    with pytest.raises(ValueError, match=r"cfg\.yaml.*rollout\.sampels_per_prompt"):
+    with pytest.raises(ValueError, match=r"(?s)cfg\.yaml.*rollout\.sampels_per_prompt"):
         load_config(path)
     with pytest.raises(ValueError, match="run.method='grpoo'"):
         load_config(overrides=["run.method=grpoo"])
@@ -93,3 +98,280 @@ def test_shipped_configs_validate():
     for path in configs:
         load_config(path)
     assert load_config(configs[0].with_name("default.yaml")) == load_config()
+
+
+# --- every preset × estimator × mask (× G × β) -------------------------------------------------
+
+ESTIMATORS = ("k1", "k2", "k3", "topk", "full")
+MASKS = ("none", "response", "group")
+BETAS = {"preset": (), "off": ("loss.beta_init=0", "loss.beta_min=0"), "on": ("loss.beta_init=0.02",)}
+PRESET_TERMS = {  # what each name promises: (reward term, KD term); README's table of presets
+    "sft": (False, False), "grpo": (True, False), "kd_rkl": (False, True), "kdrl": (True, True),
+    "kdrl_anneal": (True, True), "kdrl_mask_response": (True, True), "kdrl_mask_group": (True, True),
+}
+
+
+def _grid():
+    for method in PRESETS:
+        for estimator in ESTIMATORS:
+            for top_k in ((0, 4) if estimator == "topk" else (0,)):
+                for mask in MASKS:
+                    for G in (1, 4):
+                        for beta in BETAS:
+                            yield method, [f"run.method={method}", f"loss.kl_estimator={estimator}", f"loss.kd_mask={mask}",
+                                           f"rollout.samples_per_prompt={G}", f"teacher.top_k={top_k}", *BETAS[beta]]
+
+
+def _terms(loss: dict, G: int, top_k: int) -> dict[str, bool]:
+    """Which terms of L = pg_coef·PG + β·KD + nll_coef·NLL can have a nonzero gradient, read off the
+    fields: Â_i = r_i − mean_G r is 0 for G = 1; k1 only enters through the PG term (as a reward);
+    topk needs stored top-k ids."""
+    kd_on = loss["beta_init"] > 0 or (loss["beta_schedule"] == "linear" and loss["beta_min"] > 0)
+    estimator = loss["kl_estimator"]
+    return {
+        "reward": loss["pg_coef"] > 0 and G >= 2,
+        "kd": kd_on and (estimator in ("k2", "k3") or (estimator == "topk" and top_k > 0)
+                         or (estimator == "k1" and loss["pg_coef"] > 0)),
+        "nll": loss["nll_coef"] > 0,
+    }
+
+
+def _expected_refusals(method: str, overrides: list[str]) -> set[str]:
+    """The keys a refusal must name ({} = the config is meaningful and must be accepted)."""
+    values = {"loss": LossConfig().model_dump(), "rollout": {"source": "student"}}
+    for layer in [PRESETS[method], *map(parse_override, overrides)]:
+        values = merge_dicts(values, layer)
+    loss, source = values["loss"], values["rollout"]["source"]
+    G, top_k = values["rollout"]["samples_per_prompt"], values["teacher"]["top_k"]
+    if loss["kl_estimator"] not in ("k1", "k2", "k3", "topk"):
+        return {"loss.kl_estimator"}  # "full" exists only as a pure function (no full logits in Parquet)
+    kd_on = loss["beta_init"] > 0 or (loss["beta_schedule"] == "linear" and loss["beta_min"] > 0)
+    pg_on = loss["pg_coef"] > 0
+    terms = _terms(loss, G, top_k)
+    keys = set()
+    if pg_on and not terms["reward"]:
+        keys.add("rollout.samples_per_prompt")  # a reward term that carries no reward
+    if kd_on and not terms["kd"]:
+        keys.add("loss.kl_estimator")  # KD that distils nothing (k1 without PG, topk without top_k)
+    if not kd_on and loss["kd_mask"] != "none":
+        keys.add("loss.kd_mask")  # a KD mask without KD
+    if not kd_on and loss["kl_estimator"] != "k2":
+        keys.add("loss.kl_estimator")  # a KD estimator without KD ("sft with a kd estimator")
+    if source == "teacher" and (pg_on or kd_on):
+        keys.add("rollout.source")  # PG and reverse KL need the student's own samples
+    if method in PRESET_TERMS and method != "sft" and (pg_on, kd_on) != PRESET_TERMS[method]:
+        keys.add("run.method")  # another method under this name
+    if loss["beta_schedule"] == "linear" and loss["beta_min"] > loss["beta_init"]:
+        keys.add("loss.beta_min")
+    if not any(terms.values()):
+        keys.add("loss.")
+    return keys
+
+
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_every_preset_estimator_mask_trains_on_something_or_is_refused(method):
+    wrong = []
+    for m, overrides in _grid():
+        if m != method:
+            continue
+        expected = _expected_refusals(method, overrides)
+        try:
+            cfg = load_config(overrides=overrides)
+        except ValueError as err:
+            message = str(err)
+            if not expected:
+                wrong.append(f"refused a meaningful config {overrides}: {message}")
+            elif not any(key in message for key in expected):
+                wrong.append(f"{overrides}: the message names none of {sorted(expected)}: {message}")
+            elif ": :" in message or "Value error" in message:
+                wrong.append(f"{overrides}: unformatted message {message}")
+            continue
+        if expected:
+            wrong.append(f"accepted {overrides}, expected a refusal naming {sorted(expected)}")
+            continue
+        terms = _terms(cfg.loss.model_dump(), cfg.rollout.samples_per_prompt, cfg.teacher.top_k)
+        if not any(terms.values()):
+            wrong.append(f"accepted {overrides} whose loss has no nonzero term")
+    assert wrong == []
+
+
+def test_the_grid_covers_both_outcomes_for_each_preset():
+    # guards the sweep itself: it must see accepted and refused configs of every preset
+    outcomes = {m: set() for m in PRESETS}
+    for method, overrides in _grid():
+        outcomes[method].add(bool(_expected_refusals(method, overrides)))
+    assert all(o == {True, False} for o in outcomes.values()), outcomes
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["run.method=grpo", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt=1"),
+        (["rollout.samples_per_prompt=1"], "rollout.samples_per_prompt=1"),  # kdrl_anneal: the reward half is dead
+        (["loss.beta_init=-0.001"], "loss.beta_init"),
+        (["run.method=kdrl", "loss.beta_init=-0.001"], "loss.beta_init"),
+        (["run.steps=0"], "run.steps"),
+        (["run.steps=-2"], "run.steps"),
+        (["run.method=kd_rkl", "loss.kl_estimator=k1"], "loss.kl_estimator='k1'"),
+        (["run.method=grpo", "loss.kd_mask=response"], "loss.kd_mask='response'"),
+        (["run.method=sft", "loss.kl_estimator=k3"], "loss.kl_estimator='k3'"),
+        (["run.method=sft", "loss.beta_init=0.01"], "rollout.source='teacher'"),
+        (["run.method=grpo", "loss.beta_init=0.02"], "run.method='grpo'"),
+        (["run.method=kdrl", "loss.pg_coef=0"], "run.method='kdrl'"),
+        (["run.method=custom", "loss.pg_coef=0", "loss.beta_init=0", "loss.beta_min=0"], "no term of the loss"),
+        (["loss.beta_init=0", "loss.beta_min=0.001"], "loss.beta_min=0.001 > loss.beta_init=0"),
+        (["rollout.temperature=0"], "rollout.temperature"),
+        (["loss.ppo_epochs=0"], "loss.ppo_epochs"),
+        (["optim.micro_batch_size=0"], "optim.micro_batch_size"),
+    ],
+)
+def test_meaningless_values_are_refused_up_front_naming_the_key(overrides, key):
+    with pytest.raises(ValueError, match=re.escape(key)) as err:
+        load_config(overrides=overrides)
+    assert "\n  " in str(err.value) and ": :" not in str(err.value)
+
+
+def test_g1_is_fine_without_the_reward_term():
+    # pure distillation (k2) and SFT need no group: one sample per prompt trains
+    assert load_config(overrides=["run.method=kd_rkl", "rollout.samples_per_prompt=1"]).rollout.samples_per_prompt == 1
+    assert load_config(overrides=["run.method=sft", "rollout.samples_per_prompt=1"]).loss.nll_coef == 1.0
+
+
+def test_objective_doc_table_matches_the_validation():
+    """docs/objective.md's table of presets × estimators: which masks each cell accepts (G = 8,
+    the preset's β, teacher.top_k = 16 for topk), as load_config decides today."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "objective.md").read_text()
+    section = doc[doc.index("## Which combinations are accepted"):]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 1 + len(ESTIMATORS) and cells[0] in PRESETS:
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == set(PRESETS)
+    for method, cells in rows.items():
+        for estimator, cell in zip(ESTIMATORS, cells):
+            accepted = []
+            for mask in MASKS:
+                try:
+                    load_config(overrides=[f"run.method={method}", f"loss.kl_estimator={estimator}", f"loss.kd_mask={mask}",
+                                           "teacher.top_k=16"])
+                    accepted.append(mask)
+                except ValueError:
+                    pass
+            expected = {"all": list(MASKS), "none": ["none"], "—": []}[cell.split(" ")[0]]
+            assert accepted == expected, (method, estimator, cell, accepted)
+
+
+# --- YAML files -------------------------------------------------------------------------------
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  method: kdrl\n\tsteps: 3\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml:3:1: invalid YAML") as err:
+        load_config(path)
+    assert "<unicode string>" not in str(err.value)
+
+
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("run: [1, 2]\n")
+    for overrides in ([], ["run.steps=3"]):  # before: AttributeError, resp. the list silently replaced
+        with pytest.raises(ValueError, match=r"cfg\.yaml: `run` is a section"):
+            load_config(path, overrides)
+    path.write_text("teacher:\n  vllm: 3\n")
+    with pytest.raises(ValueError, match=r"cfg\.yaml: `teacher\.vllm` is a section"):
+        load_config(path, ["teacher.vllm.dtype=float16"])
+    with pytest.raises(ValueError, match=r"`run` is a section"):
+        load_config(overrides=["run=3"])
+
+
+def test_non_utf8_empty_missing_and_duplicate_files(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("run:\n  runs_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 on line 2\)"):
+        load_config(latin1)
+    for text in ("", "# nothing yet\n", "run:\n"):  # an empty file or section means the defaults
+        (tmp_path / "empty.yaml").write_text(text)
+        assert load_config(tmp_path / "empty.yaml") == load_config()
+    with pytest.raises(FileNotFoundError, match=r"config file .*missing\.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"cannot be read"):
+        load_config(tmp_path)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("loss:\n  beta_init: 0.1\nrun:\n  steps: 3\nloss:\n  pg_coef: 1\n")  # YAML would keep only the 2nd loss
+    with pytest.raises(ValueError, match=r"dup\.yaml:5:1: .*'loss' appears twice .*first on line 1"):
+        load_config(dup)
+
+
+# --- messages: one `<key path>: <message>` line per problem, with suggestions ------------------------
+
+
+def test_error_lines_have_a_key_path_or_name_their_keys(tmp_path):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides=["loss.kl_estimator=topk", "loss.beta_int=1", "run.steps=0"])
+    header, *lines = str(err.value).split("\n")
+    assert header.startswith("invalid config (defaults, overrides [")
+    assert lines == ["  loss.beta_int: unknown key; did you mean `loss.beta_init`?",
+                     "  run.steps: Input should be greater than or equal to 1 (got 0)"]
+    with pytest.raises(ValueError) as err:  # model-level: the message names the keys, no empty location
+        load_config(overrides=["loss.kl_estimator=topk"])
+    assert str(err.value).split("\n")[1] == "  loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)"
+
+
+def test_typos_get_a_did_you_mean(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lose:\n  beta_init: 0.1\nrollout:\n  sampels_per_prompt: 4\n")
+    message = str(pytest.raises(ValueError, load_config, path).value)
+    assert "lose: unknown section; did you mean `loss`?" in message
+    assert "rollout.sampels_per_prompt: unknown key; did you mean `rollout.samples_per_prompt`?" in message
+    assert "did you mean `teacher.top_k`?" in str(pytest.raises(ValueError, load_config, None, ["loss.top_k=4"]).value)
+    assert "did you mean `grpo`?" in str(pytest.raises(ValueError, load_config, None, ["run.method=grpoo"]).value)
+    with pytest.raises(ValueError, match=r"override 'loss.beta_init=\[1': the value '\[1' is not valid YAML"):
+        load_config(overrides=["loss.beta_init=[1"])
+
+
+def test_eval_config_errors_are_formatted_the_same_way():
+    from kdrl.evaluation import build_eval_config
+
+    with pytest.raises(ValueError, match=r"sampels: unknown key; did you mean `samples`\?"):
+        build_eval_config("embedded:student", overrides=["sampels=3"])
+    with pytest.raises(ValueError, match=r"\n  temperature 0 is greedy"):
+        build_eval_config("embedded:student", overrides=["temperature=0"])
+
+
+# --- through the real `kdrl` entry: exit code 2, the message, no traceback -------------------------
+
+
+def _clean_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("kdrl: ") and "Traceback" not in err and ": :" not in err and "Value error" not in err
+    return err
+
+
+def test_cli_train_reports_config_errors_cleanly(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("run:\n  steps: [\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert re.search(r"cfg\.yaml:3:1: invalid YAML", _clean_error(capsys))
+    path.write_text("run: [1, 2]\n")
+    assert main(["train", "--config", str(path), "--set", "run.steps=2"]) == 2
+    assert "cfg.yaml: `run` is a section" in _clean_error(capsys)
+    assert main(["train", "--set", "loss.beta_int=0.1"]) == 2
+    assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
+    assert main(["train", "--set", "run.method=kd_rkl", "--set", "loss.kl_estimator=k1"]) == 2
+    assert "loss.kl_estimator='k1'" in _clean_error(capsys)
+
+
+def test_cli_compare_eval_replay_report_config_errors_cleanly(tmp_path, capsys):
+    assert main(["compare", "--no-prefect", "--seeds", "1", "--methods", "grpo,kdrl",
+                 "--set", "rollout.samples_per_prompt=1", "--set", f"run.runs_dir={tmp_path}"]) == 2
+    assert "rollout.samples_per_prompt=1: every group-relative advantage" in _clean_error(capsys)
+    assert not any(tmp_path.iterdir())  # refused before any run started
+    assert main(["eval", "--checkpoint", "embedded:student", "--no-prefect", "--set", "sampels=3"]) == 2
+    assert "sampels: unknown key; did you mean `samples`?" in _clean_error(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config()))
+    assert main(["replay", str(run), "--iter", "0", "--set", "loss.beta_int=0.1"]) == 2
+    assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)

@@ -67,7 +67,7 @@ def test_config_refuses_engines_that_would_fill_the_gpu():
     with pytest.raises(ValueError, match="gpu_memory_utilization = 1 > 0.9"):
         load_config(overrides=["rollout.engine=vllm", "teacher.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.5",
                                "teacher.vllm.gpu_memory_utilization=0.5"])
-    with pytest.raises(ValueError, match=r"rollout.vllm.gpu_memory_utilization: Value error, must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"rollout.vllm.gpu_memory_utilization: must be in \(0, 1\]"):
         load_config(overrides=["rollout.vllm.gpu_memory_utilization=1.5"])
 
 
