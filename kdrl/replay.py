@@ -90,7 +90,23 @@ def replay_update(source_dir: Path, step: int, overrides: list[str] | tuple[str,
     dest = RunPaths(Path(dest_dir) if dest_dir else source.root.with_name(f"{source.root.name}-replay{step}-{cfg.hash()[:8]}"))
     if latest_checkpoint(dest) is not None:
         raise FileExistsError(f"{dest.root} already holds a replay; remove it or pass another destination")
+    created = dest.root  # the topmost folder this call creates; removed again if the replay fails
+    while not created.parent.exists():
+        created = created.parent
+    created = None if dest.root.exists() else created
     dest.root.mkdir(parents=True, exist_ok=True)
+    try:
+        _replay_into(source, dest, step, cfg, start, log=log)
+    except BaseException:  # a refusal below (teacher inputs, a damaged file) or a crash: leave no half-made run
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    log(f"[kdrl] replayed step {step} of {source.root.name} → {dest.root}")
+    return dest.root
+
+
+def _replay_into(source: RunPaths, dest: RunPaths, step: int, cfg: RunConfig, start: Path | None, *,
+                 log: Callable[[str], None]) -> None:
     dest.config.write_text(dump_config(cfg))
     _link(source.prompts, dest.prompts)
     s = open_session(cfg, dest.root, log=log)
@@ -107,5 +123,3 @@ def replay_update(source_dir: Path, step: int, overrides: list[str] | tuple[str,
     stage_update(s, step, seconds)
     save_checkpoint(dest.checkpoint(step), model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
                     scheduler=s.scheduler, step=step, optimizer_step=s.optimizer_step)
-    log(f"[kdrl] replayed step {step} of {source.root.name} → {dest.root}")
-    return dest.root

@@ -53,20 +53,52 @@ def test_replay_refuses_what_it_cannot_do(finished_run, tmp_path):
     with pytest.raises(ValueError, match=r"rollout\.samples_per_prompt"):
         replay_update(finished_run, 1, ["rollout.samples_per_prompt=2"], dest_dir=tmp_path / "a", log=lambda _: None)
     # a response the source's mask dropped (its teacher row is null) cannot be distilled in a replay
+    masked = _masked_copy(finished_run, tmp_path / "masked")
+    with pytest.raises(ValueError, match="1 responses the new KD mask keeps were never scored"):
+        replay_update(masked, 1, ["loss.kd_mask=none"], dest_dir=tmp_path / "b" / "new", log=lambda _: None)
+    assert not (tmp_path / "b").exists()  # refused after the model was loaded: what it had made is gone
+    with pytest.raises(FileNotFoundError, match="no rollouts"):
+        replay_update(finished_run, 7, [], dest_dir=tmp_path / "c", log=lambda _: None)
+    assert not (tmp_path / "c").exists()
+
+
+def _masked_copy(finished_run, dest):
+    """A copy of the run whose first teacher row of step 1 is null, as a response mask leaves it."""
     import shutil
 
     from kdrl.storage import read_table, write_table
 
-    masked = tmp_path / "masked"
-    shutil.copytree(finished_run, masked)
-    teacher = read_table(RunPaths(masked).teacher(1), table="teacher_logprobs")
+    shutil.copytree(finished_run, dest)
+    teacher = read_table(RunPaths(dest).teacher(1), table="teacher_logprobs")
     first_null = pl.Series([True] + [False] * (len(teacher) - 1))
     write_table(teacher.with_columns(pl.when(first_null).then(None).otherwise(pl.col("teacher_logprobs")).alias("teacher_logprobs")),
-                RunPaths(masked).teacher(1), table="teacher_logprobs")
-    with pytest.raises(ValueError, match="1 responses the new KD mask keeps were never scored"):
-        replay_update(masked, 1, ["loss.kd_mask=none"], dest_dir=tmp_path / "b", log=lambda _: None)
-    with pytest.raises(FileNotFoundError, match="no rollouts"):
-        replay_update(finished_run, 7, [], dest_dir=tmp_path / "c", log=lambda _: None)
+                RunPaths(dest).teacher(1), table="teacher_logprobs")
+    return dest
+
+
+def test_a_refused_replay_command_leaves_no_new_directory(finished_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    masked = _masked_copy(finished_run, runs / "masked")
+    refusals = [
+        (["--iter", "1", "--set", "loss.kd_mask=none"], "never scored"),  # found after the session is open
+        (["--iter", "1", "--set", "rollout.samples_per_prompt=2"], "replay can only change"),
+        (["--iter", "9"], "iteration 9 has no rollouts"),
+        (["--iter", "-1"], "step must be >= 0"),
+    ]
+    for argv, why in refusals:
+        assert main(["replay", "masked", "--runs-dir", str(runs), *argv]) == 2
+        assert why in capsys.readouterr().err
+        assert sorted(p.name for p in runs.iterdir()) == ["masked"], argv
+
+
+def test_a_refused_replay_keeps_a_destination_that_was_there(finished_run, tmp_path):
+    masked = _masked_copy(finished_run, tmp_path / "masked")
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="never scored"):
+        replay_update(masked, 1, ["loss.kd_mask=none"], dest_dir=dest, log=lambda _: None)
+    assert (dest / "notes.txt").read_text() == "keep me"
 
 
 def test_replay_command(finished_run, capsys):
