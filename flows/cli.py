@@ -185,7 +185,12 @@ def _runs(args: argparse.Namespace) -> int:
     from kdrl.runs import format_table, list_runs
 
     table = list_runs(args.runs_dir)
-    print(format_table(table) if len(table) else f"no runs under {args.runs_dir}")
+    print(format_table(table.drop("reason")) if len(table) else f"no runs under {args.runs_dir}")
+    damaged = table.filter(status="damaged")
+    if len(damaged):
+        print(f"\n{len(damaged)} damaged run(s), listed without metrics:")
+        for run_id, reason in damaged.select("run_id", "reason").iter_rows():
+            print(f"  {run_id}: {reason}")
     return 0
 
 
@@ -228,9 +233,15 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from kdrl.evaluation import build_eval_config, read_summary, run_eval
+    from kdrl.evaluation import build_eval_config, read_summary, resolve_checkpoint, run_eval
     from kdrl.runs import format_table
 
+    if not args.checkpoint.startswith("embedded:"):  # a missing path fails now, not after Prefect and the hub
+        try:
+            resolve_checkpoint(args.checkpoint, log=lambda _: None)
+        except FileNotFoundError as err:
+            print(f"kdrl: {err}", file=sys.stderr)
+            return 2
     _quiet_libraries()
     flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
              "data.prompt_template": args.prompt_template, "samples": args.samples, "temperature": args.temperature,
@@ -248,7 +259,7 @@ def _eval(args: argparse.Namespace) -> int:
             from flows.evaluate import kdrl_eval
 
             summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides, out_dir=out_dir)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: also what transformers raises for a hub model it cannot get
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
     summary = read_summary(Path(summary_path).parent)

@@ -55,11 +55,16 @@ def _owning_run(path: Path) -> Path | None:
 
 
 def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log: Callable[[str], None] = print) -> ResolvedModel:
-    """Where the weights of `checkpoint` are. Local paths are recognised by what they hold;
-    anything else is passed on as a hub name (loading reports it if it does not exist).
+    """Where the weights of `checkpoint` are. Local paths are recognised by what they hold; a
+    missing one fails at once, without asking the hub. Only a name that can be a hub model id
+    ("name" or "owner/name", not a file name like "model.safetensors") is passed on as a hub
+    name (loading reports it if it does not exist).
 
     >>> resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")
     ResolvedModel(path='Qwen/Qwen2.5-0.5B-Instruct', step=-1, run_dir=None)
+    >>> resolve_checkpoint("runs/grpo-1/iter_00003/checkpoint")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    FileNotFoundError: checkpoint 'runs/grpo-1/iter_00003/checkpoint': no such file or folder ...
     """
     if checkpoint.startswith("embedded:"):
         from kdrl.embedded import resolve_model_path
@@ -67,8 +72,11 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
         return ResolvedModel(resolve_model_path(checkpoint, run_cfg or RunConfig(), log=log))
     path = Path(checkpoint).expanduser()
     if not path.exists():
-        if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:
-            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder")
+        file_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".yml", ".parquet")
+        hub_id = re.fullmatch(r"(\w[\w.-]{0,95}/)?\w[\w.-]{0,95}", checkpoint) and ".." not in checkpoint
+        if checkpoint.startswith((".", "/", "~")) or not hub_id or checkpoint.lower().endswith(file_suffixes):
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder (looked for {path.absolute()}); "
+                                    "a hub model is named like owner/name")
         return ResolvedModel(checkpoint)
     if RunPaths(path).config.is_file():  # a run directory: its latest checkpoint
         from kdrl.runs import latest_checkpoint

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -51,6 +55,32 @@ def test_a_checkpoint_argument_resolves_to_the_weights(trained_run, tiny_model_d
         resolve_checkpoint(str(tiny_model_dir / "nope"))
     with pytest.raises(FileNotFoundError, match="not a kdrl run directory"):
         resolve_checkpoint(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B", "gpt2", "meta-llama/Llama-3.2-1B", "runs/grpo-1"])
+def test_a_name_that_can_be_a_hub_id_goes_to_the_hub(name):
+    assert resolve_checkpoint(name) == ResolvedModel(name)  # nothing of that name here: the hub's to answer
+
+
+@pytest.mark.parametrize("name", ["/missing/local/path", "./ckpt", "../ckpt", "~/no-such-ckpt", "runs/x/iter_00003/checkpoint",
+                                  "model.safetensors", "out/pytorch_model.bin", "org/name/", "my model", "C:\\models\\x"])
+def test_a_missing_path_is_not_found_here_without_asking_the_hub(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {re.escape(repr(name))}: no such file or folder"):
+        resolve_checkpoint(name)
+
+
+@pytest.mark.parametrize("argv", [["/missing/local/path"], ["weights.safetensors", "--no-prefect"]])
+def test_cli_a_missing_path_fails_before_prefect_and_the_hub(argv, tmp_path):
+    """The hub, made unreachable, would answer with its own error after minutes of retries; the
+    flow path would first start a local Prefect server."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--checkpoint", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"kdrl: checkpoint {argv[0]!r}: no such file or folder")
+    assert "127.0.0.1" not in done.stderr + done.stdout and "Prefect server" not in done.stdout
 
 
 def test_a_run_without_checkpoints_is_named(tmp_path):
