@@ -13,7 +13,15 @@ sparse for a weak student and dense for a trained teacher (the regime KDRL is fo
 
 from __future__ import annotations
 
+import codecs
+import csv
+import difflib
+import io
+import json
+import logging
+import os
 import random
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +30,8 @@ from kdrl.config import DataConfig
 if TYPE_CHECKING:
     import datasets
     import polars as pl
+
+logger = logging.getLogger(__name__)
 
 
 def worked_answer(a: int, b: int) -> str:
@@ -74,6 +84,122 @@ def embedded_arithmetic(n: int, *, seed: int, min_digits: int = 1, max_digits: i
     return datasets.Dataset.from_dict(rows)
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message names the file and, where known, the
+    line, row or field, and what to do."""
+
+
+_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _json_problem(text: str) -> str | None:
+    """Where a json/jsonl text stops being JSON: the first bad line of JSON lines, else the
+    position in the one document. None when every line (or the document) parses."""
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        one_object_per_line = isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        one_object_per_line = False
+    if one_object_per_line:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {lineno} is not valid JSON ({err.msg} at column {err.colno}): {line[:80]!r}"
+            if not isinstance(record, dict):
+                return f"line {lineno} is not a JSON object ({{\"question\": ..., \"answer\": ...}}): {line[:80]!r}"
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
+    return None
+
+
+def _csv_problem(text: str) -> str | None:
+    """The first CSV record whose field count differs from the header's (blank lines skipped),
+    or a header without rows."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    rows = 0
+    for record in reader:
+        if not record:
+            continue
+        rows += 1
+        if len(record) != len(header):
+            return (f"line {reader.line_num} has {len(record)} fields but the header has {len(header)} "
+                    f"({', '.join(header)}): {','.join(record)[:80]!r}; quote fields that contain commas")
+    return None if rows else f"no rows under the header ({', '.join(header)})"
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Where a text file stops being UTF-8 (line and byte), or None. Checked before loading:
+    pyarrow reads such bytes without complaint and they fail later, on first access to the row."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+        return None
+    except UnicodeDecodeError:
+        data = path.read_bytes()  # only now, to find the line
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"line {line} (byte {err.start}: 0x{data[err.start]:02x}) is not UTF-8 text; save the file as UTF-8"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """What makes a local data file unreadable, in words: empty, not UTF-8 (line and byte),
+    bad JSON (line), ragged CSV (line). None when none of these is found."""
+    data = path.read_bytes()
+    if not data.strip():
+        return "the file is empty"
+    kind = _KINDS.get(path.suffix)
+    if kind not in ("json", "csv"):
+        return None
+    problem = _utf8_problem(path)
+    if problem is not None:
+        return problem
+    text = data.decode("utf-8-sig")
+    return _csv_problem(text) if kind == "csv" else _json_problem(text)
+
+
+def _load_local(path: Path, split: str) -> datasets.Dataset:
+    """`datasets.load_dataset` on a local file or folder (its `split`); what it fails on is re-raised as a
+    DatasetError naming the file and line (found by re-reading the file, only on failure)."""
+    import datasets
+
+    if path.is_file():
+        kind = _KINDS.get(path.suffix)
+        if kind is None:
+            raise DatasetError(f"{path}: unsupported file type {path.suffix!r} (json, jsonl, csv, parquet)")
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in _KINDS and p.is_file())
+    for file in files:
+        problem = _utf8_problem(file) if _KINDS[file.suffix] != "parquet" else None
+        if problem is not None:
+            raise DatasetError(f"{file}: {problem}")
+    try:
+        if path.is_file():
+            return datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # datasets wraps parser errors in several types, or none (StopIteration)
+        for file in files:
+            problem = _file_problem(file)
+            if problem is not None:
+                raise DatasetError(f"{file}: {problem}") from err
+        cause = err.__cause__ or err
+        raise DatasetError(f"{path}: cannot be read as a dataset: {type(cause).__name__}: {cause}") from err
+
+
 def load_source(cfg: DataConfig) -> datasets.Dataset:
     """The raw dataset: the embedded generator, local files (json/jsonl/csv/parquet, a file or a
     folder of them), or a Hugging Face hub name. Checks the configured columns exist."""
@@ -84,64 +210,200 @@ def load_source(cfg: DataConfig) -> datasets.Dataset:
                                  min_digits=cfg.min_digits, max_digits=cfg.max_digits)
         return ds
     path = Path(cfg.source)
-    if path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r} (json, jsonl, csv, parquet)")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:  # a local dataset folder or a hub name
+    if path.exists():
+        ds = _load_local(path, cfg.split)
+    else:  # a hub name
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
-    for field in (cfg.question_field, cfg.answer_field):
+    for key, field in (("question_field", cfg.question_field), ("answer_field", cfg.answer_field)):
         if field not in ds.column_names:
-            raise ValueError(f"{cfg.source}: no column {field!r} (data.question_field/answer_field); columns are {ds.column_names}")
+            close = difflib.get_close_matches(field, ds.column_names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DatasetError(f"{cfg.source}: no column {field!r} (data.{key}){hint}; columns are {ds.column_names}")
     return ds
 
 
-def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None) -> pl.DataFrame:
+def normalised_question(question: str) -> str:
+    """The key rows are de-duplicated by: whitespace runs collapsed to one space, ends stripped,
+    case-folded (so "What is 2+2?" and " what is  2+2? " are one question).
+
+    >>> normalised_question("  What is\\t2+2?\\n") == normalised_question("what is 2+2?")
+    True
+    """
+    return " ".join(question.split()).casefold()
+
+
+def unique_rows(questions: list) -> tuple[list[int], dict[int, int]]:
+    """(indices of the first row of each distinct normalised question, in row order;
+    {duplicate row: the first row it repeats}). Non-text questions are kept as they are (they
+    are refused by row later, if drawn).
+
+    >>> unique_rows(["1+1=", "2+2=", " 1+1= ", None, None])
+    ([0, 1, 3, 4], {2: 0})
+    """
+    first: dict[str, int] = {}
+    keep, duplicates = [], {}
+    for index, question in enumerate(questions):
+        if isinstance(question, str):
+            key = normalised_question(question)
+            if key in first:
+                duplicates[index] = first[key]
+                continue
+            first[key] = index
+        keep.append(index)
+    return keep, duplicates
+
+
+_NUMERIC = re.compile(
+    r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?"  # 1,234.5  -3  3/4  12%
+    r"|[-+]?\.\d+"
+    r"|[-+]?\\[dt]?frac\{\d+\}\{\d+\}"  # \frac{1}{2}
+)
+
+
+def _is_numeric(gold: str) -> bool:
+    """Whether a gold answer is a plain number: integer, decimal, fraction, LaTeX \\frac, with
+    thousands commas, optionally inside $...$ or \\boxed{}.
+
+    >>> [_is_numeric(g) for g in ["72", "-1,234.5", "3/4", r"$\\frac{1}{2}$", "banana", "x+1"]]
+    [True, True, True, True, False, False]
+    """
+    s = gold.strip().strip("$").strip()
+    if s.startswith("\\boxed{") and s.endswith("}"):
+        s = s[len("\\boxed{"):-1].strip()
+    return _NUMERIC.fullmatch(s.rstrip(".")) is not None
+
+
+def _row_indices(rows: list[int], *, shown: int = 5) -> str:
+    more = f", … ({len(rows) - shown} more)" if len(rows) > shown else ""
+    return ", ".join(map(str, rows[:shown])) + more
+
+
+def _read_row(ds: datasets.Dataset, row_index: int, cfg: DataConfig) -> tuple[str, str]:
+    """(question, gold answer) of one row; an empty question or no reference answer is refused."""
+    from kdrl.rewards import reference_answer
+
+    row = ds[row_index]
+    question, answer = row[cfg.question_field], row[cfg.answer_field]
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f"{cfg.source}: row {row_index}: empty or non-text {cfg.question_field!r}")
+    gold = reference_answer(str(answer)) if answer is not None else ""
+    if not gold:
+        raise DatasetError(f"{cfg.source}: row {row_index}: no reference answer in {cfg.answer_field!r}")
+    return question, gold
+
+
+def _take_rows(cfg: DataConfig, ds: datasets.Dataset, tokenizer, order: list[int], need: int,
+               max_prompt_tokens: int | None) -> tuple[list[tuple[int, str, str, str, list[int]]], list[int]]:
+    """The first `need` rows of `order` whose prompt fits in `max_prompt_tokens`, as (row,
+    question, gold, prompt text, token ids); and the rows skipped for being too long. Rows are
+    tokenized in batches of what is still missing, so a long dataset is read only as far as needed."""
+    taken, too_long, position = [], [], 0
+    while len(taken) < need and position < len(order):
+        batch = order[position : position + need - len(taken)]
+        position += len(batch)
+        rows = [_read_row(ds, row_index, cfg) for row_index in batch]
+        texts = [cfg.prompt_template.format(question=question) for question, _ in rows]
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for row_index, (question, gold), text, token_ids in zip(batch, rows, texts, ids):
+            if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
+                too_long.append(row_index)
+            else:
+                taken.append((row_index, question, gold, text, token_ids))
+    return taken, too_long
+
+
+def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None,
+                  max_prompt_tokens: int | None = None, fewer_ok: bool = False) -> pl.DataFrame:
     """The PROMPTS table: a seeded, disjoint train/held-out split, templated and tokenized.
 
-    Held-out rows come first in the shuffled order so that growing num_train never moves a
-    held-out prompt into training. Rows whose question or answer is empty are refused by id.
-    `ds` is `load_source(cfg)` when already loaded.
+    Rows are de-duplicated first, by `normalised_question` (whitespace collapsed, case-folded;
+    the first row of each question is kept, a WARNING gives the count), so no question can be
+    both trained on and held out. Held-out rows come first in the shuffled order so that growing
+    num_train never moves a held-out prompt into training. A prompt longer than
+    `max_prompt_tokens` (the model's context minus max_new_tokens: see `prompt_token_limit`) is
+    skipped with a WARNING and the next row taken instead. Rows whose question or answer is empty
+    are refused by row; gold answers that are not numbers get one WARNING with their count.
+
+    `ds` is `load_source(cfg)` when already loaded. `fewer_ok` (kdrl eval) takes up to
+    num_train + num_heldout rows instead of refusing a source with fewer usable ones.
     """
     import polars as pl
 
-    from kdrl.rewards import reference_answer
-
     ds = load_source(cfg) if ds is None else ds
     need = cfg.num_train + cfg.num_heldout
-    if len(ds) < need:
-        raise ValueError(f"{cfg.source}: {len(ds)} rows, but num_train + num_heldout = {need}")
-    order = list(range(len(ds)))
+    order, duplicates = unique_rows(ds[cfg.question_field])
+    if duplicates:
+        examples = "; ".join(f"row {row} repeats row {first}" for row, first in list(duplicates.items())[:3])
+        logger.warning("%s: %d duplicate row(s) dropped (same question once whitespace is collapsed and case "
+                       "folded: %s); %d distinct questions remain", cfg.source, len(duplicates), examples, len(order))
     if cfg.source != "embedded":
         # Not the generator's rows: they are seeded-random already and a larger num_train only
         # appends to them, whereas shuffling a longer list would move every held-out prompt.
         random.Random(cfg.seed).shuffle(order)
-    questions, answers, splits = [], [], []
-    for rank, row_index in enumerate(order[:need]):
-        row = ds[row_index]
-        question, answer = row[cfg.question_field], row[cfg.answer_field]
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{cfg.source}: row {row_index}: empty or non-text {cfg.question_field!r}")
-        gold = reference_answer(str(answer)) if answer is not None else ""
-        if not gold:
-            raise ValueError(f"{cfg.source}: row {row_index}: no reference answer in {cfg.answer_field!r}")
-        questions.append(question)
-        answers.append(gold)
-        splits.append("heldout" if rank < cfg.num_heldout else "train")
-    texts = [cfg.prompt_template.format(question=q) for q in questions]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    taken, too_long = _take_rows(cfg, ds, tokenizer, order, need, max_prompt_tokens)
+    if too_long:
+        logger.warning("%s: %d prompt(s) longer than %d tokens (the model's context minus max_new_tokens) "
+                       "dropped: rows %s", cfg.source, len(too_long), max_prompt_tokens, _row_indices(too_long))
+    if not taken and too_long:
+        raise DatasetError(f"{cfg.source}: every prompt is longer than {max_prompt_tokens} tokens (the model's context "
+                           "minus max_new_tokens); shorten the questions or data.prompt_template, or lower max_new_tokens")
+    if len(taken) < need and not (fewer_ok and taken):
+        dropped = [f"{len(duplicates)} duplicate(s)"] * bool(duplicates) + [f"{len(too_long)} too long"] * bool(too_long)
+        detail = f" ({', '.join(dropped)}: {len(taken)} usable)" if dropped else ""
+        raise DatasetError(f"{cfg.source}: {len(ds)} rows{detail}, but num_train + num_heldout = {need}")
+    not_numeric = [row_index for row_index, _, gold, _, _ in taken if not _is_numeric(gold)]
+    if not_numeric:
+        first = ds[not_numeric[0]][cfg.answer_field]
+        logger.warning("%s: %d of %d gold answers are not numbers (rows %s; row %d: %r); the reward compares answers "
+                       "as numbers or LaTeX maths, so check data.answer_field", cfg.source, len(not_numeric),
+                       len(taken), _row_indices(not_numeric), not_numeric[0], str(first)[:80])
     return pl.DataFrame(
         {
-            "prompt_id": list(range(need)),
-            "split": splits,
-            "question": questions,
-            "answer": answers,
-            "prompt_text": texts,
-            "prompt_token_ids": ids,
+            "prompt_id": list(range(len(taken))),
+            "split": ["heldout" if rank < cfg.num_heldout else "train" for rank in range(len(taken))],
+            "question": [question for _, question, _, _, _ in taken],
+            "answer": [gold for _, _, gold, _, _ in taken],
+            "prompt_text": [text for _, _, _, text, _ in taken],
+            "prompt_token_ids": [ids for _, _, _, _, ids in taken],
         },
         schema_overrides={"prompt_token_ids": pl.List(pl.Int32)},
     )
+
+
+_UNSET_MAX_LENGTH = 10**7
+"""transformers writes int(1e30) as model_max_length when a tokenizer does not know its limit."""
+
+
+def context_length(model_config, tokenizer=None) -> int | None:
+    """The most tokens (prompt + completion) a model takes: its config's max_position_embeddings
+    (or n_positions / max_sequence_length / seq_length), else the tokenizer's model_max_length
+    when that is a real limit; None when neither says."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < _UNSET_MAX_LENGTH else None
+
+
+def prompt_token_limit(model_config, tokenizer, *, max_new_tokens: int, field: str) -> int | None:
+    """The longest prompt that leaves `max_new_tokens` of the model's context for the response
+    (`max_prompt_tokens` of `build_prompts`). `model_config` is a transformers config or a model
+    name/path (its config.json is read). When max_new_tokens alone fills the context, a WARNING
+    names `field` and only prompts longer than the context itself are dropped."""
+    if isinstance(model_config, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(str(model_config))
+    context = context_length(model_config, tokenizer)
+    if context is None:
+        return None
+    if max_new_tokens >= context:
+        logger.warning("%s=%d fills the model's whole context (%d tokens): responses may run past it; "
+                       "only prompts longer than the context are dropped", field, max_new_tokens, context)
+        return context - 1
+    return context - max_new_tokens
 
 
 def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int) -> list[int]:

@@ -115,19 +115,20 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: lis
     return validate_config(EvalConfig, values, source=f"kdrl eval {checkpoint} on {dataset}", overrides=overrides)
 
 
-def eval_prompts(cfg: EvalConfig, tokenizer) -> pl.DataFrame:
+def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | None = None) -> pl.DataFrame:
     """The PROMPTS rows to evaluate: the held-out split for "embedded", else the dataset's rows
-    (all of them, or the first `limit` of the seeded shuffle)."""
+    (all of them, or the first `limit` of the seeded shuffle; duplicates and prompts longer than
+    `max_prompt_tokens` dropped, see `build_prompts`)."""
     from kdrl.data import build_prompts, load_source
 
     if cfg.data.source == "embedded":
-        return build_prompts(cfg.data, tokenizer).filter(pl.col("split") == "heldout")
+        return build_prompts(cfg.data, tokenizer, max_prompt_tokens=max_prompt_tokens).filter(pl.col("split") == "heldout")
     ds = load_source(cfg.data)
     n = len(ds) if cfg.limit <= 0 else min(cfg.limit, len(ds))
     if n == 0:
         raise ValueError(f"{cfg.data.source} (split {cfg.data.split!r}) has no rows")
     data: DataConfig = cfg.data.model_copy(update={"num_train": 0, "num_heldout": n})
-    return build_prompts(data, tokenizer, ds=ds)
+    return build_prompts(data, tokenizer, ds=ds, max_prompt_tokens=max_prompt_tokens, fewer_ok=True)
 
 
 def summarize(samples: pl.DataFrame, *, dataset: str) -> pl.DataFrame:
@@ -178,6 +179,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     """Evaluate and write ``samples.parquet`` (EVALUATIONS), ``summary.parquet`` (EVAL_SUMMARY)
     and ``eval.yaml`` under `out_dir`. A folder already holding this evaluation (same config
     hash) is returned as it is; one holding another evaluation is refused, never overwritten."""
+    from kdrl.data import prompt_token_limit
     from kdrl.engines.hf import HFRolloutEngine
     from kdrl.engines.select import choose_engine, count_parameters
     from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm, vllm_available
@@ -195,7 +197,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     run_cfg = RunConfig(data=cfg.data) if cfg.data.source == "embedded" else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
     tokenizer = load_tokenizer(model.path)
-    prompts = eval_prompts(cfg, tokenizer)
+    limit = prompt_token_limit(model.path, tokenizer, max_new_tokens=cfg.max_new_tokens, field="max_new_tokens")
+    prompts = eval_prompts(cfg, tokenizer, max_prompt_tokens=limit)
     log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
         f"{cfg.samples} sample(s) at T={cfg.temperature}" + (" + greedy" if cfg.greedy and cfg.temperature > 0 else ""))
     choice = choose_engine(cfg.engine, field="engine", num_params=lambda: count_parameters(model.path),

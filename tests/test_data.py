@@ -3,15 +3,30 @@ and the per-step prompt sampler."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import re
 
 import polars as pl
 import pytest
 
-from kdrl.config import DataConfig
-from kdrl.data import build_prompts, embedded_arithmetic, sample_prompt_ids, worked_answer
+from kdrl.config import DataConfig, EvalConfig
+from kdrl.data import (
+    DatasetError,
+    build_prompts,
+    context_length,
+    embedded_arithmetic,
+    load_source,
+    normalised_question,
+    prompt_token_limit,
+    sample_prompt_ids,
+    unique_rows,
+    worked_answer,
+)
+from kdrl.evaluation import build_eval_config, eval_prompts, run_eval
 from kdrl.rewards import reference_answer
-from kdrl.storage import PROMPTS, read_table, write_table
+from kdrl.storage import PROMPTS, RunPaths, read_table, write_table
 
 SMALL = DataConfig(num_train=50, num_heldout=10)
 
@@ -287,3 +302,231 @@ def test_sample_prompt_ids_refuses_more_than_n():
     assert sorted(sample_prompt_ids(TRAIN_IDS, step=3, count=12, seed=0)) == TRAIN_IDS
     with pytest.raises(ValueError, match=r"prompts_per_step=13 must be in 1\.\.12"):
         sample_prompt_ids(TRAIN_IDS, step=0, count=13, seed=0)
+
+
+# unreadable files: the file and the line are named (DatasetError is a ValueError: the CLI prints it)
+
+
+def _jsonl_lines(n: int) -> list[str]:
+    return [json.dumps(r) for r in _gsm8k_rows(n)]
+
+
+def _refused(path, *, match: str, **update) -> DatasetError:
+    with pytest.raises(DatasetError, match=match) as info:
+        load_source(_local_cfg(path, **update))
+    assert isinstance(info.value, ValueError)
+    return info.value
+
+
+def test_a_non_utf8_byte_is_named_by_file_line_and_byte(tmp_path):
+    lines = _jsonl_lines(20)
+    # Line 3 holds "café" in Latin-1: 0xe9 where UTF-8 needs a multi-byte sequence.
+    body = "\n".join(lines[:2]).encode() + b"\n" + lines[2].replace("Sam", "Caf\\u00e9").encode().replace(b"Caf\\u00e9", b"Caf\xe9")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(body + b"\n" + "\n".join(lines[3:]).encode() + b"\n")
+    offset = body.index(b"\xe9")
+    _refused(path, match=rf"latin1\.jsonl: line 3 \(byte {offset}: 0xe9\) is not UTF-8 text; save the file as UTF-8")
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes(b"problem,solution\nSam has 2,#### 2\nJos\xe9 has 3,#### 3\n")
+    # 17 + 17 bytes of the first two lines, then "Jos": the bad byte is at offset 37.
+    _refused(csv_path, match=r"latin1\.csv: line 3 \(byte 37: 0xe9\) is not UTF-8")
+
+
+@pytest.mark.parametrize("bad_line", [4, 3001])  # inside datasets' first block, and in a later one
+def test_a_malformed_json_line_is_named(tmp_path, bad_line):
+    lines = _jsonl_lines(3005)
+    lines[bad_line - 1] = '{"problem": "Sam has 2 apples", "solution": '  # cut short
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    _refused(path, match=rf"gsm\.jsonl: line {bad_line} is not valid JSON \(Expecting value at column 45\)")
+
+
+def test_a_line_that_is_not_an_object_and_a_broken_json_document(tmp_path):
+    lines = _jsonl_lines(5)
+    lines[1] = '["Sam has 2 apples", "#### 2"]'
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    _refused(path, match=r"gsm\.jsonl: line 2 is not a JSON object")
+    document = tmp_path / "gsm.json"  # one pretty-printed array, not JSON lines
+    document.write_text('[\n  {"problem": "a", "solution": "1"},\n  {"problem": "b", "solution": }\n]\n')
+    _refused(document, match=r"gsm\.json: line 3 is not valid JSON \(Expecting value at column 32\)")
+
+
+def test_a_ragged_csv_names_the_line_and_field_counts(tmp_path):
+    path = tmp_path / "gsm.csv"
+    path.write_text("problem,solution\nSam has 2,#### 2\nSam has 1,000 apples,#### 1000\nSam has 3,#### 3\n")
+    _refused(path, match=r"gsm\.csv: line 3 has 3 fields but the header has 2 \(problem, solution\): "
+                         r"'Sam has 1,000 apples,#### 1000'; quote fields that contain commas")
+
+
+@pytest.mark.parametrize("name", ["gsm.jsonl", "gsm.json", "gsm.csv", "gsm.parquet"])
+@pytest.mark.parametrize("content", ["", " \n\n"])
+def test_an_empty_file_is_named(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    _refused(path, match=rf"{re.escape(name)}: the file is empty")
+
+
+def test_a_csv_header_without_rows(tmp_path):
+    path = tmp_path / "gsm.csv"
+    path.write_text("problem,solution\n")
+    _refused(path, match=r"gsm\.csv: no rows under the header \(problem, solution\)")
+
+
+def test_the_bad_file_of_a_folder_is_named(tmp_path):
+    _write(_gsm8k_rows(10), tmp_path / "data" / "a.parquet")
+    (tmp_path / "data" / "b.parquet").write_bytes(b"")
+    _refused(tmp_path / "data", match=r"b\.parquet: the file is empty")
+
+
+def test_a_misspelt_column_is_named_with_a_suggestion(tmp_path):
+    path = _write(_gsm8k_rows(20), tmp_path / "gsm.jsonl")
+    _refused(path, question_field="Problem",
+             match=r"no column 'Problem' \(data\.question_field\) \(did you mean 'problem'\?\); columns are \['problem'")
+    _refused(path, answer_field="answer", match=r"no column 'answer' \(data\.answer_field\); columns are")
+
+
+# duplicates: removed before the split, so nothing held out is trained on
+
+
+def _with_duplicates(n_distinct: int) -> list[dict]:
+    """Each of `n_distinct` questions 1 to 4 times, the repeats differing only in whitespace and case."""
+    rows = []
+    for row in _gsm8k_rows(n_distinct):
+        variants = [row["problem"], row["problem"].upper(), "  " + row["problem"].replace(" ", "\t "), row["problem"].lower()]
+        rows += [{**row, "problem": v} for v in variants[: 1 + row["source_id"] % 4]]
+    return rows
+
+
+def test_normalised_question_collapses_whitespace_and_case():
+    assert normalised_question(" Sam  has\t2\nAPPLES ") == "sam has 2 apples"
+    assert normalised_question("Straße") == normalised_question("STRASSE")  # case-folded, not lower-cased
+
+
+def test_duplicates_never_land_in_both_splits(tmp_path, tiny_tokenizer, caplog):
+    rows = _with_duplicates(40)  # 40 distinct questions in 1+2+3+4 (×10) = 100 rows
+    assert len(rows) == 100
+    path = _write(rows, tmp_path / "dups.jsonl")
+    for seed in range(5):
+        with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+            caplog.clear()
+            prompts = build_prompts(_local_cfg(path, num_train=30, num_heldout=10, seed=seed), tiny_tokenizer)
+        # The key spelt out here, not taken from kdrl: whitespace runs collapsed, case-folded.
+        keys = [" ".join(q.split()).casefold() for q in prompts["question"]]
+        heldout = {k for k, split in zip(keys, prompts["split"]) if split == "heldout"}
+        assert heldout.isdisjoint(k for k, split in zip(keys, prompts["split"]) if split == "train")
+        assert len(heldout) == 10 and len(set(keys)) == prompts.height == 40  # every distinct question once
+        assert "60 duplicate row(s) dropped" in caplog.text and "40 distinct questions remain" in caplog.text
+    # The first row of each question is the one kept: the original spelling.
+    assert set(prompts["question"]) == {r["problem"] for r in _gsm8k_rows(40)}
+    with pytest.raises(DatasetError, match=r"100 rows \(60 duplicate\(s\): 40 usable\), but num_train \+ num_heldout = 41"):
+        build_prompts(_local_cfg(path, num_train=31, num_heldout=10), tiny_tokenizer)
+
+
+def test_eval_takes_each_distinct_question_once(tmp_path, tiny_tokenizer):
+    path = _write(_with_duplicates(12), tmp_path / "dups.jsonl")  # 30 rows, 12 distinct
+    cfg = EvalConfig(checkpoint="unused", data=_local_cfg(path))
+    prompts = eval_prompts(cfg, tiny_tokenizer)
+    assert prompts.height == 12 and set(prompts["split"]) == {"heldout"}
+    assert eval_prompts(cfg.model_copy(update={"limit": 5}), tiny_tokenizer).height == 5
+
+
+def test_the_embedded_task_has_no_duplicates_to_drop(caplog):
+    # So the default prompts (and the embedded cache built from them) are what they were.
+    questions = embedded_arithmetic(2200, seed=1234)["question"]
+    assert unique_rows(list(questions)) == (list(range(2200)), {})
+
+
+# prompts longer than the model's context
+
+
+def test_context_length_of_the_tiny_models(tiny_student, tiny_tokenizer, caplog):
+    # build_tiny_llama: max_position_embeddings = 256; the char tokenizer does not know a limit
+    # (transformers' int(1e30)), so it is only the fallback.
+    assert context_length(tiny_student.config, tiny_tokenizer) == 256
+    assert context_length(object(), tiny_tokenizer) is None
+    tiny_tokenizer_copy = copy.copy(tiny_tokenizer)
+    tiny_tokenizer_copy.model_max_length = 128
+    assert context_length(object(), tiny_tokenizer_copy) == 128
+    assert prompt_token_limit(tiny_student.config, tiny_tokenizer, max_new_tokens=48, field="rollout.max_new_tokens") == 256 - 48
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        assert prompt_token_limit(tiny_student.config, tiny_tokenizer, max_new_tokens=512, field="max_new_tokens") == 255
+    assert "max_new_tokens=512 fills the model's whole context (256 tokens)" in caplog.text
+
+
+def test_a_prompt_longer_than_the_budget_is_dropped_and_replaced(tmp_path, tiny_tokenizer, caplog):
+    rows = _gsm8k_rows(20)
+    # One character, one token: the other rows' questions are 54-56 characters, so their prompts
+    # (with "Question: ", "\nAnswer:" and <bos>) are at most 56 + 10 + 8 + 1 = 75 tokens. These
+    # two are 26 + 5 * 18 = 116 and 117 characters: 135 and 136 tokens.
+    for i in (2, 17):
+        rows[i]["problem"] = f"Sam has 2 apples. Then {i}. " + "Sam has 2 apples. " * 5
+    path = _write(rows, tmp_path / "gsm.jsonl")
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        prompts = build_prompts(_local_cfg(path, num_train=16, num_heldout=2), tiny_tokenizer, max_prompt_tokens=100)
+    assert prompts.height == 18 and prompts["prompt_token_ids"].list.len().max() == 75
+    assert "Then" not in "".join(prompts["question"])
+    assert "2 prompt(s) longer than 100 tokens" in caplog.text and re.search(r"dropped: rows (2, 17|17, 2)$", caplog.text, re.MULTILINE)
+    unlimited = build_prompts(_local_cfg(path, num_train=16, num_heldout=2), tiny_tokenizer)
+    assert sorted(unlimited["prompt_token_ids"].list.len())[-2:] == [135, 136]  # what the limit dropped
+    with pytest.raises(DatasetError, match=r"20 rows \(2 too long: 18 usable\), but num_train \+ num_heldout = 19"):
+        build_prompts(_local_cfg(path, num_train=17, num_heldout=2), tiny_tokenizer, max_prompt_tokens=100)
+    with pytest.raises(DatasetError, match=r"every prompt is longer than 10 tokens"):
+        build_prompts(_local_cfg(path), tiny_tokenizer, max_prompt_tokens=10)
+
+
+@pytest.fixture
+def long_question_file(tmp_path):
+    """Four sums and one 100,000-character question (row 2): far past the tiny models' 256 positions."""
+    rows = [{"problem": f"{a}+{b}=", "solution": worked_answer(a, b)} for a, b in [(3, 4), (12, 9), (40, 2), (7, 7)]]
+    rows.insert(2, {"problem": "1+" * 50_000 + "1=", "solution": "#### 50001"})
+    return _write(rows, tmp_path / "long.jsonl")
+
+
+def test_kdrl_eval_drops_a_question_longer_than_the_context(long_question_file, tiny_model_dir, tmp_path, caplog):
+    cfg = build_eval_config(str(tiny_model_dir / "student"), str(long_question_file),
+                            ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"])
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
+    samples = read_table(out.samples, table="evaluations")
+    # Only the four sums were generated for: 256 - 4 = 252 tokens is the longest prompt.
+    assert samples.height == 4 and samples["prompt_id"].to_list() == [0, 1, 2, 3]
+    assert "1 prompt(s) longer than 252 tokens" in caplog.text and "dropped: rows 2" in caplog.text
+
+
+def test_training_drops_a_question_longer_than_the_context(long_question_file, tiny_model_dir, tmp_path, caplog):
+    from kdrl.config import load_config
+    from kdrl.loop import open_session
+
+    overrides = {"run.method": "grpo", "model.name_or_path": str(tiny_model_dir / "student"), "rollout.engine": "hf",
+                 "data.source": str(long_question_file), "data.question_field": "problem", "data.answer_field": "solution",
+                 "data.num_train": 3, "data.num_heldout": 1, "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
+                 "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache")}
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        session = open_session(cfg, tmp_path / "runs" / "long", log=lambda _: None)
+    session.close()
+    prompts = read_table(RunPaths(tmp_path / "runs" / "long").prompts, table="prompts")
+    assert sorted(prompts["question"]) == ["12+9=", "3+4=", "40+2=", "7+7="]
+    assert "1 prompt(s) longer than 244 tokens" in caplog.text  # 256 - rollout.max_new_tokens 12
+
+
+# gold answers that are not numbers
+
+
+def test_non_numeric_gold_answers_are_counted_once(tmp_path, tiny_tokenizer, caplog):
+    rows = _gsm8k_rows(16)
+    numeric = ["#### 1,234", "#### -3.5", "#### 3/4", r"\boxed{\frac{1}{2}}", "#### $12$", "#### 50%"]
+    for i, solution in enumerate(numeric):
+        rows[i]["solution"] = solution
+    rows[9]["solution"], rows[12]["solution"] = "#### banana", "yes"
+    path = _write(rows, tmp_path / "gsm.jsonl")
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        build_prompts(_local_cfg(path), tiny_tokenizer)
+    warnings = [r.getMessage() for r in caplog.records if "not numbers" in r.getMessage()]
+    assert len(warnings) == 1
+    assert re.search(r"gsm\.jsonl: 2 of 16 gold answers are not numbers \(rows (9, 12|12, 9); row \d+: '(#### banana|yes)'\)", warnings[0])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        build_prompts(_local_cfg(_write(_gsm8k_rows(16), tmp_path / "ok.jsonl")), tiny_tokenizer)
+    assert "not numbers" not in caplog.text
