@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -253,26 +252,6 @@ def unique_rows(questions: list) -> tuple[list[int], dict[int, int]]:
     return keep, duplicates
 
 
-_NUMERIC = re.compile(
-    r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?"  # 1,234.5  -3  3/4  12%
-    r"|[-+]?\.\d+"
-    r"|[-+]?\\[dt]?frac\{\d+\}\{\d+\}"  # \frac{1}{2}
-)
-
-
-def _is_numeric(gold: str) -> bool:
-    """Whether a gold answer is a plain number: integer, decimal, fraction, LaTeX \\frac, with
-    thousands commas, optionally inside $...$ or \\boxed{}.
-
-    >>> [_is_numeric(g) for g in ["72", "-1,234.5", "3/4", r"$\\frac{1}{2}$", "banana", "x+1"]]
-    [True, True, True, True, False, False]
-    """
-    s = gold.strip().strip("$").strip()
-    if s.startswith("\\boxed{") and s.endswith("}"):
-        s = s[len("\\boxed{"):-1].strip()
-    return _NUMERIC.fullmatch(s.rstrip(".")) is not None
-
-
 def _row_indices(rows: list[int], *, shown: int = 5) -> str:
     more = f", … ({len(rows) - shown} more)" if len(rows) > shown else ""
     return ", ".join(map(str, rows[:shown])) + more
@@ -329,6 +308,8 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
     """
     import polars as pl
 
+    from kdrl.rewards import is_numeric_answer
+
     ds = load_source(cfg) if ds is None else ds
     need = cfg.num_train + cfg.num_heldout
     order, duplicates = unique_rows(ds[cfg.question_field])
@@ -351,7 +332,7 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         dropped = [f"{len(duplicates)} duplicate(s)"] * bool(duplicates) + [f"{len(too_long)} too long"] * bool(too_long)
         detail = f" ({', '.join(dropped)}: {len(taken)} usable)" if dropped else ""
         raise DatasetError(f"{cfg.source}: {len(ds)} rows{detail}, but num_train + num_heldout = {need}")
-    not_numeric = [row_index for row_index, _, gold, _, _ in taken if not _is_numeric(gold)]
+    not_numeric = [row_index for row_index, _, gold, _, _ in taken if not is_numeric_answer(gold)]
     if not_numeric:
         first = ds[not_numeric[0]][cfg.answer_field]
         logger.warning("%s: %d of %d gold answers are not numbers (rows %s; row %d: %r); the reward compares answers "
