@@ -155,24 +155,22 @@ def _utf8_problem(path: Path) -> str | None:
 
 
 def _file_problem(path: Path) -> str | None:
-    """What makes a local data file unreadable, in words: empty, not UTF-8 (line and byte),
-    bad JSON (line), ragged CSV (line). None when none of these is found."""
+    """What made a local data file fail to load, in words: empty, bad JSON (line), ragged CSV
+    (line). None when none of these is found. Its bytes are UTF-8 already (checked first)."""
     data = path.read_bytes()
     if not data.strip():
         return "the file is empty"
     kind = _KINDS.get(path.suffix)
     if kind not in ("json", "csv"):
         return None
-    problem = _utf8_problem(path)
-    if problem is not None:
-        return problem
-    text = data.decode("utf-8-sig")
+    text = data.decode("utf-8-sig", errors="replace")
     return _csv_problem(text) if kind == "csv" else _json_problem(text)
 
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:
-    """`datasets.load_dataset` on a local file or folder (its `split`); what it fails on is re-raised as a
-    DatasetError naming the file and line (found by re-reading the file, only on failure)."""
+    """`datasets.load_dataset` on a local file or folder (its `split`). Text files are checked to be
+    UTF-8 first; what loading fails on is re-raised as a DatasetError naming the file and line
+    (found by re-reading the file, only on failure)."""
     import datasets
 
     if path.is_file():
