@@ -1,4 +1,4 @@
-"""Rule-based rewards for math answers: binary correctness, checked with math-verify.
+"""Rule-based rewards for math answers: binary correctness, exact where it can be, else math-verify.
 
 Variant: r = 1.0 when the final answer extracted from a response is mathematically equal to the
 gold answer, else 0.0. No format reward, no partial credit. A truncated response
@@ -6,9 +6,26 @@ gold answer, else 0.0. No format reward, no partial credit. A truncated response
 and rewarding it would teach the policy that running out of tokens is fine (DAPO's "overlong"
 problem, handled here in its simplest form).
 
-Extraction takes the GSM8K ``#### answer`` line, else the last ``\\boxed{...}``, else the last
-number. Equality is tried cheaply first (both sides plain numbers with the same exact value),
-then with math-verify (``verify(parse(gold), parse(pred))``).
+Extraction (``mode="auto"``) prefers an explicit marker to the last number, in this order:
+
+1. the GSM8K ``#### answer`` line (the last one);
+2. the last ``\\boxed{...}`` whose braces close;
+3. "the answer is ..." (also "the final answer is", "Final answer:", a line starting "Answer:"):
+   the last number of the clause after the last such marker, so "The answer is 12. Step 2 used
+   20 apples." gives 12;
+4. the last number in the text.
+
+A number is read whole: ``1,234``, ``1{,}234``, ``1\\,234`` and space-grouped ``1 234`` are 1234;
+``3 1/2`` is the mixed number 7/2 (when 1 < 2; "2 3/2" is two numbers); a space groups or mixes
+only in a number that stands free (after a space, sign, ``$`` or bracket: "###9 837" ends in
+837); ``-``, ``−`` before a number are a minus only where they cannot be subtraction.
+
+Equality is decided exactly when both sides are plain numbers (integer, decimal, ``a/b``) and
+exact arithmetic provably agrees with math-verify: equal values match, and two *integers* that
+differ do not (math-verify compares integers exactly; below 10^12 even one written ``12.0``).
+Everything else (0.3333333 vs 1/3, which math-verify accepts after rounding to 6 decimals; LaTeX;
+units; percent) goes to math-verify (``verify(parse(gold), parse(pred))``).
+tests/test_rewards.py checks that agreement over thousands of generated pairs.
 
 math-verify bounds its own time with ``signal.alarm``, which only works on the main thread:
 anywhere else (Ray workers, thread pools) it raises, the error is swallowed and every reward
@@ -28,20 +45,48 @@ from typing import Callable, Literal
 
 ExtractMode = Literal["auto", "hash", "boxed", "last_number"]
 
+# A space, no-break space, thin space or narrow no-break space.
+_SPACE = "[ \u00a0\u2009\u202f]"
+# 1,234 / 1{,}234 / 1\,234 / 1\ 234 / 1 234: thousands separators. math-verify reads 1\,234 and
+# 1 234 as 235.
+_MARK_SEP = r"(?:,|\{,\}|\\,|\\ )"
+_GROUP_SEP = rf"(?:{_MARK_SEP}|{_SPACE})"
+# Spaces group digits ("1 234") or split a mixed number ("3 1/2") only in a number that stands
+# free: after a space, a sign, $ or an opening bracket. Glued to a symbol it is two numbers, as
+# in a weak student's "###9 837" (a '#' mistyped), which must read 837 as it always did.
+_FREE = r"(?<![^\s$(\[{\-−])"
 # A sign counts as a minus only where it cannot be subtraction ("10-3" ends in 3, not -3).
 # Integer \frac{a}{b} is a number too, so "$-\frac{1}{2}$" without a box still yields -1/2.
+# A mixed number is tried before the plain forms, grouped thousands before bare digits.
 _NUMBER = re.compile(
     r"(?P<sign>(?<![\w)\]}])[-−])?"
     r"(?:\\[dt]?frac\{(?P<frac_num>[0-9]+)\}\{(?P<frac_den>[0-9]+)\}"
-    r"|(?P<num>(?:[0-9]{1,3}(?:(?:,|\{,\}|\\,)[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)"
+    rf"|{_FREE}(?P<whole>[0-9]+){_SPACE}(?P<mixed_num>[0-9]+)/(?P<mixed_den>[0-9]+)(?![0-9/]|\.[0-9])"
+    rf"|(?P<num>(?:{_FREE}[0-9]{{1,3}}(?:{_GROUP_SEP}[0-9]{{3}})+(?![0-9])"
+    rf"|[0-9]{{1,3}}(?:{_MARK_SEP}[0-9]{{3}})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)"
     r"(?:/(?P<den>[0-9]+(?:\.[0-9]+)?))?)"
 )
 _BOXED = re.compile(r"\\boxed\s*\{")
-# 1,234 / 1{,}234 / 1\,234 / 1\ 234: thousands separators. math-verify reads 1\,234 as 235.
-_THOUSANDS = re.compile(r"(?<=[0-9])(?:,|\{,\}|\\,|\\ )(?=[0-9]{3}(?![0-9]))")
+_THOUSANDS = re.compile(rf"(?<=[0-9]){_GROUP_SEP}(?=[0-9]{{3}}(?![0-9]))")
+# A mixed number inside an answer; math-verify reads "3 1/2" as 2.
+_MIXED = re.compile(rf"(?<![\w.}}/])([0-9]+){_SPACE}+([0-9]+)/([0-9]+)(?![\w./])")
+# "The answer is", "the final answer is", "My answer is", "Final answer:", a line "**Answer:**".
+# A bare "answer:" mid-sentence ("to find the answer: first 3, ...") is not a marker.
+_ANSWER_IS = re.compile(
+    r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|=)"
+    r"|\bfinal\s+answer[*_\s]*(?:is\b|=|:)"
+    r"|^[*_#>\s]*answer[*_\s]*:",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Where the clause after the marker ends: a new line, ; ! ?, a full stop that is no decimal
+# point, or a comma followed by a space (thousands commas have none).
+_CLAUSE_END = re.compile(r"\n|[;!?]|\.(?![0-9])|,\s")
 # Plain words ("72 dollars") parse as products of symbols inside $...$ unless put in \text{}.
 _WORD = re.compile(r"(?<![\\{A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
 _PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
+# Integers smaller than this are compared exactly by math-verify in every plain spelling
+# (sympy Integer, or a 15-digit Float for "12.0"), so two that differ are provably unequal.
+_EXACT_INTEGER_BOUND = 10**12
 
 
 def _extract_hash(text: str) -> str | None:
@@ -68,7 +113,7 @@ def _extract_boxed(text: str) -> str | None:
 
 
 def _extract_last_number(text: str) -> str | None:
-    """The last number, as ``-1234.5`` or ``3/4``: commas dropped, a unicode minus made ASCII."""
+    """The last number, as ``-1234.5``, ``3/4`` or ``3 1/2``; separators dropped, minus in ASCII."""
     matches = list(_NUMBER.finditer(text))
     if not matches:
         return None
@@ -76,8 +121,23 @@ def _extract_last_number(text: str) -> str | None:
     sign = "-" if m["sign"] else ""
     if m["frac_num"] is not None:
         return f"{sign}{m['frac_num']}/{m['frac_den']}"
+    if m["whole"] is not None:
+        if int(m["mixed_num"]) < int(m["mixed_den"]):
+            return f"{sign}{m['whole']} {m['mixed_num']}/{m['mixed_den']}"
+        return f"{m['mixed_num']}/{m['mixed_den']}"  # "2 3/2" is no mixed number: the last is 3/2
     den = f"/{m['den']}" if m["den"] else ""
     return f"{sign}{_THOUSANDS.sub('', m['num'])}{den}"
+
+
+def _extract_answer_is(text: str) -> str | None:
+    """The last number of the clause after the last "the answer is"-style marker."""
+    markers = list(_ANSWER_IS.finditer(text))
+    if not markers:
+        return None
+    rest = text[markers[-1].end() :]
+    end = _CLAUSE_END.search(rest.lstrip(" \t*_:"))  # skip "**" and ":" so "is: 7." is one clause
+    clause = rest.lstrip(" \t*_:")[: end.start() if end else None]
+    return _extract_last_number(clause)
 
 
 _EXTRACTORS: dict[str, Callable[[str], str | None]] = {
@@ -85,14 +145,20 @@ _EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "boxed": _extract_boxed,
     "last_number": _extract_last_number,
 }
+# The documented order of mode="auto" (module docstring): explicit markers before the last number.
+_AUTO_ORDER = (_extract_hash, _extract_boxed, _extract_answer_is, _extract_last_number)
 
 
 def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
     """The final answer in a response, or None when there is none.
 
     ``hash``: after the last ``####``; ``boxed``: the last ``\\boxed{}``; ``last_number``: the
-    last number (commas, negatives, decimals, ``a/b`` and integer ``\\frac{a}{b}``);
-    ``auto``: the first of those three that finds something.
+    last number (grouped thousands, negatives, decimals, ``a/b``, mixed ``3 1/2`` and integer
+    ``\\frac{a}{b}``); ``auto``: the first of these that finds something, in this order:
+
+    1. ``####`` line, 2. last ``\\boxed{}``, 3. the last number of the clause after the last
+    "the answer is" / "the final answer is" / "Final answer:" / line-initial "Answer:",
+    4. the last number.
 
     >>> extract_answer("She pays 3 * 24 = 72 dollars.\\n#### 72")
     '72'
@@ -100,11 +166,15 @@ def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
     '\\\\frac{1}{2}'
     >>> extract_answer("From 1,000 we get -1,234.5 in the end.", mode="last_number")
     '-1234.5'
+    >>> extract_answer("The answer is 12. Step 2 used 20 apples.")
+    '12'
+    >>> extract_answer("She needs 3 1/2 cups, or 1 234 grams.", mode="last_number")
+    '1234'
     >>> extract_answer("no digits here") is None
     True
     """
     if mode == "auto":
-        for extract in _EXTRACTORS.values():
+        for extract in _AUTO_ORDER:
             answer = extract(text)
             if answer is not None:
                 return answer
@@ -130,12 +200,20 @@ def reference_answer(answer_field: str) -> str:
     return _extract_hash(answer_field) or _extract_boxed(answer_field) or answer_field.strip()
 
 
+def _improper(m: re.Match[str]) -> str:
+    """A mixed number "3 1/2" as "7/2"; "2 3/2" (no proper fraction part) is left as it is."""
+    whole, num, den = (int(g) for g in m.groups())
+    return f"{whole * den + num}/{den}" if num < den else m[0]
+
+
 def _normalise(answer: str) -> str:
-    """One answer as bare LaTeX, without delimiters, currency or thousands separators."""
+    """One answer as bare LaTeX, without delimiters, currency or thousands separators, with
+    mixed numbers as improper fractions."""
     s = answer.strip().replace("−", "-")
     s = s.replace("\\$", "")  # an escaped dollar is currency, never a delimiter
     for delimiter in ("$", "\\(", "\\)", "\\[", "\\]"):
         s = s.replace(delimiter, "")
+    s = _MIXED.sub(_improper, s.strip())  # before the separators: "3 1/2" is no "3" + "1/2"
     s = _THOUSANDS.sub("", s)
     return s.strip().rstrip(".").strip()
 
@@ -163,6 +241,36 @@ def is_numeric_answer(answer: str) -> bool:
     """
     s = _normalise(answer).removesuffix("\\%").removesuffix("%").strip()
     return bool(s) and _NUMBER.fullmatch(s) is not None
+
+
+def _exact_verdict(pred_s: str, gold_s: str, *, unequal: bool = True) -> bool | None:
+    """The verdict on two normalised answers when exact arithmetic provably gives math-verify's,
+    else None (ask math-verify).
+
+    Equal plain numbers match. Two integers that differ (each below ``_EXACT_INTEGER_BOUND``,
+    in any plain spelling: ``12``, ``12.0``, ``24/2``) do not: math-verify compares integers
+    exactly, and a decimal one as a 15-digit float rounded to 6 places, which keeps every digit
+    of a 12-digit integer. Anything else defers, e.g. 0.333333 vs 1/3, which math-verify accepts.
+    ``unequal=False`` sends unequal integers to math-verify too (the behaviour before issue 12).
+
+    >>> _exact_verdict("1234", "1234.0"), _exact_verdict("12", "13"), _exact_verdict("12.0", "24/2")
+    (True, False, True)
+    >>> _exact_verdict("0.333333", "1/3") is None, _exact_verdict("12.5", "13") is None
+    (True, True)
+    """
+    pred_value, gold_value = _as_fraction(pred_s), _as_fraction(gold_s)
+    if pred_value is None or gold_value is None:
+        return None
+    if pred_value == gold_value:
+        return True
+    values = (pred_value, gold_value)
+    integers = (v.denominator == 1 and abs(v) < _EXACT_INTEGER_BOUND for v in values)
+    return False if unequal and all(integers) else None
+
+
+def _as_latex(s: str) -> str:
+    """A normalised answer as the ``$...$`` string math-verify parses, words put in ``\\text{}``."""
+    return "$" + _WORD.sub(r"\\text{\g<0>}", s) + "$"
 
 
 def _math_verify_match(pred_latex: str, gold_latex: str) -> bool:
@@ -197,11 +305,25 @@ def _call_with_deadline(fn: Callable[..., bool], *args: str, timeout_s: float) -
     return future.result(timeout=timeout_s)
 
 
-def answers_match(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> bool:
+def _quick_verdict(pred: str | None, gold: str, *, fast: bool) -> bool | None:
+    """``answers_match`` without math-verify: the verdict, or None when math-verify must decide."""
+    if pred is None:
+        return False
+    pred_s, gold_s = _normalise(pred), _normalise(gold)
+    if not pred_s or not gold_s:
+        return False
+    return _exact_verdict(pred_s, gold_s, unequal=fast)
+
+
+def answers_match(
+    pred: str | None, gold: str, *, timeout_s: float = 5.0, fast: bool = True
+) -> bool:
     """Whether a predicted answer equals the gold one, mathematically.
 
     False for a missing answer, a check slower than ``timeout_s`` or any math-verify error:
-    a reward that cannot be established is not earned.
+    a reward that cannot be established is not earned. Plain numbers are settled exactly where
+    that provably agrees with math-verify (see ``_exact_verdict``); ``fast=False`` sends unequal
+    integers to math-verify as well, as before issue 12 (~2 ms each instead of ~10 µs).
 
     >>> answers_match("1,234", "1234"), answers_match("2.50", "2.5")
     (True, True)
@@ -210,18 +332,12 @@ def answers_match(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> boo
     >>> answers_match("73", "72"), answers_match(None, "72")
     (False, False)
     """
-    if pred is None:
-        return False
-    pred_s, gold_s = _normalise(pred), _normalise(gold)
-    if not pred_s or not gold_s:
-        return False
-    pred_value, gold_value = _as_fraction(pred_s), _as_fraction(gold_s)
-    if pred_value is not None and pred_value == gold_value:
-        return True  # exact, and no thread or parse; most right GSM8K answers end here
-    pred_latex = "$" + _WORD.sub(r"\\text{\g<0>}", pred_s) + "$"
-    gold_latex = "$" + _WORD.sub(r"\\text{\g<0>}", gold_s) + "$"
+    verdict = _quick_verdict(pred, gold, fast=fast)
+    if verdict is not None:
+        return verdict  # no thread, no parse: most answers to numeric tasks end here
     try:
-        return _call_with_deadline(_math_verify_match, pred_latex, gold_latex, timeout_s=timeout_s)
+        latex = _as_latex(_normalise(pred or "")), _as_latex(_normalise(gold))
+        return _call_with_deadline(_math_verify_match, *latex, timeout_s=timeout_s)
     except FutureTimeout:
         return False
     except Exception:  # sympy and the LaTeX parser raise many kinds; each means "unverified"
@@ -235,6 +351,7 @@ def score_response(
     finish_reason: str,
     mode: ExtractMode = "auto",
     timeout_s: float = 5.0,
+    fast: bool = True,
 ) -> tuple[str | None, float]:
     """(extracted answer, reward in {0.0, 1.0}) for one response; truncated ones score 0.0.
 
@@ -248,7 +365,7 @@ def score_response(
     answer = extract_answer(text, mode=mode)
     if finish_reason == "length":
         return answer, 0.0
-    return answer, float(answers_match(answer, gold, timeout_s=timeout_s))
+    return answer, float(answers_match(answer, gold, timeout_s=timeout_s, fast=fast))
 
 
 def score_batch(
@@ -259,10 +376,12 @@ def score_batch(
     mode: ExtractMode = "auto",
     timeout_s: float = 5.0,
     max_workers: int = 4,
+    fast: bool = True,
 ) -> list[tuple[str | None, float]]:
-    """``score_response`` over a batch, ``max_workers`` at a time, in input order.
+    """``score_response`` over a batch, in input order: the rows exact arithmetic settles inline,
+    the rest through math-verify ``max_workers`` at a time. ``fast=False``: see ``answers_match``.
 
-    Safe from any thread: nothing here uses signals. Each response's check has its own
+    Safe from any thread: nothing here uses signals. Each math-verify check has its own
     ``timeout_s``, so a batch takes at most about ``len(texts) / max_workers * timeout_s``.
 
     >>> score_batch(["#### 72", r"\\boxed{0.5}", "#### 7"], ["72", "1/2", "8"], ["stop"] * 3)
@@ -274,12 +393,19 @@ def score_batch(
             f"{len(texts)}, {len(golds)}, {len(finish_reasons)}"
         )
 
-    def score(i: int) -> tuple[str | None, float]:
-        return score_response(
-            texts[i], golds[i], finish_reason=finish_reasons[i], mode=mode, timeout_s=timeout_s
-        )
+    answers = [extract_answer(text, mode=mode) for text in texts]
+    verdicts = [
+        False if finish == "length" else _quick_verdict(answer, gold, fast=fast)
+        for answer, gold, finish in zip(answers, golds, finish_reasons)
+    ]
+    slow = [i for i, verdict in enumerate(verdicts) if verdict is None]
+    if slow:
+        # math-verify holds the GIL, so workers buy no speed; they bound the wall time of a batch
+        # of timeouts. They only wait (every wait is bounded), so a per-call pool never wedges.
+        def check(i: int) -> bool:
+            return answers_match(answers[i], golds[i], timeout_s=timeout_s, fast=fast)
 
-    # Workers here only extract and wait (every wait is bounded), so a per-call pool never
-    # wedges; the math-verify work itself runs in the daemon threads of answers_match.
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kdrl-score") as pool:
-        return list(pool.map(score, range(len(texts))))
+        with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kdrl-score") as pool:
+            for i, verdict in zip(slow, pool.map(check, slow)):
+                verdicts[i] = verdict
+    return [(answer, float(bool(verdict))) for answer, verdict in zip(answers, verdicts)]

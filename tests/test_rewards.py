@@ -1,13 +1,18 @@
 """Binary math rewards: extraction, equivalence via math-verify, truncation, timeouts, threads."""
 
+import json
+import random
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from kdrl import rewards
+from kdrl.data import worked_answer
 from kdrl.rewards import (
     answers_match,
     extract_answer,
@@ -80,6 +85,14 @@ CASES = [
     ("I am not sure.", "42", "stop", 0.0),
     ("", "42", "stop", 0.0),
     (r"\boxed{}", "5", "stop", 0.0),
+    # a number after the answer, mixed numbers, space-grouped thousands (issue 12)
+    ("The answer is 12. Step 2 used 20 apples.", "12", "stop", 1.0),
+    ("The answer is 12. Step 2 used 20 apples.", "20", "stop", 0.0),
+    ("She needs 3 1/2 cups of flour.", "3.5", "stop", 1.0),
+    ("#### 3 1/2", "7/2", "stop", 1.0),  # math-verify alone reads "3 1/2" as 2
+    ("The town has 1 234 people.", "1234", "stop", 1.0),
+    ("#### 1 234", "1234", "stop", 1.0),  # math-verify alone reads "1 234" as 235
+    ("It weighs 2\u202f500 kg.", "2500", "stop", 1.0),  # a narrow no-break space
     # truncated: right answer, still 0
     ("3 * 24 = 72\n#### 72", "72", "length", 0.0),
     (r"\boxed{6} and then \boxed{7", "6", "length", 0.0),
@@ -118,6 +131,44 @@ def test_score_response(text, gold, finish_reason, expected):
 )
 def test_extract_answer(text, mode, expected):
     assert extract_answer(text, mode=mode) == expected
+
+
+# (text, what mode="auto" extracts): the documented order is ####, \boxed{}, "the answer is",
+# last number. The last rows are the formats that must read exactly as before issue 12.
+EXTRACTION_CASES = [
+    ("The answer is 12. Step 2 used 20 apples.", "12"),
+    ("So the answer is 3 + 4 = 7, because we counted 20 apples.", "7"),  # the clause's last number
+    ("The answer is 1,234.5. Then 7.", "1234.5"),  # a decimal point does not end the clause
+    ("The final answer is $-\\frac{3}{4}$. Check: 9", "-3/4"),
+    ("I think the answer is 10. Wait: 12 + 3 = 15, so the answer is 15. Done in 2 steps.", "15"),
+    ("**Final Answer:** 42\nThat took 7 steps.", "42"),
+    ("Answer: -5\n8 more to go", "-5"),  # "Answer:" opening a line
+    ("To find the answer: first 3, then 5", "5"),  # "answer:" mid-sentence is no marker
+    ("The answer is below. We get 8 and then 9", "9"),  # a marker without a number: last number
+    ("The answer is 4\n#### 5", "5"),  # #### before the marker
+    ("The answer is 4, not \\boxed{6}", "6"),  # \boxed before the marker
+    ("She needs 3 1/2 cups.", "3 1/2"),
+    ("It fell to -3 1/2 degrees.", "-3 1/2"),
+    ("It took 2 3/2 hours.", "3/2"),  # no proper fraction part: not a mixed number
+    ("The town has 1 234 people.", "1234"),
+    ("A ship of 12 345 678 tons", "12345678"),
+    ("It weighs 2\u00a0500 kg, or 2\u2009500 000 g.", "2500000"),
+    ("In 2019 100 people came.", "100"),  # a 4-digit group is no thousands group
+    ("12 apples and 34 pears", "34"),
+    # as before: GSM8K, the embedded task's worked answers, LaTeX, subtraction
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", "72"),
+    ("7+5=12;4+8+1=13;#### 132", "132"),
+    ("7+5=12;4+8+1=13;13", "13"),
+    ("7+5=12;4+8+1=13;###9 132", "132"),  # a mistyped '#': glued to a symbol, no 9132
+    ("So $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("10-3 = 7", "7"),
+    ("First 1,000, then 2,500.", "2500"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACTION_CASES)
+def test_extract_answer_table(text, expected):
+    assert extract_answer(text) == expected
 
 
 def test_extract_answer_rejects_unknown_mode():
@@ -241,3 +292,170 @@ def test_score_batch_empty_and_mismatched_lengths():
 def test_import_does_not_load_math_verify():
     code = "import sys, kdrl.rewards; assert 'math_verify' not in sys.modules, 'eager import'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the exact fast path against math-verify (issue 12) ---------------------------------------
+
+
+def _spell_integer(n: int, rng: random.Random) -> str:
+    """n in one of the spellings responses and golds use; some are plain, some not."""
+    sign, digits, grouped, d = "-" * (n < 0), str(abs(n)), f"{abs(n):,}", rng.randint(2, 9)
+    return rng.choice([
+        sign + digits, sign + digits, sign + grouped, sign + grouped.replace(",", " "),
+        sign + grouped.replace(",", "{,}"), sign + digits + "." + "0" * rng.randint(1, 3),
+        f"{n * d}/{d}", rf"\${sign}{digits}", f"${sign}{digits}$", sign + "0" + digits,
+        rf"{sign}\frac{{{abs(n) * d}}}{{{d}}}", f"{sign}{digits} dollars", f"{sign}{digits}%",
+    ])
+
+
+def _integer_pair(rng: random.Random) -> tuple[str, str]:
+    gold = int(10 ** rng.uniform(0, 14)) * rng.choice([1, 1, 1, -1])
+    delta = rng.choice([0, 0, 1, -1, rng.randint(2, 100), -rng.randint(2, 100), -2 * gold,
+                        rng.randint(1, 10 ** rng.randint(1, 13))])
+    return _spell_integer(gold + delta, rng), _spell_integer(gold, rng)
+
+
+def _decimal(units: int, places: int) -> str:
+    """units / 10**places written with exactly `places` decimals."""
+    whole, frac = divmod(abs(units), 10**places)
+    return "-" * (units < 0) + f"{whole}.{frac:0{places}d}"
+
+
+def _decimal_pair(rng: random.Random) -> tuple[str, str]:
+    places = rng.randint(1, 7)
+    g = rng.randint(-(10 ** (places + 4)), 10 ** (places + 4))
+    k = rng.randint(1, places)
+    return rng.choice([
+        (_decimal(g * 10**k, places + k), _decimal(g, places)),  # equal, padded with zeros
+        (_decimal(g + rng.choice([1, -1]), places), _decimal(g, places)),  # one in the last place
+        (_decimal(round(g / 10**k), places - k) if places > k else str(round(g / 10**k)), _decimal(g, places)),
+        (_decimal(g, places), str(round(g / 10**places))),  # against the nearest integer
+        (_decimal(g, places), _decimal(rng.randint(-(10 ** (places + 4)), 10 ** (places + 4)), places)),
+    ])
+
+
+def _fraction_pair(rng: random.Random) -> tuple[str, str]:
+    a, b, k = rng.randint(-50, 50), rng.randint(1, 30), rng.randint(2, 9)
+    gold = rng.choice([f"{a}/{b}", rf"\frac{{{a}}}{{{b}}}" if a >= 0 else rf"-\frac{{{-a}}}{{{b}}}"])
+    places = rng.randint(5, 9)
+    return rng.choice([
+        (f"{a * k}/{b * k}", gold),
+        (f"{a / b:.{rng.randint(1, 9)}f}", gold),  # rounded: math-verify's 6-decimal rule decides
+        (f"{int(a / b * 10**places) / 10**places:.{places}f}", gold),  # truncated
+        (f"{rng.randint(1, 9)} {abs(a)}/{b}", gold),  # a mixed number (when |a| < b)
+        (f"{rng.randint(-50, 50)}/{rng.randint(1, 30)}", gold),
+    ])
+
+
+AGREEMENT_EDGES = [
+    ("0.3333333", "1/3"), ("0.333333", r"\frac{1}{3}"), ("0.33", "1/3"), ("12.0", "12"),
+    ("12", "12.0"), ("12.00", "13"), ("24/2", "12"), ("24/2", "13"), ("007", "7"), ("-0", "0"),
+    ("2.", "2"), (".5", "0.5"), ("18", "18.000001"), ("18", "18.0000001"), ("0.5", "50"),
+    ("50", "0.5"), ("50%", "50"), (r"50\%", "0.5"), ("1{,}234", "1234"), (r"1\,234", "1235"),
+    ("3 1/2", "3.5"), ("3 1/2", "4"), (r"\frac{7}{2}", "3.5"), (r"\dfrac{3}{4}", "0.75"),
+    (r"\$12", "12"), ("12 dollars", "12"), ("12 dollars", "13"), ("x+1", "1+x"), (r"\sqrt{4}", "2"),
+    ("2^{3}", "8"), ("2^{3}", "9"), ("10^{12}", "1000000000000"), ("-5", "5"), ("1,234", "1234"),
+    ("1 234", "1234"), ("1e3", "1000"), ("1/0", "1"), ("0/5", "0"),
+] + [
+    # around the bound of the unequal-integer rule, and far above it (where it defers)
+    (spell(base + d), spell2(base))
+    for base in (10**12 - 2, 10**12, 10**15, 10**16, 12345678901234567, 10**20)
+    for d in (0, 1, -1, 2)
+    for spell, spell2 in ((str, str), ("{}.0".format, str), (str, "{}.0".format), ("{}/1".format, str))
+]
+
+
+def agreement_pairs(n: int, *, seed: int = 0) -> list[tuple[str, str]]:
+    """(pred, gold) pairs: the edges above, then `n` drawn 60% integers, 20% decimals, 20% fractions."""
+    rng = random.Random(seed)
+    makers = [_integer_pair] * 6 + [_decimal_pair] * 2 + [_fraction_pair] * 2
+    return AGREEMENT_EDGES + [rng.choice(makers)(rng) for _ in range(n)]
+
+
+@pytest.mark.slow  # ~10 s: 2,000 math-verify checks
+def test_exact_verdict_agrees_with_math_verify():
+    # The fast path may only decide where its verdict is math-verify's; it defers otherwise.
+    decided, disagreements = 0, []
+    for pred, gold in agreement_pairs(2000):
+        pred_s, gold_s = rewards._normalise(pred), rewards._normalise(gold)
+        fast = rewards._exact_verdict(pred_s, gold_s)
+        slow = rewards._math_verify_match(rewards._as_latex(pred_s), rewards._as_latex(gold_s))
+        if fast is not None:
+            decided += 1
+            if fast != slow:
+                disagreements.append((pred, gold, fast, slow))
+    assert disagreements == []
+    assert decided > 800  # it does decide: ~40% of the pairs (the plain integers and equal values)
+
+
+def test_exact_verdict_decides_unequal_integers_only():
+    assert rewards._exact_verdict("73", "72") is False
+    assert rewards._exact_verdict("-5", "5") is False
+    assert rewards._exact_verdict("12.00", "13") is False  # an integer written as a decimal
+    assert rewards._exact_verdict("0.3333333", "1/3") is None  # math-verify says equal
+    assert rewards._exact_verdict("12.5", "12") is None
+    assert rewards._exact_verdict(str(10**12 + 1), str(10**12)) is None  # above the bound
+    assert rewards._exact_verdict("x+1", "2") is None
+    assert rewards._exact_verdict("73", "72", unequal=False) is None
+
+
+def test_wrong_integer_answers_skip_math_verify(monkeypatch):
+    calls = []
+    real = rewards._math_verify_match
+    monkeypatch.setattr(rewards, "_math_verify_match", lambda *a: calls.append(a) or real(*a))
+    golds = ["132", "72", "-7", "1,550"]
+    texts = ["7+5=12;4+8+1=13;#### 131", "#### 73", "The answer is 7.", "1 551 pages"]
+    assert score_batch(texts, golds, ["stop"] * 4) == [("131", 0.0), ("73", 0.0), ("7", 0.0), ("1551", 0.0)]
+    assert not answers_match("12.0", "13")
+    assert calls == []
+    # the path before issue 12, kept for benchmarks: the same verdicts, through math-verify
+    assert score_batch(texts, golds, ["stop"] * 4, fast=False) == [("131", 0.0), ("73", 0.0), ("7", 0.0), ("1551", 0.0)]
+    assert len(calls) == 4
+
+
+def test_fast_and_slow_paths_score_alike():
+    # End to end through score_batch: the same rewards with and without the fast path.
+    pairs = agreement_pairs(150, seed=1)
+    texts = [f"Some work.\n#### {pred}" for pred, _ in pairs]
+    golds = [gold for _, gold in pairs]
+    finish_reasons = ["stop"] * len(pairs)
+    assert score_batch(texts, golds, finish_reasons) == score_batch(texts, golds, finish_reasons, fast=False)
+
+
+# --- the formats that must score exactly as before ---------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+
+
+def test_gsm8k_graded_solutions_score_one():
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k_sample.jsonl").read_text().splitlines()]
+    golds = [reference_answer(row["answer"]) for row in rows]
+    scored = score_batch([row["answer"] for row in rows], golds, ["stop"] * len(rows))
+    assert [reward for _, reward in scored] == [1.0] * len(rows)
+    # and every solution scores 0 against the other rows' (different) golds
+    shifted = golds[1:] + golds[:1]
+    assert {float(a != b) for a, b in zip(golds, shifted)} == {1.0}
+    scored = score_batch([row["answer"] for row in rows], shifted, ["stop"] * len(rows))
+    assert [reward for _, reward in scored] == [0.0] * len(rows)
+
+
+def test_embedded_worked_answers_score_as_before():
+    # The embedded task's responses: worked answers with the right or a wrong final number, and
+    # cut-off ones without "####" or with a '#' mistyped as a digit, read by their last number
+    # (its digits only, as before).
+    rng = random.Random(0)
+    texts, golds, expected = [], [], []
+    for _ in range(300):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        work = worked_answer(a, b)
+        final = a + b + rng.choice([0, 0, 1, -1, 10, rng.randint(-50, 50)])
+        cut = rng.randint(1, len(work))
+        typo = work.replace("####", "###" + str(rng.randint(0, 9)))
+        for text in (work.replace(f"#### {a + b}", f"#### {final}"), work[:cut], typo):
+            last = re.findall(r"[0-9]+", text)
+            texts.append(text)
+            golds.append(reference_answer(work))
+            expected.append(float(bool(last) and int(last[-1]) == a + b))
+    scored = score_batch(texts, golds, ["stop"] * len(texts))
+    assert [reward for _, reward in scored] == expected
+    assert 0 < sum(expected) < len(expected)
