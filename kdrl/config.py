@@ -170,7 +170,7 @@ class RolloutConfig(_Section):
 class RewardConfig(_Section):
     extract: Literal["auto", "hash", "boxed", "last_number"] = "auto"
     """How the final answer is found in a response: "hash" (`#### N`), "boxed" (`\\boxed{..}`),
-    "last_number", or "auto" (hash, then boxed, then last number)."""
+    "last_number", or "auto" (hash, then boxed, then "the answer is", then last number)."""
     timeout_s: PosFloat = 5.0
     """Upper bound on math-verify time per response (enforced without signals)."""
 

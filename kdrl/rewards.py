@@ -134,10 +134,9 @@ def _extract_answer_is(text: str) -> str | None:
     markers = list(_ANSWER_IS.finditer(text))
     if not markers:
         return None
-    rest = text[markers[-1].end() :]
-    end = _CLAUSE_END.search(rest.lstrip(" \t*_:"))  # skip "**" and ":" so "is: 7." is one clause
-    clause = rest.lstrip(" \t*_:")[: end.start() if end else None]
-    return _extract_last_number(clause)
+    rest = text[markers[-1].end() :].lstrip(" \t*_:")  # "is: 7." and "**Answer:** 7" read 7
+    end = _CLAUSE_END.search(rest)
+    return _extract_last_number(rest[: end.start() if end else None])
 
 
 _EXTRACTORS: dict[str, Callable[[str], str | None]] = {
