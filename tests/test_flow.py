@@ -144,6 +144,21 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_result(stage, 
 
 
 @pytest.mark.slow
+def test_a_cached_file_damaged_after_a_kill_is_recomputed(flow_env, reference):
+    # killed in step 3's update; then its rewards file is truncated (a partial copy, a full disk)
+    run_id = "damaged-after-kill"
+    killed = _kdrl_train(flow_env, run_id, fault=f"update:{LAST}")
+    assert killed.returncode == 137, killed.stdout[-4000:]
+    rewards = RunPaths(flow_env.runs_dir / run_id).rewards(LAST)
+    rewards.write_bytes(rewards.read_bytes()[: rewards.stat().st_size // 2])
+    resumed = _kdrl_train(flow_env, run_id)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    states = _task_states(resumed.stdout)
+    assert states[f"generate-{LAST}"] == "Cached" and states[f"rewards-{LAST}"] == "Completed", resumed.stdout[-4000:]
+    _assert_same_run(reference, flow_env.runs_dir / run_id)
+
+
+@pytest.mark.slow
 def test_the_plain_loop_killed_in_the_final_evaluation_resumes_too(flow_env, reference):
     # the same resume rule without Prefect (`kdrl train --no-prefect`): no cache, files decide
     killed = _kdrl_train(flow_env, "plain-killed-in-evaluate", fault=f"evaluate:{LAST}", plain=True)
