@@ -350,24 +350,39 @@ def _clean_error(capsys) -> str:
 
 
 def test_cli_train_reports_config_errors_cleanly(tmp_path, capsys):
+    # where a config were accepted (as before), the run would stop at once on these folders (a file)
+    (tmp_path / "file").write_text("")
+    nowhere = ["--no-prefect", "--set", f"run.runs_dir={tmp_path / 'file'}", "--set", f"run.cache_dir={tmp_path / 'file'}"]
     path = tmp_path / "cfg.yaml"
     path.write_text("run:\n  steps: [\n")
     assert main(["train", "--config", str(path)]) == 2
     assert re.search(r"cfg\.yaml:3:1: invalid YAML", _clean_error(capsys))
     path.write_text("run: [1, 2]\n")
-    assert main(["train", "--config", str(path), "--set", "run.steps=2"]) == 2
+    assert main(["train", "--config", str(path), "--set", "run.steps=2", *nowhere]) == 2
     assert "cfg.yaml: `run` is a section" in _clean_error(capsys)
     assert main(["train", "--set", "loss.beta_int=0.1"]) == 2
     assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
-    assert main(["train", "--set", "run.method=kd_rkl", "--set", "loss.kl_estimator=k1"]) == 2
+    assert main(["train", "--set", "run.method=kd_rkl", "--set", "loss.kl_estimator=k1", *nowhere]) == 2
     assert "loss.kl_estimator='k1'" in _clean_error(capsys)
 
 
+def test_compare_refuses_a_meaningless_arm_before_any_run(tmp_path):
+    from kdrl.compare import plan_compare
+
+    with pytest.raises(ValueError, match=r"rollout\.samples_per_prompt=1: every group-relative advantage"):
+        plan_compare(None, ["rollout.samples_per_prompt=1", f"run.runs_dir={tmp_path}"], arms=("kd_rkl", "grpo"), seeds=1)
+    with pytest.raises(ValueError, match=r"run\.method='grpo' has no KD, but loss\.beta_init=0\.02"):
+        plan_compare(None, ["loss.beta_init=0.02", f"run.runs_dir={tmp_path}"], arms=("kdrl", "grpo"), seeds=1)
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_compare_eval_replay_report_config_errors_cleanly(tmp_path, capsys):
-    assert main(["compare", "--no-prefect", "--seeds", "1", "--methods", "grpo,kdrl",
-                 "--set", "rollout.samples_per_prompt=1", "--set", f"run.runs_dir={tmp_path}"]) == 2
-    assert "rollout.samples_per_prompt=1: every group-relative advantage" in _clean_error(capsys)
-    assert not any(tmp_path.iterdir())  # refused before any run started
+    bad = tmp_path / "base.yaml"
+    bad.write_text("loss:\n  beta_init: [0.1\n")
+    assert main(["compare", "--no-prefect", "--seeds", "1", "--methods", "grpo", "--config", str(bad)]) == 2
+    assert re.search(r"base\.yaml:\d+:\d+: invalid YAML", _clean_error(capsys))
+    assert main(["compare", "--no-prefect", "--seeds", "1", "--methods", "grpo", "--set", "loss.beta_int=0.1"]) == 2
+    assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
     assert main(["eval", "--checkpoint", "embedded:student", "--no-prefect", "--set", "sampels=3"]) == 2
     assert "sampels: unknown key; did you mean `samples`?" in _clean_error(capsys)
     run = tmp_path / "run"
