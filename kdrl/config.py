@@ -444,7 +444,7 @@ def objective_problems(cfg: RunConfig) -> list[str]:
         other = {v: k for k, v in reversed(PRESET_TERMS.items())}.get((pg, kd))
         hint = f"that is run.method={other} (or use run.method=custom)" if other else "use run.method=custom"
         if pg != want_pg:
-            problems.append(f"run.method={method!r} {'needs' if want_pg else 'has no'} the reward term, but "
+            problems.append(f"run.method={method!r} {'needs the' if want_pg else 'has no'} reward term, but "
                             f"loss.pg_coef={loss.pg_coef:g}: {hint}")
         if kd != want_kd:
             setting = _no_kd(loss) if want_kd else f"loss.beta_init={loss.beta_init:g}"
