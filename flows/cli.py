@@ -94,6 +94,8 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # kdrl's own warnings (duplicate rows dropped, prompts too long for the model) in the flow run's log
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdrl")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ storage, so the rerun of a killed run finds the cache records its first attempt 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -183,6 +184,34 @@ def _flow_runs(api_url: str, name: str) -> list:
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         return asyncio.run(read())
+
+
+def _flow_run_logs(api_url: str, flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return [log.message for log in asyncio.run(read())]
+
+
+@pytest.mark.slow
+def test_kdrl_warnings_reach_the_flow_runs_log_in_the_ui(flow_env, prefect_server, tiny_model_dir, tmp_path):
+    # a local dataset with repeated questions: the count of dropped rows is a kdrl.data WARNING
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(8) for b in range(8)]
+    (tmp_path / "dups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))
+    settings = {**TINY, **SUBPROCESS, "run.steps": 1, "run.runs_dir": flow_env.runs_dir, "data.source": tmp_path / "dups.jsonl",
+                "data.num_train": 40, "model.name_or_path": tiny_model_dir / "student", "teacher.name_or_path": tiny_model_dir / "teacher"}
+    del settings["data.max_digits"]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "dups", *_flags(settings)], cwd=ROOT, env=flow_env.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-4000:]
+    [run] = _flow_runs(prefect_server, "dups")
+    assert any("5 duplicate row(s) dropped" in message for message in _flow_run_logs(prefect_server, run.id))
 
 
 @pytest.mark.slow
