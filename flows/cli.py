@@ -212,6 +212,7 @@ def _replay(args: argparse.Namespace) -> int:
     from kdrl.replay import replay_update
     from kdrl.runlock import RunLockedError, hold_run_lock
     from kdrl.runs import RunNotFoundError, resolve_run, run_metrics
+    from kdrl.train import TrainingError
 
     _quiet_libraries()
     try:
@@ -224,6 +225,9 @@ def _replay(args: argparse.Namespace) -> int:
     except (RunNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # the replayed update is not finite, or its checkpoint could not be written
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 1
     from kdrl.runs import format_table
 
     columns = ["step", "loss", "pg_loss", "kd_loss", "beta", "kl_k1_mean", "grad_norm"]
@@ -275,6 +279,7 @@ def _compare(args: argparse.Namespace) -> int:
     from kdrl.runlock import RunLockedError, hold_run_lock
     from kdrl.runs import format_table
     from kdrl.storage import read_table
+    from kdrl.train import TrainingError
 
     _quiet_libraries()
     protocol = {"steps": args.steps, "eval_samples": args.eval_samples, "eval_temperature": args.eval_temperature,
@@ -298,6 +303,9 @@ def _compare(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # an arm diverged: the runs before it are complete, rerun to resume
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 1
     table = read_table(plan.root / "comparison.parquet", table="comparison")
     print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")

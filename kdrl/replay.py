@@ -23,7 +23,7 @@ from kdrl.loop import open_session, stage_update, teacher_needed
 from kdrl.runs import latest_checkpoint
 from kdrl.stages import kd_needed
 from kdrl.storage import RunPaths, read_table
-from kdrl.train import load_trainer_state, save_checkpoint
+from kdrl.train import TrainingDiverged, load_trainer_state, save_checkpoint
 
 REPLAYABLE = {"loss", "optim"}
 """Config sections a replay may change; the rest shaped the persisted inputs."""
@@ -97,6 +97,8 @@ def replay_update(source_dir: Path, step: int, overrides: list[str] | tuple[str,
     dest.root.mkdir(parents=True, exist_ok=True)
     try:
         _replay_into(source, dest, step, cfg, start, log=log)
+    except TrainingDiverged:  # the replay ran: its folder holds the step's diverged.json
+        raise
     except BaseException:  # a refusal below (teacher inputs, a damaged file) or a crash: leave no half-made run
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)

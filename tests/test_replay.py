@@ -1,5 +1,7 @@
 """`kdrl replay`: a counterfactual update from persisted inputs, into a new run directory."""
 
+import shutil
+
 import polars as pl
 import pytest
 
@@ -107,3 +109,17 @@ def test_replay_command(finished_run, capsys):
     out = capsys.readouterr().out
     assert "original" in out and "replayed" in out
     assert main(["replay", "no-such-run", "--iter", "0", "--runs-dir", str(finished_run.parent)]) == 2
+
+
+def test_a_replay_that_diverges_says_so_and_keeps_its_diagnostics(finished_run, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    source = runs / "source"
+    shutil.copytree(finished_run, source)
+    # the first epoch's step (lr near float32's largest) makes weights whose second-epoch loss is not finite
+    argv = ["--iter", "1", "--set", "optim.lr=1e37", "--set", "loss.ppo_epochs=2"]
+    assert main(["replay", "source", "--runs-dir", str(runs), *argv]) == 1
+    err = capsys.readouterr().err
+    assert "kdrl: step 1, optimizer step 2:" in err and "not finite" in err and "Traceback" not in err
+    # unlike a refusal, the replay ran: its folder stays, with the diagnostics and without a checkpoint
+    [dest] = [p for p in runs.iterdir() if p != source]
+    assert (dest / "iter_00001" / "diverged.json").exists() and not (dest / "iter_00001" / "checkpoint").exists()
