@@ -306,7 +306,7 @@ def _write_failure(path: Path, err: BaseException) -> str:
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20)
     where = f"no space left under {path.parent}" if full else f"could not write under {path.parent}"
     room = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
-    return (f"checkpoint {path.name} not written: {where}{room}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+    return (f"checkpoint {path} not written: {where}{room}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             "The partial checkpoint was removed and earlier checkpoints are intact; free some space (or point "
             "run.runs_dir elsewhere) and rerun the same command to resume after the last checkpoint.")
 

@@ -218,7 +218,7 @@ def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_m
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"checkpoint checkpoint not written: could not write under {tmp_path}" in done.stdout
+    assert f"checkpoint {tmp_path / 'checkpoint'} not written: could not write under {tmp_path}" in done.stdout
     assert list(tmp_path.iterdir()) == []
 
 
