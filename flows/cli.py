@@ -101,6 +101,7 @@ def _prefect_defaults() -> None:
 def _train(args: argparse.Namespace) -> int:
     from kdrl.config import load_config
     from kdrl.runlock import RunLockedError
+    from kdrl.storage import StorageWriteError
     from kdrl.train import TrainingError
 
     _quiet_libraries()
@@ -128,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. a run directory started with another config
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # a non-finite update, a checkpoint the disk could not hold
+    except (TrainingError, StorageWriteError) as err:  # a non-finite update, a checkpoint the disk could not hold
         print(f"kdrl: {err}", file=sys.stderr)
         return 1
     _print_before_after(run_dir, cfg.run.steps - 1)
@@ -212,6 +213,7 @@ def _replay(args: argparse.Namespace) -> int:
     from kdrl.replay import replay_update
     from kdrl.runlock import RunLockedError, hold_run_lock
     from kdrl.runs import RunNotFoundError, resolve_run, run_metrics
+    from kdrl.storage import StorageWriteError
     from kdrl.train import TrainingError
 
     _quiet_libraries()
@@ -225,7 +227,7 @@ def _replay(args: argparse.Namespace) -> int:
     except (RunNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # the replayed update is not finite, or its checkpoint could not be written
+    except (TrainingError, StorageWriteError) as err:  # the replayed update is not finite, or its checkpoint could not be written
         print(f"kdrl: {err}", file=sys.stderr)
         return 1
     from kdrl.runs import format_table
@@ -278,7 +280,7 @@ def _compare(args: argparse.Namespace) -> int:
     from kdrl.compare import DEFAULT_ARMS, plan_compare, run_compare_plain
     from kdrl.runlock import RunLockedError, hold_run_lock
     from kdrl.runs import format_table
-    from kdrl.storage import read_table
+    from kdrl.storage import StorageWriteError, read_table
     from kdrl.train import TrainingError
 
     _quiet_libraries()
@@ -303,7 +305,7 @@ def _compare(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # an arm diverged: the runs before it are complete, rerun to resume
+    except (TrainingError, StorageWriteError) as err:  # an arm diverged: the runs before it are complete, rerun to resume
         print(f"kdrl: {err}", file=sys.stderr)
         return 1
     table = read_table(plan.root / "comparison.parquet", table="comparison")

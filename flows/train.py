@@ -18,7 +18,7 @@ from kdrl.config import RunConfig, load_config
 from kdrl.embedded import missing_embedded_models
 from kdrl.loop import evaluation_due
 from kdrl.runlock import hold_run_lock
-from kdrl.storage import StorageError, read_metadata
+from kdrl.storage import is_readable
 from tasks import report
 from tasks import train as t
 from tasks.housekeeping import crash_stale_flow_runs
@@ -35,17 +35,9 @@ def _ensure(task, *args, **kwargs):
     """Run a cached task; if its cached file has since been deleted or damaged (a truncated copy, a
     full disk), recompute it: every stage is a pure function of the run's seed and step."""
     out = task(*args, **kwargs)
-    if out.path is not None and not _readable(out.path):
+    if out.path is not None and not is_readable(out.path):
         out = task.with_options(refresh_cache=True)(*args, **kwargs)
     return out
-
-
-def _readable(path: str) -> bool:
-    try:
-        read_metadata(path)  # the footer: what truncation destroys; damage inside pages is reported by the reader
-    except (FileNotFoundError, StorageError):
-        return False
-    return True
 
 
 def _flow_run_name() -> str:

@@ -248,6 +248,29 @@ class StorageError(ValueError):
     """A table does not match its declared schema, key or metadata, or is not readable Parquet."""
 
 
+class StorageWriteError(OSError):
+    """A file could not be written (a full disk, a quota, permissions). Its temp file is gone and
+    whatever was at its path before is as it was; the message says where and how much is free."""
+
+
+def describe_write_failure(path: Path, err: BaseException) -> str:
+    """`<path> not written: no space left under <dir> (N MiB free): <cause>. ...what to do`."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20)
+    where = f"no space left under {path.parent}" if full else f"could not write under {path.parent}"
+    room = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+    cause = str(err).splitlines()[0] if str(err) else ""
+    return (f"{path} not written: {where}{room}: {type(err).__name__}: {cause}. Nothing partial was left and earlier "
+            "files and checkpoints are intact; free some space (or point run.runs_dir elsewhere) and rerun the same "
+            "command to resume after the last checkpoint.")
+
+
 # What polars raises on a file that is not (all) Parquet; PanicException is a BaseException.
 _UNREADABLE = (pl.exceptions.PolarsError, pl.exceptions.PanicException)
 
@@ -327,6 +350,9 @@ def write_table(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota: say so, in one line
+        tmp.unlink(missing_ok=True)
+        raise StorageWriteError(describe_write_failure(path, err)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -380,6 +406,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     except _UNREADABLE as err:
         raise _damaged(path, err) from err
     return {k: v for k, v in meta.items() if k != "ARROW:schema"}
+
+
+def is_readable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and its Parquet footer reads (what a truncation destroys; damage
+    inside the pages is reported by `read_table`)."""
+    try:
+        read_metadata(path)
+    except (FileNotFoundError, StorageError):
+        return False
+    return True
 
 
 def content_hash(path: str | os.PathLike) -> str:

@@ -16,7 +16,6 @@ only, in row chunks under activation checkpointing, so at most one chunk of B×T
 
 from __future__ import annotations
 
-import errno
 import math
 import random
 import shutil
@@ -41,6 +40,7 @@ from kdrl.losses import (
     reverse_kl_k3_BT,
     reverse_kl_topk_BT,
 )
+from kdrl.storage import describe_write_failure
 
 class TrainingError(RuntimeError):
     """A training step or checkpoint that could not be done; the message says why and what to do."""
@@ -50,9 +50,12 @@ class TrainingDiverged(TrainingError):
     """A loss term or the gradient norm is NaN/inf: the update was not applied. `diagnostics`
     holds what was measured (terms, gradient norm, lr, β, the first non-finite gradients)."""
 
-    def __init__(self, message: str, diagnostics: dict):
+    def __init__(self, message: str, diagnostics: dict | None = None):
         super().__init__(message)
-        self.diagnostics = diagnostics
+        self.diagnostics = diagnostics or {}
+
+    def __reduce__(self):  # Prefect persists a failed task's exception: it must survive pickling
+        return type(self), (str(self), self.diagnostics)
 
 
 class CheckpointWriteError(TrainingError):
@@ -293,22 +296,9 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
         torch.save(state, tmp / "trainer_state.pt")
     except Exception as err:  # a full disk: OSError (HF files), RuntimeError "[enforce fail at inline_container.cc" (torch), SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(_write_failure(path, err)) from err
+        raise CheckpointWriteError(f"checkpoint {describe_write_failure(path, err)}") from err
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-
-
-def _write_failure(path: Path, err: BaseException) -> str:
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 * 2**20)
-    where = f"no space left under {path.parent}" if full else f"could not write under {path.parent}"
-    room = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
-    return (f"checkpoint {path} not written: {where}{room}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "The partial checkpoint was removed and earlier checkpoints are intact; free some space (or point "
-            "run.runs_dir elsewhere) and rerun the same command to resume after the last checkpoint.")
 
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def test_a_nan_loss_stops_before_the_optimizer_step_and_names_the_terms(step_tab
         _update(model, batch, loss_cfg=LossConfig(beta_init=0.5, nll_coef=0.1), temperature=0.0, optimizer_step=7)
     assert info.value.diagnostics["non_finite_terms"] == ["pg", "kd", "nll"]
     assert info.value.diagnostics["non_finite_student_logp"] > 0
+    copy_ = pickle.loads(pickle.dumps(info.value))  # Prefect persists a failed task's exception
+    assert str(copy_) == str(info.value) and str(copy_.diagnostics) == str(info.value.diagnostics)  # NaN != NaN
     _assert_untouched(model, tiny_student)
 
 
@@ -187,12 +190,27 @@ def test_a_full_disk_loses_nothing_and_says_so(small_disk, tiny_tokenizer, tiny_
     first_bytes = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
     second = small_disk / "iter_00001" / "checkpoint"
     second.parent.mkdir()
-    with pytest.raises(CheckpointWriteError, match=rf"no space left under {second.parent}.*earlier checkpoints are intact"):
+    with pytest.raises(CheckpointWriteError, match=rf"no space left under {second.parent}.*earlier files and checkpoints are intact"):
         save_checkpoint(second, model=model, tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler, step=1, optimizer_step=2)
     assert list(second.parent.iterdir()) == []  # no .checkpoint.tmp left to fill the disk further
     assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == first_bytes
     restored = _small_checkpoint_parts(tiny_student)
     assert load_trainer_state(first, model=restored[0], optimizer=restored[1], scheduler=restored[2])["step"] == 0
+
+
+def test_a_table_the_disk_cannot_hold_is_a_clear_error_and_leaves_no_temp_file(small_disk):
+    from kdrl.storage import StorageWriteError, read_table, write_table
+
+    rows = 500_000  # > 10 MiB of random hex even after zstd: more than the 6 MiB disk
+    df = pl.DataFrame({"step": [0] * 4, "prompt_id": [0, 1, 2, 3], "sample_idx": [0] * 4,
+                       "extracted_answer": ["1"] * 4, "reward": [1.0] * 4, "truncated": [False] * 4})
+    kept = write_table(df, small_disk / "iter_00000" / "rewards.parquet", table="rewards")
+    big = pl.DataFrame({"step": [0] * rows, "prompt_id": list(range(rows)), "sample_idx": [0] * rows,
+                        "extracted_answer": [uuid.uuid4().hex * 2 for _ in range(rows)], "reward": [1.0] * rows, "truncated": [False] * rows})
+    with pytest.raises(StorageWriteError, match=rf"rewards.parquet not written: no space left under {small_disk / 'iter_00001'}"):
+        write_table(big, small_disk / "iter_00001" / "rewards.parquet", table="rewards")
+    assert list((small_disk / "iter_00001").iterdir()) == []
+    assert read_table(kept, table="rewards").equals(df)
 
 
 def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_model_dir):

@@ -385,3 +385,13 @@ def test_a_damaged_file_hashes_and_a_missing_one_is_not_found(tmp_path):
     assert content_hash(path) == content_hash(path)  # inputs' cache keys never need to parse the file
     with pytest.raises(FileNotFoundError):
         read_table(tmp_path / "missing.parquet", table="rewards")
+
+
+def test_is_readable_tells_a_whole_file_from_a_missing_or_truncated_one(tmp_path):
+    from kdrl.storage import is_readable
+
+    df = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "extracted_answer": ["1"], "reward": [1.0], "truncated": [False]})
+    path = write_table(df, tmp_path / "rewards.parquet", table="rewards")
+    assert is_readable(path) and not is_readable(tmp_path / "missing.parquet")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert not is_readable(path)
