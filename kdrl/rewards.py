@@ -10,9 +10,12 @@ Extraction (``mode="auto"``) prefers an explicit marker to the last number, in t
 
 1. the GSM8K ``#### answer`` line (the last one);
 2. the last ``\\boxed{...}`` whose braces close;
-3. "the answer is ..." (also "the final answer is", "Final answer:", a line starting "Answer:"):
-   the last number of the clause after the last such marker, so "The answer is 12. Step 2 used
-   20 apples." gives 12;
+3. "the answer is ..." (also "the final answer is", "Final answer:", a line starting "Answer:"),
+   the last such marker, and only when its clause starts with the answer: its leading number, or
+   the result of an equation ("The answer is 3*4 = 12"). "The answer is 12. Step 2 used 20
+   apples." gives 12 and "The answer is 12 apples and 3 pears" 12; a clause of prose ("The answer
+   is the sum of 3, 4 and 5, which is 12", "Answer: Janet sells 16 - 3 - 4 = 9 eggs, making
+   $18") or of a bare expression ("The answer is 3 + 4, so 7") falls through to
 4. the last number in the text.
 
 A number is read whole: ``1,234``, ``1{,}234``, ``1\\,234`` and space-grouped ``1 234`` are 1234;
@@ -70,10 +73,11 @@ _BOXED = re.compile(r"\\boxed\s*\{")
 _THOUSANDS = re.compile(rf"(?<=[0-9]){_GROUP_SEP}(?=[0-9]{{3}}(?![0-9]))")
 # A mixed number inside an answer; math-verify reads "3 1/2" as 2.
 _MIXED = re.compile(rf"(?<![\w.}}/])([0-9]+){_SPACE}+([0-9]+)/([0-9]+)(?![\w./])")
-# "The answer is", "the final answer is", "My answer is", "Final answer:", a line "**Answer:**".
-# A bare "answer:" mid-sentence ("to find the answer: first 3, ...") is not a marker.
+# "The answer is", "the final answer is", "Final answer:", a line "**Answer:**". Neither "my
+# answer is" ("My answer is based on 3 steps.") nor a bare "answer:" mid-sentence ("to find the
+# answer: first 3, ...") is a marker: they introduce prose, and would hide an earlier real one.
 _ANSWER_IS = re.compile(
-    r"\b(?:the|my)\s+(?:final\s+)?answer\s+(?:is|=)"
+    r"\bthe\s+(?:final\s+)?answer\s+(?:is\b|=)"
     r"|\bfinal\s+answer[*_\s]*(?:is\b|=|:)"
     r"|^[*_#>\s]*answer[*_\s]*:",
     re.IGNORECASE | re.MULTILINE,
@@ -81,12 +85,24 @@ _ANSWER_IS = re.compile(
 # Where the clause after the marker ends: a new line, ; ! ?, a full stop that is no decimal
 # point, or a comma followed by a space (thousands commas have none).
 _CLAUSE_END = re.compile(r"\n|[;!?]|\.(?![0-9])|,\s")
+# What may stand between a marker and the answer it introduces: spaces, markdown emphasis, a
+# colon, math delimiters, an opening \boxed{ (a closed box is read before any marker), a hedge.
+_ANSWER_LEAD = re.compile(
+    r"(?:[\s*_:]|\\?\$|\\[(\[]|\\boxed\s*\{|\\approx|[≈~]"
+    r"|(?:approximately|about|roughly|exactly)\b)*",
+    re.IGNORECASE,
+)
+# An operator or "=" between two numbers of an answer clause ("3 \\times 4 = 12", "$3*4$ = 12").
+_CHAIN_OP = re.compile(r"[\s$]*([-+*/×÷^−=]|\\(?:times|cdot|div)(?![A-Za-z]))")
 # Plain words ("72 dollars") parse as products of symbols inside $...$ unless put in \text{}.
 _WORD = re.compile(r"(?<![\\{A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
 _PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
 # Integers smaller than this are compared exactly by math-verify in every plain spelling
 # (sympy Integer, or a 15-digit Float for "12.0"), so two that differ are provably unequal.
 _EXACT_INTEGER_BOUND = 10**12
+# False sends unequal integers through math-verify too, as before issue 12 (~2 ms each instead
+# of ~10 us, same verdicts). Only for scripts/bench_rewards.py and the tests that compare paths.
+_FAST_PATH = True
 
 
 def _extract_hash(text: str) -> str | None:
@@ -112,12 +128,8 @@ def _extract_boxed(text: str) -> str | None:
     return None
 
 
-def _extract_last_number(text: str) -> str | None:
-    """The last number, as ``-1234.5``, ``3/4`` or ``3 1/2``; separators dropped, minus in ASCII."""
-    matches = list(_NUMBER.finditer(text))
-    if not matches:
-        return None
-    m = matches[-1]
+def _number_text(m: re.Match[str]) -> str:
+    """A ``_NUMBER`` match as ``-1234.5``, ``3/4`` or ``3 1/2``: no separators, an ASCII minus."""
     sign = "-" if m["sign"] else ""
     if m["frac_num"] is not None:
         return f"{sign}{m['frac_num']}/{m['frac_den']}"
@@ -129,14 +141,49 @@ def _extract_last_number(text: str) -> str | None:
     return f"{sign}{_THOUSANDS.sub('', m['num'])}{den}"
 
 
+def _extract_last_number(text: str) -> str | None:
+    """The last number, as ``-1234.5``, ``3/4`` or ``3 1/2``; separators dropped, minus in ASCII."""
+    matches = list(_NUMBER.finditer(text))
+    return _number_text(matches[-1]) if matches else None
+
+
+def _leading_number(text: str, pos: int = 0) -> re.Match[str] | None:
+    """The number at ``pos``, after any ``_ANSWER_LEAD`` ("is: $-7$", "**Answer:** 7")."""
+    return _NUMBER.match(text, _ANSWER_LEAD.match(text, pos).end())
+
+
+def _clause_answer(clause: str) -> str | None:
+    """The answer a clause opens with: its leading number ("12 apples and 3 pears" is 12), or of
+    an equation the last side that is one number ("3*4 = 12" and "12 = 3*4" are 12); None for a
+    clause that opens with anything else, or with an expression that has no result ("3 + 4")."""
+    m = _leading_number(clause)
+    if m is None:
+        return None
+    # The operands of each side of the "="s; None where an operator is followed by no number
+    # ("2^{10}", "3*4 = twelve"): that side is no plain number.
+    sides: list[list[re.Match[str] | None]] = [[m]]
+    while m is not None and (op := _CHAIN_OP.match(clause, m.end())):
+        m = _leading_number(clause, op.end())
+        if op[1] == "=":
+            sides.append([m])
+        else:
+            sides[-1].append(m)
+    numbers = [side[0] for side in sides if len(side) == 1 and side[0] is not None]
+    return _number_text(numbers[-1]) if numbers else None
+
+
 def _extract_answer_is(text: str) -> str | None:
-    """The last number of the clause after the last "the answer is"-style marker."""
+    """The answer that the last "the answer is"-style marker introduces, or None (not trusted).
+
+    Trusted only when the clause after the marker starts with the answer (``_clause_answer``);
+    "The answer is not 10, it is 12." is no statement of an answer: the last number decides.
+    """
     markers = list(_ANSWER_IS.finditer(text))
     if not markers:
         return None
-    rest = text[markers[-1].end() :].lstrip(" \t*_:")  # "is: 7." and "**Answer:** 7" read 7
+    rest = text[markers[-1].end() :]
     end = _CLAUSE_END.search(rest)
-    return _extract_last_number(rest[: end.start() if end else None])
+    return _clause_answer(rest[: end.start() if end else None])
 
 
 _EXTRACTORS: dict[str, Callable[[str], str | None]] = {
@@ -155,9 +202,9 @@ def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
     last number (grouped thousands, negatives, decimals, ``a/b``, mixed ``3 1/2`` and integer
     ``\\frac{a}{b}``); ``auto``: the first of these that finds something, in this order:
 
-    1. ``####`` line, 2. last ``\\boxed{}``, 3. the last number of the clause after the last
-    "the answer is" / "the final answer is" / "Final answer:" / line-initial "Answer:",
-    4. the last number.
+    1. ``####`` line, 2. last ``\\boxed{}``, 3. the answer that the last "the answer is" /
+    "the final answer is" / "Final answer:" / line-initial "Answer:" introduces, when its clause
+    starts with a number (the leading number, or an equation's result), 4. the last number.
 
     >>> extract_answer("She pays 3 * 24 = 72 dollars.\\n#### 72")
     '72'
@@ -166,6 +213,10 @@ def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
     >>> extract_answer("From 1,000 we get -1,234.5 in the end.", mode="last_number")
     '-1234.5'
     >>> extract_answer("The answer is 12. Step 2 used 20 apples.")
+    '12'
+    >>> extract_answer("The answer is 3*4 = 12, not 13.")
+    '12'
+    >>> extract_answer("The answer is not 10, it is 12.")  # no answer after the marker
     '12'
     >>> extract_answer("She needs 3 1/2 cups, or 1 234 grams.", mode="last_number")
     '1234'
@@ -304,25 +355,22 @@ def _call_with_deadline(fn: Callable[..., bool], *args: str, timeout_s: float) -
     return future.result(timeout=timeout_s)
 
 
-def _quick_verdict(pred: str | None, gold: str, *, fast: bool) -> bool | None:
+def _quick_verdict(pred: str | None, gold: str) -> bool | None:
     """``answers_match`` without math-verify: the verdict, or None when math-verify must decide."""
     if pred is None:
         return False
     pred_s, gold_s = _normalise(pred), _normalise(gold)
     if not pred_s or not gold_s:
         return False
-    return _exact_verdict(pred_s, gold_s, unequal=fast)
+    return _exact_verdict(pred_s, gold_s, unequal=_FAST_PATH)
 
 
-def answers_match(
-    pred: str | None, gold: str, *, timeout_s: float = 5.0, fast: bool = True
-) -> bool:
+def answers_match(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> bool:
     """Whether a predicted answer equals the gold one, mathematically.
 
     False for a missing answer, a check slower than ``timeout_s`` or any math-verify error:
     a reward that cannot be established is not earned. Plain numbers are settled exactly where
-    that provably agrees with math-verify (see ``_exact_verdict``); ``fast=False`` sends unequal
-    integers to math-verify as well, as before issue 12 (~2 ms each instead of ~10 µs).
+    that provably agrees with math-verify (see ``_exact_verdict``).
 
     >>> answers_match("1,234", "1234"), answers_match("2.50", "2.5")
     (True, True)
@@ -331,7 +379,7 @@ def answers_match(
     >>> answers_match("73", "72"), answers_match(None, "72")
     (False, False)
     """
-    verdict = _quick_verdict(pred, gold, fast=fast)
+    verdict = _quick_verdict(pred, gold)
     if verdict is not None:
         return verdict  # no thread, no parse: most answers to numeric tasks end here
     try:
@@ -350,7 +398,6 @@ def score_response(
     finish_reason: str,
     mode: ExtractMode = "auto",
     timeout_s: float = 5.0,
-    fast: bool = True,
 ) -> tuple[str | None, float]:
     """(extracted answer, reward in {0.0, 1.0}) for one response; truncated ones score 0.0.
 
@@ -364,7 +411,7 @@ def score_response(
     answer = extract_answer(text, mode=mode)
     if finish_reason == "length":
         return answer, 0.0
-    return answer, float(answers_match(answer, gold, timeout_s=timeout_s, fast=fast))
+    return answer, float(answers_match(answer, gold, timeout_s=timeout_s))
 
 
 def score_batch(
@@ -375,10 +422,9 @@ def score_batch(
     mode: ExtractMode = "auto",
     timeout_s: float = 5.0,
     max_workers: int = 4,
-    fast: bool = True,
 ) -> list[tuple[str | None, float]]:
     """``score_response`` over a batch, in input order: the rows exact arithmetic settles inline,
-    the rest through math-verify ``max_workers`` at a time. ``fast=False``: see ``answers_match``.
+    the rest through math-verify ``max_workers`` at a time.
 
     Safe from any thread: nothing here uses signals. Each math-verify check has its own
     ``timeout_s``, so a batch takes at most about ``len(texts) / max_workers * timeout_s``.
@@ -394,7 +440,7 @@ def score_batch(
 
     answers = [extract_answer(text, mode=mode) for text in texts]
     verdicts = [
-        False if finish == "length" else _quick_verdict(answer, gold, fast=fast)
+        False if finish == "length" else _quick_verdict(answer, gold)
         for answer, gold, finish in zip(answers, golds, finish_reasons)
     ]
     slow = [i for i, verdict in enumerate(verdicts) if verdict is None]
@@ -402,7 +448,7 @@ def score_batch(
         # math-verify holds the GIL, so workers buy no speed; they bound the wall time of a batch
         # of timeouts. They only wait (every wait is bounded), so a per-call pool never wedges.
         def check(i: int) -> bool:
-            return answers_match(answers[i], golds[i], timeout_s=timeout_s, fast=fast)
+            return answers_match(answers[i], golds[i], timeout_s=timeout_s)
 
         with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kdrl-score") as pool:
             for i, verdict in zip(slow, pool.map(check, slow)):

@@ -1,5 +1,6 @@
 """Binary math rewards: extraction, equivalence via math-verify, truncation, timeouts, threads."""
 
+import inspect
 import json
 import random
 import re
@@ -93,6 +94,13 @@ CASES = [
     ("The town has 1 234 people.", "1234", "stop", 1.0),
     ("#### 1 234", "1234", "stop", 1.0),  # math-verify alone reads "1 234" as 235
     ("It weighs 2\u202f500 kg.", "2500", "stop", 1.0),  # a narrow no-break space
+    # a marker counts only when the answer follows it; else the last number, as before issue 12
+    ("Answer: Janet sells 16 - 3 - 4 = 9 duck eggs a day, making 9 * 2 = $18.", "18", "stop", 1.0),
+    ("The answer is the sum of 3, 4 and 5, which is 12.", "12", "stop", 1.0),
+    ("The answer is not 10, it is 12.", "12", "stop", 1.0),
+    ("My answer is based on 3 steps. First 4*3 = 12.", "12", "stop", 1.0),
+    ("The answer is 12 apples and 3 pears", "12", "stop", 1.0),  # the leading number
+    ("The answer is 12 apples and 3 pears", "3", "stop", 0.0),
     # truncated: right answer, still 0
     ("3 * 24 = 72\n#### 72", "72", "length", 0.0),
     (r"\boxed{6} and then \boxed{7", "6", "length", 0.0),
@@ -155,6 +163,32 @@ EXTRACTION_CASES = [
     ("It weighs 2\u00a0500 kg, or 2\u2009500 000 g.", "2500000"),
     ("In 2019 100 people came.", "100"),  # a 4-digit group is no thousands group
     ("12 apples and 34 pears", "34"),
+    # the marker is trusted only when its clause starts with the answer: a number (after spaces,
+    # markdown, a colon, $, \(, \boxed{ or a hedge), then the leading number or the equation's
+    # result; anything else falls through to the last number (the review of issue 12)
+    ("Answer: Janet sells 16 - 3 - 4 = 9 duck eggs a day, making 9 * 2 = $18.", "18"),
+    ("The answer is the sum of 3, 4 and 5, which is 12.", "12"),
+    ("The answer is not 10, it is 12.", "12"),
+    ("My answer is based on 3 steps. First 4*3 = 12.", "12"),  # "my answer is": no marker
+    ("The answer is 7. My answer is based on 3 steps.", "7"),  # ... so it hides no real one
+    ("The answer is 12 apples and 3 pears", "12"),
+    ("The final answer is: 42", "42"),
+    ("**Answer:** 7", "7"),
+    ("Answer: $1,234", "1234"),
+    ("the answer is \\frac{3}{4}", "3/4"),
+    ("The answer is \\(18\\). It took 3 steps.", "18"),
+    ("The answer is \\$18. It took 3 steps.", "18"),
+    ("the answer is \\boxed{12 (cut off, 3 left", "12"),  # an unclosed box: no \boxed answer
+    ("The answer is 12, because 3 groups of 4 make 12 and 2 are left over.", "12"),
+    ("The answer is approximately 3.14. It took 2 steps.", "3.14"),
+    ("The answer is -5 degrees, up from 3", "-5"),
+    ("The answer is 3 1/2 cups, 2 are left", "3 1/2"),
+    ("The answer is 3*4 = 12, not 13", "12"),  # an equation: its result
+    ("The answer is $3 \\times 4 = 12$ apples. 5 were eaten.", "12"),
+    ("The answer is 12 = 3*4 apples", "12"),  # the side that is one number
+    ("The answer is 3 + 4, which is 7", "7"),  # an expression without result: the last number
+    ("The answer is 2^{10}", "10"),  # not a number: the last number, as before
+    ("The answer is 12 - the rest were 3", "3"),  # a dash: no marker is trusted, as before
     # as before: GSM8K, the embedded task's worked answers, LaTeX, subtraction
     ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72", "72"),
     ("7+5=12;4+8+1=13;#### 132", "132"),
@@ -406,21 +440,31 @@ def test_wrong_integer_answers_skip_math_verify(monkeypatch):
     monkeypatch.setattr(rewards, "_math_verify_match", lambda *a: calls.append(a) or real(*a))
     golds = ["132", "72", "-7", "1,550"]
     texts = ["7+5=12;4+8+1=13;#### 131", "#### 73", "The answer is 7.", "1 551 pages"]
-    assert score_batch(texts, golds, ["stop"] * 4) == [("131", 0.0), ("73", 0.0), ("7", 0.0), ("1551", 0.0)]
+    expected = [("131", 0.0), ("73", 0.0), ("7", 0.0), ("1551", 0.0)]
+    assert score_batch(texts, golds, ["stop"] * 4) == expected
     assert not answers_match("12.0", "13")
     assert calls == []
-    # the path before issue 12, kept for benchmarks: the same verdicts, through math-verify
-    assert score_batch(texts, golds, ["stop"] * 4, fast=False) == [("131", 0.0), ("73", 0.0), ("7", 0.0), ("1551", 0.0)]
+    # the path before issue 12, kept private for the benchmark: the same verdicts, via math-verify
+    monkeypatch.setattr(rewards, "_FAST_PATH", False)
+    assert score_batch(texts, golds, ["stop"] * 4) == expected
     assert len(calls) == 4
 
 
-def test_fast_and_slow_paths_score_alike():
+def test_fast_and_slow_paths_score_alike(monkeypatch):
     # End to end through score_batch: the same rewards with and without the fast path.
     pairs = agreement_pairs(150, seed=1)
     texts = [f"Some work.\n#### {pred}" for pred, _ in pairs]
     golds = [gold for _, gold in pairs]
     finish_reasons = ["stop"] * len(pairs)
-    assert score_batch(texts, golds, finish_reasons) == score_batch(texts, golds, finish_reasons, fast=False)
+    fast = score_batch(texts, golds, finish_reasons)
+    monkeypatch.setattr(rewards, "_FAST_PATH", False)
+    assert score_batch(texts, golds, finish_reasons) == fast
+
+
+def test_fast_path_is_no_public_option():
+    # The switch is for scripts/bench_rewards.py and the test above, not for users.
+    for fn in (answers_match, score_response, score_batch):
+        assert "fast" not in inspect.signature(fn).parameters, fn.__name__
 
 
 # --- the formats that must score exactly as before ---------------------------------------------
