@@ -88,7 +88,7 @@ def test_ctrl_c_while_the_local_server_starts_ends_promptly_and_says_so(tmp_path
     # a session of its own: killpg reaches what a terminal's Ctrl-C reaches, nothing of ours
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines = []
+    lines, sent = [], None
     for line in proc.stdout:
         lines.append(line)
         if "starting a local Prefect server" in line:
@@ -98,6 +98,7 @@ def test_ctrl_c_while_the_local_server_starts_ends_promptly_and_says_so(tmp_path
             break
     lines.extend(proc.stdout)
     code = proc.wait(timeout=60)
+    assert sent is not None, "".join(lines)[-3000:]  # it ended before starting the server
     took = time.monotonic() - sent
     out = "".join(lines)
     assert code == 130, out[-3000:]
