@@ -21,14 +21,17 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from kdrl.config import DataConfig
 
 if TYPE_CHECKING:
     import datasets
     import polars as pl
+
+    from kdrl.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -290,15 +293,16 @@ def _take_rows(cfg: DataConfig, ds: datasets.Dataset, tokenizer, order: list[int
 
 
 def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None,
-                  max_prompt_tokens: int | None = None, fewer_ok: bool = False) -> pl.DataFrame:
+                  max_prompt_tokens: int | PromptLimit | None = None, fewer_ok: bool = False) -> pl.DataFrame:
     """The PROMPTS table: a seeded, disjoint train/held-out split, templated and tokenized.
 
     Rows are de-duplicated first, by `normalised_question` (whitespace collapsed, case-folded;
     the first row of each question is kept, a WARNING gives the count), so no question can be
     both trained on and held out. Held-out rows come first in the shuffled order so that growing
     num_train never moves a held-out prompt into training. A prompt longer than
-    `max_prompt_tokens` (the model's context minus max_new_tokens: see `prompt_token_limit`) is
-    skipped with a WARNING and the next row taken instead. Rows whose question or answer is empty
+    `max_prompt_tokens` (the context minus max_new_tokens: see `prompt_token_limit`, whose
+    `PromptLimit` also says in the messages what bounds it) is skipped with a WARNING and the
+    next row taken instead. Rows whose question or answer is empty
     are refused by row; gold answers that are not numbers get one WARNING with their count.
 
     `ds` is `load_source(cfg)` when already loaded. `fewer_ok` (kdrl eval) takes up to
@@ -309,6 +313,8 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
     from kdrl.rewards import is_numeric_answer
 
     ds = load_source(cfg) if ds is None else ds
+    if isinstance(max_prompt_tokens, int):
+        max_prompt_tokens = PromptLimit(max_prompt_tokens, "the limit given", "raise the limit")
     need = cfg.num_train + cfg.num_heldout
     order, duplicates = unique_rows(ds[cfg.question_field])
     if duplicates:
@@ -319,13 +325,14 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         # Not the generator's rows: they are seeded-random already and a larger num_train only
         # appends to them, whereas shuffling a longer list would move every held-out prompt.
         random.Random(cfg.seed).shuffle(order)
-    taken, too_long = _take_rows(cfg, ds, tokenizer, order, need, max_prompt_tokens)
+    limit = max_prompt_tokens
+    taken, too_long = _take_rows(cfg, ds, tokenizer, order, need, limit and limit.tokens)
     if too_long:
-        logger.warning("%s: %d prompt(s) longer than %d tokens (the model's context minus max_new_tokens) "
-                       "dropped: rows %s", cfg.source, len(too_long), max_prompt_tokens, _row_indices(too_long))
+        logger.warning("%s: %d prompt(s) longer than %d tokens (%s) dropped: rows %s",
+                       cfg.source, len(too_long), limit.tokens, limit.why, _row_indices(too_long))
     if not taken and too_long:
-        raise DatasetError(f"{cfg.source}: every prompt is longer than {max_prompt_tokens} tokens (the model's context "
-                           "minus max_new_tokens); shorten the questions or data.prompt_template, or lower max_new_tokens")
+        raise DatasetError(f"{cfg.source}: every prompt is longer than {limit.tokens} tokens ({limit.why}); "
+                           f"shorten the questions or data.prompt_template, or {limit.fix}")
     if len(taken) < need and not (fewer_ok and taken):
         dropped = [f"{len(duplicates)} duplicate(s)"] * bool(duplicates) + [f"{len(too_long)} too long"] * bool(too_long)
         detail = f" ({', '.join(dropped)}: {len(taken)} usable)" if dropped else ""
@@ -366,23 +373,70 @@ def context_length(model_config, tokenizer=None) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < _UNSET_MAX_LENGTH else None
 
 
-def prompt_token_limit(model_config, tokenizer, *, max_new_tokens: int, field: str) -> int | None:
-    """The longest prompt that leaves `max_new_tokens` of the model's context for the response
-    (`max_prompt_tokens` of `build_prompts`). `model_config` is a transformers config or a model
-    name/path (its config.json is read). When max_new_tokens alone fills the context, a WARNING
-    names `field` and only prompts longer than the context itself are dropped."""
-    if isinstance(model_config, (str, os.PathLike)):
-        from transformers import AutoConfig
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest prompt that leaves room for the response, and what bounds it (for messages)."""
 
-        model_config = AutoConfig.from_pretrained(str(model_config))
-    context = context_length(model_config, tokenizer)
-    if context is None:
+    tokens: int
+    why: str
+    """E.g. "rollout.vllm.max_model_len 5120 minus rollout.max_new_tokens 4096"."""
+    fix: str
+    """What raises it, e.g. "lower rollout.max_new_tokens or raise rollout.vllm.max_model_len"."""
+
+
+def prompt_token_limit(contexts: Mapping[str, Any], tokenizer, *, max_new_tokens: int, field: str) -> PromptLimit | None:
+    """The longest prompt that leaves `max_new_tokens` for the response in every context the
+    sequence must fit (`max_prompt_tokens` of `build_prompts`): the smallest of `contexts`, each
+    named as messages should name it ("the student", "rollout.vllm.max_model_len") and given as a
+    transformers config, a model name/path (its config.json is read, cheap) or an engine's
+    token limit (an int; 0 = not set, ignored). None when none of them says. When max_new_tokens
+    alone fills the context, a WARNING names `field` and only prompts longer than the context
+    itself are dropped.
+
+    >>> from transformers import LlamaConfig
+    >>> prompt_token_limit({"the model": LlamaConfig(max_position_embeddings=256), "vllm.max_model_len": 200},
+    ...                    None, max_new_tokens=48, field="max_new_tokens")  # doctest: +NORMALIZE_WHITESPACE
+    PromptLimit(tokens=152, why='vllm.max_model_len 200 minus max_new_tokens 48',
+                fix='lower max_new_tokens or raise vllm.max_model_len')
+    """
+    bounds = []
+    for name, value in contexts.items():
+        if isinstance(value, (str, os.PathLike)):
+            from transformers import AutoConfig
+
+            value = AutoConfig.from_pretrained(str(value))
+        context = (value or None) if isinstance(value, int) else context_length(value, tokenizer)
+        if context is not None:
+            bounds.append((context, name))
+    if not bounds:
         return None
+    context, name = min(bounds, key=lambda bound: bound[0])  # the first named wins a tie
+    engine_limit = isinstance(contexts[name], int)
+    what = f"{name} {context}" if engine_limit else f"{name}'s context of {context} tokens"
+    fix = f"lower {field}" + (f" or raise {name}" if engine_limit else "")
     if max_new_tokens >= context:
-        logger.warning("%s=%d fills the model's whole context (%d tokens): responses may run past it; "
-                       "only prompts longer than the context are dropped", field, max_new_tokens, context)
-        return context - 1
-    return context - max_new_tokens
+        logger.warning("%s=%d fills all of %s: responses may run past it; "
+                       "only prompts longer than the context are dropped", field, max_new_tokens, what)
+        return PromptLimit(context - 1, f"{what}, all of it taken by {field} {max_new_tokens}", fix)
+    return PromptLimit(context - max_new_tokens, f"{what} minus {field} {max_new_tokens}", fix)
+
+
+def run_prompt_limit(cfg: RunConfig, student_config, tokenizer, *, teacher_path: str | None) -> PromptLimit | None:
+    """What a training run's prompts must fit, with rollout.max_new_tokens: the student's context;
+    rollout.vllm.max_model_len when set and the rollout engine may be vLLM (not "hf": the
+    prompts are written once and a resume elsewhere may resolve "auto" to vLLM); and when the
+    run loads a teacher (to score, or for SFT to sample), the teacher's context (from
+    `teacher_path`) and teacher.vllm.max_model_len on the same terms."""
+    contexts: dict[str, Any] = {"the student": student_config}
+    if cfg.rollout.engine != "hf":
+        contexts["rollout.vllm.max_model_len"] = cfg.rollout.vllm.max_model_len
+    if cfg.loads_teacher:
+        if teacher_path is None:
+            raise TypeError("run_prompt_limit: the run loads a teacher: pass its resolved teacher_path")
+        contexts["the teacher"] = teacher_path
+        if cfg.teacher.engine != "hf":
+            contexts["teacher.vllm.max_model_len"] = cfg.teacher.vllm.max_model_len
+    return prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, field="rollout.max_new_tokens")
 
 
 def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int) -> list[int]:

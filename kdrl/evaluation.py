@@ -17,6 +17,7 @@ explicitly win. Reported: pass@1 averaged over k samples at a temperature, greed
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import polars as pl
 import yaml
 
 from kdrl.config import DataConfig, EvalConfig, RunConfig, load_config, merge_dicts, parse_override, validate_config
+from kdrl.data import PromptLimit
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import EVAL_SUMMARY, RunPaths, read_metadata, read_table, write_table
 
@@ -57,10 +59,11 @@ def _owning_run(path: Path) -> Path | None:
 def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log: Callable[[str], None] = print) -> ResolvedModel:
     """Where the weights of `checkpoint` are. Local paths are recognised by what they hold; a
     missing one fails at once, without asking the hub. Only a name that can be a hub model id
-    ("name" or "owner/name", not a file name like "model.safetensors") is passed on as a hub
-    name (loading reports it if it does not exist).
+    ("name" or "owner/name", not a file name like "model.safetensors") and whose "owner/" is not
+    a local folder (`runs/typo`: a mistyped run, not a hub model) is passed on as a hub name
+    (loading reports it if it does not exist).
 
-    >>> resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")
+    >>> resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")  # with no folder ./Qwen here
     ResolvedModel(path='Qwen/Qwen2.5-0.5B-Instruct', step=-1, run_dir=None)
     >>> resolve_checkpoint("runs/grpo-1/iter_00003/checkpoint")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -77,6 +80,11 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
         if checkpoint.startswith((".", "/", "~")) or not hub_id or checkpoint.lower().endswith(file_suffixes):
             raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder (looked for {path.absolute()}); "
                                     "a hub model is named like owner/name")
+        if "/" in checkpoint and path.parent.is_dir():  # runs/<typo>: the hub would answer only after its retries
+            close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1)
+            hint = f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder (looked for {path.absolute()}{hint}); "
+                                    f"{path.parent.as_posix()}/ is a local folder, so this is not a hub model name")
         return ResolvedModel(checkpoint)
     if RunPaths(path).config.is_file():  # a run directory: its latest checkpoint
         from kdrl.runs import latest_checkpoint
@@ -115,10 +123,11 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: lis
     return validate_config(EvalConfig, values, source=f"kdrl eval {checkpoint} on {dataset}", overrides=overrides)
 
 
-def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | None = None) -> pl.DataFrame:
-    """The PROMPTS rows to evaluate: the held-out split for "embedded", else the dataset's rows
-    (all of them, or the first `limit` of the seeded shuffle; duplicates and prompts longer than
-    `max_prompt_tokens` dropped, see `build_prompts`)."""
+def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | PromptLimit | None = None) -> pl.DataFrame:
+    """The PROMPTS rows to evaluate: the held-out split for "embedded", else the dataset's rows.
+    limit = 0: all of them, less duplicates and prompts longer than `max_prompt_tokens` (fewer
+    prompts than rows). limit > 0: the first `limit` usable rows of the seeded shuffle (a
+    duplicate or over-long row is replaced by the next one; see `build_prompts`)."""
     from kdrl.data import build_prompts, load_source
 
     if cfg.data.source == "embedded":
@@ -197,7 +206,10 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     run_cfg = RunConfig(data=cfg.data) if cfg.data.source == "embedded" else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
     tokenizer = load_tokenizer(model.path)
-    limit = prompt_token_limit(model.path, tokenizer, max_new_tokens=cfg.max_new_tokens, field="max_new_tokens")
+    # As in training: vllm.max_model_len binds whenever the engine may be vLLM, so the prompts
+    # (and the evaluation's config hash) mean the same on every machine.
+    contexts = {"the model": model.path} | ({"vllm.max_model_len": cfg.vllm.max_model_len} if cfg.engine != "hf" else {})
+    limit = prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.max_new_tokens, field="max_new_tokens")
     prompts = eval_prompts(cfg, tokenizer, max_prompt_tokens=limit)
     log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
         f"{cfg.samples} sample(s) at T={cfg.temperature}" + (" + greedy" if cfg.greedy and cfg.temperature > 0 else ""))

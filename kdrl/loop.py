@@ -36,7 +36,7 @@ import torch
 
 from kdrl.batching import collate, join_step_tables
 from kdrl.config import RunConfig, dump_config, load_config
-from kdrl.data import build_prompts, prompt_token_limit, sample_prompt_ids
+from kdrl.data import build_prompts, run_prompt_limit, sample_prompt_ids
 from kdrl.embedded import resolve_model_path
 from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer, check_same_tokenizer
@@ -245,7 +245,7 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
         teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_path))
     if not paths.prompts.exists():
-        limit = prompt_token_limit(student.config, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, field="rollout.max_new_tokens")
+        limit = run_prompt_limit(cfg, student.config, tokenizer, teacher_path=teacher_path)
         write_table(build_prompts(cfg.data, tokenizer, max_prompt_tokens=limit), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps * cfg.loss.ppo_epochs)
     rollout_choice, teacher_choice = resolve_engines(cfg, student=student, teacher_path=teacher_path)

@@ -448,10 +448,31 @@ def test_context_length_of_the_tiny_models(tiny_student, tiny_tokenizer, caplog)
     tiny_tokenizer_copy = copy.copy(tiny_tokenizer)
     tiny_tokenizer_copy.model_max_length = 128
     assert context_length(object(), tiny_tokenizer_copy) == 128
-    assert prompt_token_limit(tiny_student.config, tiny_tokenizer, max_new_tokens=48, field="rollout.max_new_tokens") == 256 - 48
+    limit = prompt_token_limit({"the student": tiny_student.config}, tiny_tokenizer, max_new_tokens=48, field="rollout.max_new_tokens")
+    assert (limit.tokens, limit.why) == (256 - 48, "the student's context of 256 tokens minus rollout.max_new_tokens 48")
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        assert prompt_token_limit(tiny_student.config, tiny_tokenizer, max_new_tokens=512, field="max_new_tokens") == 255
-    assert "max_new_tokens=512 fills the model's whole context (256 tokens)" in caplog.text
+        limit = prompt_token_limit({"the model": tiny_student.config}, tiny_tokenizer, max_new_tokens=512, field="max_new_tokens")
+    assert limit.tokens == 255
+    assert "max_new_tokens=512 fills all of the model's context of 256 tokens" in caplog.text
+    assert prompt_token_limit({"the model": object()}, tiny_tokenizer, max_new_tokens=48, field="max_new_tokens") is None
+
+
+def test_the_prompt_limit_is_the_smallest_context_the_sequence_must_fit(tiny_student, tiny_model_dir, tiny_tokenizer):
+    from kdrl.data import PromptLimit
+
+    def limit(**contexts):
+        return prompt_token_limit({"the student": tiny_student.config, **contexts}, tiny_tokenizer,
+                                  max_new_tokens=48, field="rollout.max_new_tokens")
+
+    # The tiny models' context is 256 positions; an engine limit below it binds, 0 means unset.
+    assert limit(**{"rollout.vllm.max_model_len": 100}) == PromptLimit(
+        100 - 48, "rollout.vllm.max_model_len 100 minus rollout.max_new_tokens 48",
+        "lower rollout.max_new_tokens or raise rollout.vllm.max_model_len")
+    assert limit(**{"rollout.vllm.max_model_len": 0}).tokens == 256 - 48
+    assert limit(**{"rollout.vllm.max_model_len": 5120}).tokens == 256 - 48  # above the model's context: the model binds
+    # A model given by its folder: its config.json is read (the teacher's context is 256 too).
+    assert limit(**{"the teacher": str(tiny_model_dir / "teacher"), "teacher.vllm.max_model_len": 90}).why == \
+        "teacher.vllm.max_model_len 90 minus rollout.max_new_tokens 48"
 
 
 def test_a_prompt_longer_than_the_budget_is_dropped_and_replaced(tmp_path, tiny_tokenizer, caplog):
@@ -509,6 +530,81 @@ def test_training_drops_a_question_longer_than_the_context(long_question_file, t
     prompts = read_table(RunPaths(tmp_path / "runs" / "long").prompts, table="prompts")
     assert sorted(prompts["question"]) == ["12+9=", "3+4=", "40+2=", "7+7="]
     assert "1 prompt(s) longer than 244 tokens" in caplog.text  # 256 - rollout.max_new_tokens 12
+
+
+@pytest.fixture
+def medium_question_file(tmp_path):
+    """Four sums (prompts of 5-6 tokens with <bos>) and one 142-character sum (row 2: 143 tokens):
+    inside the tiny models' 256 positions with 12 new tokens, outside a 64-token engine or a
+    128-position teacher."""
+    rows = [{"problem": f"{a}+{b}=", "solution": worked_answer(a, b)} for a, b in [(3, 4), (12, 9), (40, 2), (7, 7)]]
+    rows.insert(2, {"problem": "1+" * 70 + "1=", "solution": "#### 71"})
+    return _write(rows, tmp_path / "medium.jsonl")
+
+
+@pytest.fixture(scope="module")
+def short_context_teacher(tmp_path_factory, tiny_tokenizer):
+    """The tiny teacher with 128 positions instead of 256 (Llama has no position weights)."""
+    from kdrl.models import TINY_TEACHER, build_tiny_llama, save_model
+
+    path = tmp_path_factory.mktemp("short_teacher") / "teacher"
+    save_model(build_tiny_llama(tiny_tokenizer, **TINY_TEACHER, max_position_embeddings=128, seed=1), tiny_tokenizer, path)
+    return path
+
+
+@pytest.mark.parametrize("settings, dropped_because", [
+    # The rollout engine may be vLLM ("auto"; tiny models on CPU resolve to hf, no engine is built):
+    # 64 - 12 = 52 tokens.
+    ({"run.method": "grpo", "rollout.vllm.max_model_len": 64}, "52 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 12)"),
+    # rollout.engine=hf: vLLM's setting plays no part; 256 - 12 = 244 keeps the 143-token prompt.
+    ({"run.method": "grpo", "rollout.engine": "hf", "rollout.vllm.max_model_len": 64}, None),
+    # The teacher scores prompt + response: its 128 positions bind, 128 - 12 = 116.
+    ({"run.method": "kdrl", "rollout.engine": "hf", "teacher.engine": "hf", "teacher.name_or_path": "SHORT"},
+     "116 tokens (the teacher's context of 128 tokens minus rollout.max_new_tokens 12)"),
+    # The teacher's vLLM engine, when it may be one: 64 - 12 = 52.
+    ({"run.method": "kdrl", "rollout.engine": "hf", "teacher.vllm.max_model_len": 64},
+     "52 tokens (teacher.vllm.max_model_len 64 minus rollout.max_new_tokens 12)"),
+    # No teacher loaded (grpo): its short context is not a limit.
+    ({"run.method": "grpo", "rollout.engine": "hf", "teacher.name_or_path": "SHORT", "teacher.vllm.max_model_len": 64}, None),
+])
+def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_because, medium_question_file, short_context_teacher,
+                                                          tiny_model_dir, tmp_path, caplog):
+    from kdrl.config import load_config
+    from kdrl.loop import open_session
+
+    overrides = {"model.name_or_path": str(tiny_model_dir / "student"), "teacher.name_or_path": str(tiny_model_dir / "teacher"),
+                 "data.source": str(medium_question_file), "data.question_field": "problem", "data.answer_field": "solution",
+                 "data.num_train": 3, "data.num_heldout": 1, "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
+                 "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache"), **settings}
+    if overrides["teacher.name_or_path"] == "SHORT":
+        overrides["teacher.name_or_path"] = str(short_context_teacher)
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        open_session(cfg, tmp_path / "runs" / "fit", log=lambda _: None).close()
+    questions = read_table(RunPaths(tmp_path / "runs" / "fit").prompts, table="prompts")["question"].to_list()
+    if dropped_because is None:
+        assert "longer than" not in caplog.text
+    else:
+        assert sorted(questions) == ["12+9=", "3+4=", "40+2=", "7+7="]
+        assert f"1 prompt(s) longer than {dropped_because} dropped: rows 2" in caplog.text
+
+
+def test_kdrl_eval_prompts_fit_its_vllm_max_model_len(medium_question_file, tiny_model_dir, tmp_path, caplog):
+    flags = ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"]
+
+    def evaluated(*more):
+        cfg = build_eval_config(str(tiny_model_dir / "student"), str(medium_question_file), flags + list(more))
+        out = run_eval(cfg, tmp_path / cfg.hash(), log=lambda _: None)
+        return read_table(out.samples, table="evaluations").height
+
+    # engine auto may be vLLM (it resolves to hf here): 64 - 4 = 60 tokens leaves out the 143-token prompt.
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        assert evaluated("vllm.max_model_len=64") == 4
+    assert "1 prompt(s) longer than 60 tokens (vllm.max_model_len 64 minus max_new_tokens 4) dropped: rows 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdrl.data"):
+        assert evaluated("vllm.max_model_len=64", "engine=hf") == 5  # HF decodes: only the model's 256 positions count
+    assert "longer than" not in caplog.text
 
 
 # gold answers that are not numbers

@@ -58,8 +58,26 @@ def test_a_checkpoint_argument_resolves_to_the_weights(trained_run, tiny_model_d
 
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B", "gpt2", "meta-llama/Llama-3.2-1B", "runs/grpo-1"])
-def test_a_name_that_can_be_a_hub_id_goes_to_the_hub(name):
+def test_a_name_that_can_be_a_hub_id_goes_to_the_hub(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder Qwen/, meta-llama/ or runs/ here
+    (tmp_path / "models").mkdir()
     assert resolve_checkpoint(name) == ResolvedModel(name)  # nothing of that name here: the hub's to answer
+
+
+def test_a_mistyped_run_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """runs/<typo> matches owner/name, but runs/ is a folder here: a local path that is missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "kdrl_anneal-1a2b3c4d").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"checkpoint 'runs/kdrl_anneal-typo': no such file or folder (looked for {tmp_path / 'runs' / 'kdrl_anneal-typo'}; "
+            "did you mean 'runs/kdrl_anneal-1a2b3c4d'?); runs/ is a local folder, so this is not a hub model name")):
+        resolve_checkpoint("runs/kdrl_anneal-typo")
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder \(looked for [^;]*\); runs/ is a local folder"):
+        resolve_checkpoint("runs/zzz")  # nothing close: no suggestion
+    assert resolve_checkpoint("Qwen/Qwen2.5-0.5B") == ResolvedModel("Qwen/Qwen2.5-0.5B")  # no Qwen/ here
+    (tmp_path / "Qwen").mkdir()
+    with pytest.raises(FileNotFoundError, match="Qwen/ is a local folder"):
+        resolve_checkpoint("Qwen/Qwen2.5-0.5B")
 
 
 @pytest.mark.parametrize("name", ["/missing/local/path", "./ckpt", "../ckpt", "~/no-such-ckpt", "runs/x/iter_00003/checkpoint",
@@ -70,10 +88,12 @@ def test_a_missing_path_is_not_found_here_without_asking_the_hub(name, tmp_path,
         resolve_checkpoint(name)
 
 
-@pytest.mark.parametrize("argv", [["/missing/local/path"], ["weights.safetensors", "--no-prefect"]])
+@pytest.mark.parametrize("argv", [["/missing/local/path"], ["weights.safetensors", "--no-prefect"],
+                                  ["runs/kdrl_anneal-typo", "--no-prefect"]])
 def test_cli_a_missing_path_fails_before_prefect_and_the_hub(argv, tmp_path):
     """The hub, made unreachable, would answer with its own error after minutes of retries; the
     flow path would first start a local Prefect server."""
+    (tmp_path / "runs").mkdir()  # as in the README's working folder
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
     done = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--checkpoint", *argv], cwd=tmp_path, env=env,
