@@ -2,6 +2,7 @@
 
 Load order: defaults → a method preset (``run.method``'s values) → YAML file → ``--set`` overrides.
 The resolved config is written to ``runs/<id>/config.yaml`` and its hash into every Parquet file.
+Reading YAML and formatting errors is `kdrl.config_io`'s (its helpers are importable from here).
 
     cfg = load_config("data/configs/default.yaml", overrides=["loss.beta_init=0.01"])
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kdrl.config_io import check_sections, merge_dicts, parse_override, read_yaml, validate_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Numeric fields whose out-of-range values make a run meaningless (or crash it much later) are
@@ -26,7 +28,6 @@ NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
-_SectionT = TypeVar("_SectionT", bound="_Section")
 
 
 class _Section(BaseModel):
@@ -222,9 +223,11 @@ class OptimConfig(_Section):
     grad_clip: NonNegFloat = 1.0
     """Clip the global grad norm to this (0 = off)."""
     warmup_steps: NonNegInt = 0
-    """Linear warm-up of the learning rate over this many optimizer steps."""
+    """Linear warm-up of the learning rate over this many optimizer steps (a run makes
+    run.steps × loss.ppo_epochs of them: one per pass over each rollout batch)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning-rate decay after warm-up, over run.steps."""
+    """Learning-rate decay after warm-up: none, or cosine / linear to 0 at the run's last
+    optimizer step, i.e. over run.steps × loss.ppo_epochs optimizer steps (minus the warm-up)."""
     micro_batch_size: Count = 64
     """Sequences per forward/backward; gradients accumulate to one step per rollout batch."""
 
@@ -327,7 +330,7 @@ class RunConfig(_Section):
     @property
     def uses_teacher(self) -> bool:
         """Whether the teacher scores rollouts (any β > 0)."""
-        return self.loss.beta_init > 0 or (self.loss.beta_schedule == "linear" and self.loss.beta_min > 0)
+        return kd_on(self.loss)
 
     @property
     def loads_teacher(self) -> bool:
@@ -382,13 +385,48 @@ class EvalConfig(_Section):
         return self
 
 
-PRESET_TERMS: dict[str, tuple[bool, bool]] = {
-    "grpo": (True, False), "kd_rkl": (False, True), "kdrl": (True, True), "kdrl_anneal": (True, True),
-    "kdrl_mask_response": (True, True), "kdrl_mask_group": (True, True),
+_KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}
+PRESETS: dict[str, dict[str, Any]] = {
+    "custom": {},
+    "sft": {
+        "rollout": {"source": "teacher"},
+        "loss": {"pg_coef": 0.0, "beta_init": 0.0, "beta_min": 0.0, "nll_coef": 1.0, "beta_schedule": "constant"},
+    },
+    "grpo": {"loss": {"pg_coef": 1.0, "beta_init": 0.0, "beta_min": 0.0, "beta_schedule": "constant"}},
+    "kd_rkl": {"loss": {**_KD, "pg_coef": 0.0}},
+    "kdrl": {"loss": {**_KD}},
+    "kdrl_anneal": {"loss": {**_KD, "beta_schedule": "linear", "beta_min": 1e-3, "beta_delta": 5e-5}},
+    "kdrl_mask_response": {"loss": {**_KD, "kd_mask": "response"}},
+    "kdrl_mask_group": {"loss": {**_KD, "kd_mask": "group"}},
 }
+"""Method presets (paper §5). Values are applied under the user's YAML and --set overrides."""
+
+
+def kd_on(loss: LossConfig) -> bool:
+    """Whether β is ever > 0 under `loss`'s schedule: KD is on and the teacher scores rollouts."""
+    return loss.beta_init > 0 or (loss.beta_schedule == "linear" and loss.beta_min > 0)
+
+
+def preset_terms(presets: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, bool]]:
+    """Preset → (reward term on, KD on), read off each preset's loss values over the defaults.
+    "custom" promises nothing; a preset trained on the teacher's samples (sft) is checked
+    through rollout.source instead.
+
+    >>> preset_terms({"custom": {}, "pg": {"loss": {"beta_init": 0.0}}, "kd": {"loss": {"pg_coef": 0.0}}})
+    {'pg': (True, False), 'kd': (False, True)}
+    """
+    terms = {}
+    for name, preset in presets.items():
+        if name == "custom" or preset.get("rollout", {}).get("source") == "teacher":
+            continue
+        loss = LossConfig(**preset.get("loss", {}))
+        terms[name] = (loss.pg_coef > 0, kd_on(loss))
+    return terms
+
+
+PRESET_TERMS = preset_terms(PRESETS)
 """Preset → (reward term on, KD on): what the name promises. A run whose overrides switch one of
-the two off or on is another method under that name, and is refused (run.method=custom is free).
-sft is checked through rollout.source (its only data is the teacher's samples)."""
+the two off or on is another method under that name, and is refused (run.method=custom is free)."""
 
 
 def _no_kd(loss: LossConfig) -> str:
@@ -453,128 +491,6 @@ def objective_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-_KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}
-PRESETS: dict[str, dict[str, Any]] = {
-    "custom": {},
-    "sft": {
-        "rollout": {"source": "teacher"},
-        "loss": {"pg_coef": 0.0, "beta_init": 0.0, "beta_min": 0.0, "nll_coef": 1.0, "beta_schedule": "constant"},
-    },
-    "grpo": {"loss": {"pg_coef": 1.0, "beta_init": 0.0, "beta_min": 0.0, "beta_schedule": "constant"}},
-    "kd_rkl": {"loss": {**_KD, "pg_coef": 0.0}},
-    "kdrl": {"loss": {**_KD}},
-    "kdrl_anneal": {"loss": {**_KD, "beta_schedule": "linear", "beta_min": 1e-3, "beta_delta": 5e-5}},
-    "kdrl_mask_response": {"loss": {**_KD, "kd_mask": "response"}},
-    "kdrl_mask_group": {"loss": {**_KD, "kd_mask": "group"}},
-}
-"""Method presets (paper §5). Values are applied under the user's YAML and --set overrides."""
-
-
-def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, recursively for nested mappings."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """Turn "loss.beta_init=0.01" into {"loss": {"beta_init": 0.01}} (value parsed as YAML).
-
-    >>> parse_override("loss.beta_init=0.01")
-    {'loss': {'beta_init': 0.01}}
-    >>> parse_override("run.method=grpo")
-    {'run': {'method': 'grpo'}}
-    """
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form section.key=value")
-    dotted, raw = text.split("=", 1)
-    parts = dotted.strip().split(".")
-    if not all(parts):
-        raise ValueError(f"override {text!r}: the key {dotted.strip()!r} has an empty part (form: section.key=value)")
-    try:
-        value: Any = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ValueError(f"override {text!r}: the value {raw!r} is not valid YAML "
-                         f"({getattr(err, 'problem', None) or err}); quote it, e.g. {dotted}='\"{raw}\"'") from None
-    for part in reversed(parts):
-        value = {part: value}
-    return value
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML keeps the last silently,
-    so a second `loss:` section would drop every key of the first."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode):
-    seen: dict[str, yaml.Mark] = {}
-    for key_node, _ in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key_node.value!r} appears twice in one mapping (first on line "
-                    f"{seen[key_node.value].line + 1}): the first would be dropped", key_node.start_mark)
-            seen[key_node.value] = key_node.start_mark
-    yield from loader.construct_yaml_map(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in the YAML file at `path` ({} for an empty file); errors name the file, and
-    for syntax errors the line and column."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except OSError as err:
-        raise ValueError(f"config file {path}: cannot be read ({err.strerror or err})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
-                         "save the file as UTF-8") from None
-    try:
-        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
-        source_line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-        snippet = f"\n    {source_line}\n    {' ' * mark.column}^" if source_line else ""
-        raise ValueError(f"{where}: invalid YAML: {err.problem}{context}{snippet}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML: {err}") from None
-    if loaded is None:  # empty, or only comments: the defaults
-        return {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of sections at the top level (run:, loss:, ...), "
-                         f"got a {type(loaded).__name__}")
-    return loaded
-
-
-def _sections(cls: type[_Section], values: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-    """`values` with each section checked to be a mapping (an empty `run:` means its defaults)."""
-    out = dict(values)
-    for key, value in values.items():
-        field = cls.model_fields.get(str(key))
-        section = field.annotation if field is not None else None
-        if not (isinstance(section, type) and issubclass(section, _Section)):
-            continue
-        if value is None:
-            out[key] = {}
-        elif isinstance(value, dict):
-            out[key] = _sections(section, value, where, f"{prefix}{key}.")
-        else:
-            raise ValueError(f"{where}: `{prefix}{key}` is a section: it needs a mapping of its keys "
-                             f"(`{key}:`, then indented `{next(iter(section.model_fields))}: ...` lines), "
-                             f"not {reprlib.repr(value)}")
-    return out
-
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults ← preset of run.method ← YAML at `path` ← `overrides`; errors name the bad key."""
@@ -582,75 +498,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = "defaults" if path is None else str(path)
     where = f"{source}, overrides {list(overrides)}" if overrides else source
     if path is not None:
-        user = _sections(RunConfig, read_yaml(path), source)
+        user = check_sections(RunConfig, read_yaml(path), source)
     for text in overrides:
         user = merge_dicts(user, parse_override(text))
-    user = _sections(RunConfig, user, where)
+    user = check_sections(RunConfig, user, where)
     method = user.get("run", {}).get("method", RunSection().method)
     if not isinstance(method, str) or method not in PRESETS:
         close = difflib.get_close_matches(str(method), PRESETS, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         raise ValueError(f"{where}: run.method={method!r} is not one of {sorted(PRESETS)}{hint}")
     return validate_config(RunConfig, merge_dicts(PRESETS[method], user), source=source, overrides=overrides)
-
-
-def _model_at(cls: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
-    for part in loc:
-        field = cls.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        cls = field.annotation
-    return cls
-
-
-def _keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted key of `cls` ("loss.beta_init", "teacher.vllm.dtype", ...)."""
-    out = []
-    for name in cls.model_fields:
-        sub = _model_at(cls, (name,))
-        out.extend(_keys(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"])
-    return out
-
-
-def _unknown_key(cls: type[BaseModel], loc: tuple[str, ...]) -> str:
-    """ "unknown key; did you mean `loss.beta_init`?" for a key `cls` does not have at `loc`."""
-    parent = _model_at(cls, loc[:-1])
-    names = list(parent.model_fields) if parent else []
-    is_section = bool(names) and all(_model_at(parent, (n,)) for n in names)
-    what = "unknown section" if is_section else "unknown key"
-    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
-    if close:
-        return f"{what}; did you mean `{'.'.join((*loc[:-1], close[0]))}`?"
-    elsewhere = [k for k in _keys(cls) if k.rsplit(".", 1)[-1] == loc[-1]]
-    if elsewhere:
-        return f"{what}; did you mean `{elsewhere[0]}`?"
-    return f"{what} (known: {', '.join(names)})" if names else what
-
-
-def format_validation_error(cls: type[BaseModel], err: ValidationError) -> list[str]:
-    """One `<key path>: <message>` line per problem; a model-level problem (whose message names
-    its keys) as it is, without an empty location."""
-    lines = []
-    for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = _unknown_key(cls, loc)
-        elif e["type"] not in ("value_error", "missing"):
-            msg += f" (got {reprlib.repr(e.get('input'))})"
-        key = ".".join(loc)
-        lines.extend(f"{key}: {line}" if key else line for line in msg.splitlines())
-    return lines
-
-
-def validate_config(cls: type[_SectionT], values: dict[str, Any], *, source: str, overrides=()) -> _SectionT:
-    """`cls.model_validate(values)`, with one ValueError that names every bad key, a line each."""
-    try:
-        return cls.model_validate(values)
-    except ValidationError as err:
-        where = f"{source}, overrides {list(overrides)}" if overrides else source
-        problems = "\n  ".join(format_validation_error(cls, err))
-        raise ValueError(f"invalid config ({where}):\n  {problems}") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -105,7 +105,7 @@ def test_shipped_configs_validate():
 ESTIMATORS = ("k1", "k2", "k3", "topk", "full")
 MASKS = ("none", "response", "group")
 BETAS = {"preset": (), "off": ("loss.beta_init=0", "loss.beta_min=0"), "on": ("loss.beta_init=0.02",)}
-PRESET_TERMS = {  # what each name promises: (reward term, KD term); README's table of presets
+README_TERMS = {  # what each name promises: (reward term, KD term); README's table of presets
     "sft": (False, False), "grpo": (True, False), "kd_rkl": (False, True), "kdrl": (True, True),
     "kdrl_anneal": (True, True), "kdrl_mask_response": (True, True), "kdrl_mask_group": (True, True),
 }
@@ -159,7 +159,7 @@ def _expected_refusals(method: str, overrides: list[str]) -> set[str]:
         keys.add("loss.kl_estimator")  # a KD estimator without KD ("sft with a kd estimator")
     if source == "teacher" and (pg_on or kd_on):
         keys.add("rollout.source")  # PG and reverse KL need the student's own samples
-    if method in PRESET_TERMS and method != "sft" and (pg_on, kd_on) != PRESET_TERMS[method]:
+    if method in README_TERMS and method != "sft" and (pg_on, kd_on) != README_TERMS[method]:
         keys.add("run.method")  # another method under this name
     if loss["beta_schedule"] == "linear" and loss["beta_min"] > loss["beta_init"]:
         keys.add("loss.beta_min")
@@ -390,3 +390,54 @@ def test_cli_compare_eval_replay_report_config_errors_cleanly(tmp_path, capsys):
     (run / "config.yaml").write_text(dump_config(load_config()))
     assert main(["replay", str(run), "--iter", "0", "--set", "loss.beta_int=0.1"]) == 2
     assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
+
+
+# --- presets, schedule docs, where the YAML/error helpers live ------------------------------------
+
+
+def test_preset_terms_are_read_off_the_presets():
+    from kdrl.config import PRESET_TERMS, preset_terms
+
+    assert PRESET_TERMS == {m: t for m, t in README_TERMS.items() if m != "sft"}  # sft: checked via rollout.source
+    # derived, not a second table: a preset whose values change changes what its name promises
+    changed = preset_terms({**PRESETS, "kdrl": {"loss": {"pg_coef": 0.0}}, "pg_nll": {"loss": {"beta_init": 0.0, "nll_coef": 1.0}}})
+    assert (changed["kdrl"], changed["pg_nll"], "custom" in changed) == ((False, True), (True, False), False)
+
+
+def test_schedule_docs_count_optimizer_steps_as_the_loop_does():
+    from kdrl.config import OptimConfig
+
+    # loop.open_session builds the schedule with build_optimizer(..., cfg.run.steps * cfg.loss.ppo_epochs)
+    for field in ("schedule", "warmup_steps"):
+        doc = OptimConfig.model_fields[field].description
+        assert "run.steps × loss.ppo_epochs" in doc, (field, doc)
+    assert "over run.steps." not in OptimConfig.model_fields["schedule"].description
+
+
+def test_config_io_reads_and_reports_for_any_model(tmp_path):
+    """kdrl.config_io knows YAML and pydantic only: the same messages for a model it never saw."""
+    from pydantic import BaseModel, ConfigDict
+
+    import kdrl.config as config
+    from kdrl.config_io import check_sections, read_yaml, validate_config
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int = 1
+
+    class Outer(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        inner: Inner = Inner()
+
+    path = tmp_path / "toy.yaml"
+    path.write_text("inner:\n  widht: 2\n")
+    with pytest.raises(ValueError, match=r"invalid config \(toy\):\n  inner\.widht: unknown key; did you mean `inner\.width`\?"):
+        validate_config(Outer, check_sections(Outer, read_yaml(path), "toy"), source="toy")
+    with pytest.raises(ValueError, match=r"toy: `inner` is a section"):
+        check_sections(Outer, {"inner": 3}, "toy")
+    assert config.read_yaml is read_yaml and config.validate_config is validate_config  # one copy, in config_io
+    # what flows/, tasks/, scripts/ and tests/ import from kdrl.config is still there
+    for name in ("load_config", "dump_config", "RunConfig", "EvalConfig", "PRESETS", "merge_dicts", "parse_override",
+                 "validate_config", "DataConfig", "LossConfig", "OptimConfig", "RewardConfig", "VLLMConfig"):
+        assert hasattr(config, name), name
+
