@@ -52,10 +52,12 @@ class DataConfig(_Section):
     prompt_template: str = "{question}"
     """Format string applied to each question; must contain `{question}`. Use the same template
     for student and teacher (pitfall 1)."""
-    num_train: int = 2000
-    """Training prompts (taken from the source; generated for "embedded")."""
-    num_heldout: int = 200
-    """Held-out prompts for evaluation, disjoint from the training prompts."""
+    num_train: Count = 2000
+    """Training prompts (taken from the source; generated for "embedded"). Each step draws
+    rollout.prompts_per_step distinct ones, so it must be at least that."""
+    num_heldout: Count = 200
+    """Held-out prompts for evaluation, disjoint from the training prompts (at least 1: every
+    run evaluates before training and after its last step)."""
     seed: int = 1234
     """Seed of the embedded generator and of the train/held-out split."""
     min_digits: int = 1
@@ -315,6 +317,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         problems = objective_problems(self)
+        if self.rollout.prompts_per_step > self.data.num_train:
+            problems.append(f"rollout.prompts_per_step={self.rollout.prompts_per_step} > data.num_train={self.data.num_train}: "
+                            "each step draws rollout.prompts_per_step distinct training prompts; lower "
+                            "rollout.prompts_per_step or raise data.num_train")
         if self.teacher.engine == "vllm" and self.teacher.offload and not self.teacher.vllm.enable_sleep_mode:
             problems.append("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
                             "(a vLLM engine is put to sleep, not destroyed)")

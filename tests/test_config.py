@@ -223,12 +223,23 @@ def test_the_grid_covers_both_outcomes_for_each_preset():
         (["rollout.temperature=0"], "rollout.temperature"),
         (["loss.ppo_epochs=0"], "loss.ppo_epochs"),
         (["optim.micro_batch_size=0"], "optim.micro_batch_size"),
+        # counts: before, -3 prompts passed, and the run failed at step 0 after the whole baseline evaluation
+        (["data.num_train=0"], "data.num_train"),
+        (["data.num_train=-3"], "data.num_train"),
+        (["data.num_heldout=0"], "data.num_heldout"),  # an empty evaluation: a polars ShapeError in generate_rollouts
+        (["data.num_heldout=-3"], "data.num_heldout"),
+        (["data.num_train=8"], "rollout.prompts_per_step=16 > data.num_train=8"),
     ],
 )
 def test_meaningless_values_are_refused_up_front_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=re.escape(key)) as err:
         load_config(overrides=overrides)
     assert "\n  " in str(err.value) and ": :" not in str(err.value)
+
+
+def test_a_step_may_draw_every_training_prompt():
+    cfg = load_config(overrides=["data.num_train=16", "data.num_heldout=1"])  # P = 16 distinct of 16
+    assert (cfg.rollout.prompts_per_step, cfg.data.num_train, cfg.data.num_heldout) == (16, 16, 1)
 
 
 def test_g1_is_fine_without_the_reward_term():
@@ -338,6 +349,8 @@ def test_eval_config_errors_are_formatted_the_same_way():
         build_eval_config("embedded:student", overrides=["sampels=3"])
     with pytest.raises(ValueError, match=r"\n  temperature 0 is greedy"):
         build_eval_config("embedded:student", overrides=["temperature=0"])
+    with pytest.raises(ValueError, match=r"\n  data\.num_heldout: Input should be greater than or equal to 1"):
+        build_eval_config("embedded:student", "embedded", overrides=["data.num_heldout=0"])  # nothing to evaluate
 
 
 # --- through the real `kdrl` entry: exit code 2, the message, no traceback -------------------------
@@ -364,6 +377,8 @@ def test_cli_train_reports_config_errors_cleanly(tmp_path, capsys):
     assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
     assert main(["train", "--set", "run.method=kd_rkl", "--set", "loss.kl_estimator=k1", *nowhere]) == 2
     assert "loss.kl_estimator='k1'" in _clean_error(capsys)
+    assert main(["train", "--set", "data.num_train=8", *nowhere]) == 2  # before: refused at step 0, after the baseline
+    assert "rollout.prompts_per_step=16 > data.num_train=8" in _clean_error(capsys)
 
 
 def test_compare_refuses_a_meaningless_arm_before_any_run(tmp_path):
