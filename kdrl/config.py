@@ -5,6 +5,7 @@ The resolved config is written to ``runs/<id>/config.yaml`` and its hash into ev
 Reading YAML and formatting errors is `kdrl.config_io`'s (its helpers are importable from here).
 
     cfg = load_config("data/configs/default.yaml", overrides=["loss.beta_init=0.01"])
+    old = load_config("runs/<id>/config.yaml", check_objective=False)   # a run already made
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kdrl.config_io import check_sections, merge_dicts, parse_override, read_yaml, validate_config
 
@@ -315,20 +316,11 @@ class RunConfig(_Section):
     """Steps, seeds, evaluation, output."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
-        problems = objective_problems(self)
-        if self.rollout.prompts_per_step > self.data.num_train:
-            problems.append(f"rollout.prompts_per_step={self.rollout.prompts_per_step} > data.num_train={self.data.num_train}: "
-                            "each step draws rollout.prompts_per_step distinct training prompts; lower "
-                            "rollout.prompts_per_step or raise data.num_train")
-        if self.teacher.engine == "vllm" and self.teacher.offload and not self.teacher.vllm.enable_sleep_mode:
-            problems.append("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
-                            "(a vLLM engine is put to sleep, not destroyed)")
-        if self.rollout.engine == self.teacher.engine == "vllm":
-            total = self.rollout.vllm.gpu_memory_utilization + self.teacher.vllm.gpu_memory_utilization
-            if total > 0.9:
-                problems.append(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "
-                                "> 0.9: the engines share the GPU with the trainer")
+    def _consistent(self, info: ValidationInfo) -> RunConfig:
+        # load_config(check_objective=False) passes {"check_objective": False}: a run already made
+        # is read back even if today's objective checks would refuse to start it.
+        check_objective = (info.context or {}).get("check_objective", True)
+        problems = [*(objective_problems(self) if check_objective else []), *requirement_problems(self)]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -462,8 +454,6 @@ def objective_problems(cfg: RunConfig) -> list[str]:
         problems.append("loss.kl_estimator='k1' acts only as a reward inside the policy-gradient term (Â − β·sg(k1)), "
                         "which loss.pg_coef=0 switches off: it would distil nothing; use loss.kl_estimator=k2 "
                         "(or k3, topk) to distil without the reward term")
-    if kd and loss.kl_estimator == "topk" and cfg.teacher.top_k <= 0:
-        problems.append("loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)")
     if not kd and loss.kd_mask != "none":
         problems.append(f"loss.kd_mask={loss.kd_mask!r} chooses which responses are distilled, but there is no KD: "
                         f"{_no_kd(loss)}; set loss.kd_mask=none, or loss.beta_init > 0")
@@ -497,9 +487,34 @@ def objective_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def requirement_problems(cfg: RunConfig) -> list[str]:
+    """What `cfg` needs to run at all, whatever its objective means; [] if fine. Checked even when
+    reading back a run already made (`load_config(check_objective=False)`)."""
+    problems = []
+    if cfg.uses_teacher and cfg.loss.kl_estimator == "topk" and cfg.teacher.top_k <= 0:
+        problems.append("loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)")
+    if cfg.rollout.prompts_per_step > cfg.data.num_train:
+        problems.append(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} > data.num_train={cfg.data.num_train}: "
+                        "each step draws rollout.prompts_per_step distinct training prompts; lower "
+                        "rollout.prompts_per_step or raise data.num_train")
+    if cfg.teacher.engine == "vllm" and cfg.teacher.offload and not cfg.teacher.vllm.enable_sleep_mode:
+        problems.append("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
+                        "(a vLLM engine is put to sleep, not destroyed)")
+    if cfg.rollout.engine == cfg.teacher.engine == "vllm":
+        total = cfg.rollout.vllm.gpu_memory_utilization + cfg.teacher.vllm.gpu_memory_utilization
+        if total > 0.9:
+            problems.append(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "
+                            "> 0.9: the engines share the GPU with the trainer")
+    return problems
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults ← preset of run.method ← YAML at `path` ← `overrides`; errors name the bad key."""
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_objective: bool = True) -> RunConfig:
+    """Defaults ← preset of run.method ← YAML at `path` ← `overrides`; errors name the bad key.
+
+    `check_objective=False` skips `objective_problems` (a loss that trains on nothing or is
+    another method than its name) and keeps every other check (types, ranges, keys, what a run
+    needs): for reading back a run's config.yaml, which an older version may have accepted."""
     user: dict[str, Any] = {}
     source = "defaults" if path is None else str(path)
     where = f"{source}, overrides {list(overrides)}" if overrides else source
@@ -513,7 +528,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         close = difflib.get_close_matches(str(method), PRESETS, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         raise ValueError(f"{where}: run.method={method!r} is not one of {sorted(PRESETS)}{hint}")
-    return validate_config(RunConfig, merge_dicts(PRESETS[method], user), source=source, overrides=overrides)
+    return validate_config(RunConfig, merge_dicts(PRESETS[method], user), source=source, overrides=overrides,
+                           context={"check_objective": check_objective})
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -113,7 +113,7 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: lis
     if not checkpoint.startswith("embedded:") and Path(checkpoint).expanduser().exists():
         owner = _owning_run(Path(checkpoint).expanduser())
     if owner is not None:
-        run_cfg = load_config(RunPaths(owner).config)
+        run_cfg = load_config(RunPaths(owner).config, check_objective=False)  # a run already made
         values = {"max_new_tokens": run_cfg.rollout.max_new_tokens, "reward": run_cfg.reward.model_dump(mode="json")}
         if dataset == "embedded":
             values["data"] = run_cfg.data.model_dump(mode="json")

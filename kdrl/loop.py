@@ -217,7 +217,7 @@ def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module, teacher_path: s
 
 def _check_run_config(cfg: RunConfig, paths: RunPaths) -> None:
     if paths.config.exists():
-        existing = load_config(paths.config)
+        existing = load_config(paths.config, check_objective=False)  # as it was written, even if refused today
         if existing.hash() != cfg.hash():
             raise ValueError(
                 f"{paths.root} was started with another config (hash {existing.hash()}, now {cfg.hash()}); "

@@ -18,7 +18,7 @@ from typing import Callable
 
 import polars as pl
 
-from kdrl.config import OptimConfig, RunConfig, dump_config, load_config
+from kdrl.config import OptimConfig, RunConfig, dump_config, load_config, objective_problems
 from kdrl.loop import open_session, stage_update, teacher_needed
 from kdrl.runs import latest_checkpoint
 from kdrl.stages import kd_needed
@@ -76,8 +76,10 @@ def replay_update(source_dir: Path, step: int, overrides: list[str] | tuple[str,
     source = RunPaths(Path(source_dir))
     if not source.config.exists():
         raise FileNotFoundError(f"{source.root} is not a run directory (no config.yaml)")
-    old = load_config(source.config)
-    cfg = load_config(source.config, overrides)
+    # The run exists whatever today's objective checks say of it; a replay may not make a
+    # meaningful objective meaningless, but may replay one an older version accepted.
+    old = load_config(source.config, check_objective=False)
+    cfg = load_config(source.config, overrides, check_objective=not objective_problems(old))
     _check_overrides(old, cfg)
     for table in ("rollouts", "rewards"):
         if not getattr(source, table)(step).exists():

@@ -456,3 +456,91 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
                  "validate_config", "DataConfig", "LossConfig", "OptimConfig", "RewardConfig", "VLLMConfig"):
         assert hasattr(config, name), name
 
+
+# --- runs already made: read back whatever today's objective checks say of them ----------------
+
+
+@pytest.fixture(scope="module")
+def old_grpo_run(tmp_path_factory):
+    """(a valid finished tiny run, a copy whose config.yaml says run.method=grpo with
+    loss.beta_init=0.02). The copy is what the old README's compare example (`--set
+    loss.beta_init=0.02` over every arm) wrote for its grpo arm before such a config was refused:
+    the same loss as run.method=custom with β = 0.02, which is how it is trained here."""
+    import shutil
+
+    from test_train import _tiny_run_config  # tests/ is on sys.path
+
+    from kdrl.loop import train
+
+    tmp = tmp_path_factory.mktemp("old_runs")
+    beta = {"loss.beta_init": 0.02, "loss.beta_min": 0.0, "loss.beta_schedule": "constant"}
+    valid = tmp / "runs" / "custom"
+    train(_tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid, log=lambda _: None)
+    old = tmp / "runs" / "old-grpo"
+    shutil.copytree(valid, old)
+    text = (old / "config.yaml").read_text()
+    assert text.count("method: custom") == 1
+    (old / "config.yaml").write_text(text.replace("method: custom", "method: grpo"))
+    return valid, old
+
+
+def test_a_run_made_before_the_objective_checks_is_read_back(old_grpo_run):
+    valid, old = old_grpo_run
+    with pytest.raises(ValueError, match=r"run\.method='grpo' has no KD, but loss\.beta_init=0\.02"):
+        load_config(old / "config.yaml")  # it would not start today
+    cfg = load_config(old / "config.yaml", check_objective=False)
+    assert (cfg.run.method, cfg.loss.beta_init, cfg.loss.pg_coef) == ("grpo", 0.02, 1.0)
+    assert cfg.model_dump(exclude={"run"}) == load_config(valid / "config.yaml").model_dump(exclude={"run"})
+    # only the objective checks are skipped: keys, types, ranges and what a run needs still count
+    for overrides, why in [(["loss.beta_int=1"], "did you mean `loss.beta_init`?"), (["run.steps=0"], "run.steps"),
+                           (["data.num_heldout=0"], "data.num_heldout"), (["loss.kl_estimator=topk"], "teacher.top_k > 0"),
+                           (["rollout.prompts_per_step=25"], "rollout.prompts_per_step=25 > data.num_train=24")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            load_config(old / "config.yaml", overrides, check_objective=False)
+
+
+def test_kdrl_eval_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_path, capsys):
+    from kdrl.evaluation import build_eval_config
+
+    _, old = old_grpo_run
+    checkpoint = old / "iter_00002" / "checkpoint"
+    cfg = build_eval_config(str(checkpoint), "embedded")  # before: "invalid config (...): run.method='grpo' has no KD"
+    run_cfg = load_config(old / "config.yaml", check_objective=False)
+    assert (cfg.data, cfg.max_new_tokens, cfg.reward) == (run_cfg.data, run_cfg.rollout.max_new_tokens, run_cfg.reward)
+    argv = ["eval", "--checkpoint", str(checkpoint), "--no-prefect", "--samples", "1", "--temperature", "0", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "num_prompts" in capsys.readouterr().out and (tmp_path / "ev" / "summary.parquet").exists()
+
+
+def test_replay_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_path):
+    import polars as pl
+
+    from kdrl.replay import replay_update
+    from kdrl.storage import RunPaths
+
+    _, old = old_grpo_run
+    timing = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s"]
+    same = replay_update(old, 2, [], dest_dir=tmp_path / "same", log=lambda _: None)
+    assert pl.read_parquet(RunPaths(same).metrics(2)).drop(timing).equals(pl.read_parquet(RunPaths(old).metrics(2)).drop(timing))
+    other = replay_update(old, 1, ["loss.beta_init=0.05"], dest_dir=tmp_path / "beta", log=lambda _: None)
+    assert pl.read_parquet(RunPaths(other).metrics(1))["beta"].to_list() == [0.05]
+
+
+def test_a_replay_may_not_make_a_meaningful_objective_meaningless(old_grpo_run, tmp_path):
+    from kdrl.replay import replay_update
+
+    valid, _ = old_grpo_run
+    for overrides, why in [(["loss.pg_coef=0", "loss.kl_estimator=k1"], "loss.kl_estimator='k1' acts only as a reward"),
+                           (["loss.pg_coef=0", "loss.beta_init=0"], "no term of the loss is on")]:
+        with pytest.raises(ValueError, match=re.escape(why)):  # before: replayed (a step that trains nothing)
+            replay_update(valid, 1, overrides, dest_dir=tmp_path / "x", log=lambda _: None)
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_run_made_before_the_objective_checks_was_started_with_another_config(old_grpo_run):
+    from kdrl.loop import open_session
+
+    valid, old = old_grpo_run
+    with pytest.raises(ValueError, match="was started with another config"):  # before: "invalid config (...): ... has no KD"
+        open_session(load_config(valid / "config.yaml"), old, log=lambda _: None)
+
