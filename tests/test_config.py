@@ -433,7 +433,7 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
     """kdrl.config_io knows YAML and pydantic only: the same messages for a model it never saw."""
     from pydantic import BaseModel, ConfigDict
 
-    import kdrl.config as config
+    from kdrl import config
     from kdrl.config_io import check_sections, read_yaml, validate_config
 
     class Inner(BaseModel):
