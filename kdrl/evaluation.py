@@ -203,7 +203,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
             raise FileExistsError(f"{out} holds another evaluation (config hash {found}, this one {cfg.hash()}); choose another --out")
         log(f"[kdrl] {out} already holds this evaluation")
         return result
-    run_cfg = RunConfig(data=cfg.data) if cfg.data.source == "embedded" else None
+    # Only carries the data settings that key the embedded models' cache: not a run, so not
+    # validated as one (e.g. rollout.prompts_per_step against this evaluation's data.num_train).
+    run_cfg = RunConfig.model_construct(data=cfg.data) if cfg.data.source == "embedded" else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
     tokenizer = load_tokenizer(model.path)
     # As in training: vllm.max_model_len binds whenever the engine may be vLLM, so the prompts

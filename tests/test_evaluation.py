@@ -211,3 +211,11 @@ def test_the_eval_flow_writes_the_summary_and_an_artifact(trained_run, tmp_path,
 
     [artifact] = [a for a in asyncio.run(artifacts()) if a.key and a.key.endswith("-eval") and "tiny" in a.key]
     assert "| 0.6 | 2 | 4 |" in artifact.data
+
+
+def test_an_embedded_evaluation_with_few_train_rows_is_not_checked_as_a_run(tiny_model_dir, tmp_path):
+    # data.num_train only shapes the embedded split here: a run's rollout.prompts_per_step (16) does not apply
+    argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "-k", "1", "--max-new-tokens", "4", "--no-prefect",
+            "--set", "data.num_train=6", "--set", "data.num_heldout=3", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 0
+    assert read_table(tmp_path / "ev" / "summary.parquet", table="eval_summary")["num_prompts"].to_list()[0] == 3
