@@ -175,6 +175,10 @@ class RewardConfig(_Section):
     extract: Literal["auto", "hash", "boxed", "last_number"] = "auto"
     """How the final answer is found in a response: "hash" (`#### N`), "boxed" (`\\boxed{..}`),
     "last_number", or "auto" (hash, then boxed, then "the answer is", then last number)."""
+    thinking: Literal["strip", "keep"] = "strip"
+    """Reasoning models: look for the answer only after the last `</think>` ("strip"; a response
+    whose `<think>` block never closes has no answer), or in the whole response ("keep").
+    Responses without think tags are read whole either way."""
     timeout_s: PosFloat = 5.0
     """Upper bound on math-verify time per response (enforced without signals)."""
 

@@ -47,6 +47,7 @@ from fractions import Fraction
 from typing import Callable, Literal
 
 ExtractMode = Literal["auto", "hash", "boxed", "last_number"]
+ThinkingMode = Literal["strip", "keep"]
 
 # A space, no-break space, thin space or narrow no-break space.
 _SPACE = "[ \u00a0\u2009\u202f]"
@@ -195,8 +196,34 @@ _EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 _AUTO_ORDER = (_extract_hash, _extract_boxed, _extract_answer_is, _extract_last_number)
 
 
-def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
-    """The final answer in a response, or None when there is none.
+def answer_part(text: str, *, thinking: ThinkingMode = "strip") -> str | None:
+    """The part of a response that holds its answer. ``strip`` (reasoning models): the text after
+    the last ``</think>``; None when a ``<think>`` block is never closed (the model stopped while
+    thinking: it gave no answer); the whole text when there are no think tags. Only ``</think>``
+    is needed: R1-style chat templates open the block in the prompt. ``keep``: the whole text.
+
+    >>> answer_part("<think>Is it 12? No, 3*5 = 15.</think> The answer is 15.")
+    ' The answer is 15.'
+    >>> answer_part("Is it 12? No, 3*5 = 15.</think>#### 15")  # the template opened the block
+    '#### 15'
+    >>> answer_part("<think>Is it 12? Let me check 3*4") is None
+    True
+    >>> answer_part("<think>Is it 12?</think> 15", thinking="keep")
+    '<think>Is it 12?</think> 15'
+    """
+    if thinking == "keep":
+        return text
+    if thinking != "strip":
+        raise ValueError(f"unknown thinking mode {thinking!r}: strip or keep")
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    return None if "<think>" in text else text
+
+
+def extract_answer(text: str, *, mode: ExtractMode = "auto", thinking: ThinkingMode = "strip") -> str | None:
+    """The final answer in a response, or None when there is none. With ``thinking="strip"``
+    only the text after the thinking block counts (see `answer_part`).
 
     ``hash``: after the last ``####``; ``boxed``: the last ``\\boxed{}``; ``last_number``: the
     last number (grouped thousands, negatives, decimals, ``a/b``, mixed ``3 1/2`` and integer
@@ -223,6 +250,9 @@ def extract_answer(text: str, *, mode: ExtractMode = "auto") -> str | None:
     >>> extract_answer("no digits here") is None
     True
     """
+    text = answer_part(text, thinking=thinking)
+    if text is None:
+        return None
     if mode == "auto":
         for extract in _AUTO_ORDER:
             answer = extract(text)
@@ -397,6 +427,7 @@ def score_response(
     *,
     finish_reason: str,
     mode: ExtractMode = "auto",
+    thinking: ThinkingMode = "strip",
     timeout_s: float = 5.0,
 ) -> tuple[str | None, float]:
     """(extracted answer, reward in {0.0, 1.0}) for one response; truncated ones score 0.0.
@@ -408,7 +439,7 @@ def score_response(
     >>> score_response("3 * 24 = 72\\n#### 72", "72", finish_reason="length")
     ('72', 0.0)
     """
-    answer = extract_answer(text, mode=mode)
+    answer = extract_answer(text, mode=mode, thinking=thinking)
     if finish_reason == "length":
         return answer, 0.0
     return answer, float(answers_match(answer, gold, timeout_s=timeout_s))
@@ -420,6 +451,7 @@ def score_batch(
     finish_reasons: list[str],
     *,
     mode: ExtractMode = "auto",
+    thinking: ThinkingMode = "strip",
     timeout_s: float = 5.0,
     max_workers: int = 4,
 ) -> list[tuple[str | None, float]]:
@@ -438,7 +470,7 @@ def score_batch(
             f"{len(texts)}, {len(golds)}, {len(finish_reasons)}"
         )
 
-    answers = [extract_answer(text, mode=mode) for text in texts]
+    answers = [extract_answer(text, mode=mode, thinking=thinking) for text in texts]
     verdicts = [
         False if finish == "length" else _quick_verdict(answer, gold)
         for answer, gold, finish in zip(answers, golds, finish_reasons)

@@ -61,7 +61,7 @@ def score_rewards(rollouts: pl.DataFrame, prompts: pl.DataFrame, cfg: RewardConf
         raise ValueError(f"rollouts reference prompt_id {bad}, which is not in the prompts table")
     scored = score_batch(
         rollouts["completion_text"].to_list(), golds["answer"].to_list(), rollouts["finish_reason"].to_list(),
-        mode=cfg.extract, timeout_s=cfg.timeout_s,
+        mode=cfg.extract, thinking=cfg.thinking, timeout_s=cfg.timeout_s,
     )
     return pl.DataFrame(
         {

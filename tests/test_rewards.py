@@ -504,3 +504,35 @@ def test_embedded_worked_answers_score_as_before():
     scored = score_batch(texts, golds, ["stop"] * len(texts))
     assert [reward for _, reward in scored] == expected
     assert 0 < sum(expected) < len(expected)
+
+
+# Reasoning models: the answer is read after the thinking block, never inside it.
+THINKING_CASES = [
+    # (response, answer with thinking="strip", answer with thinking="keep")
+    ("<think>Maybe 12? 3*4 = 12. No: 3*5.</think>\nSo the answer is \\boxed{15}.", "15", "15"),
+    ("<think>Maybe\n#### 12\nNo.</think> 3*5 = 15", "15", "12"),  # a marker inside the thinking is not the answer
+    ("3 apples and 4 more: 7? wait, 8.</think>The answer is 8.", "8", "8"),  # R1 templates open <think> in the prompt
+    ("<think>Let me count 3, 4, 5 and then", None, "5"),  # stopped while thinking: no answer
+    ("<think>first</think> 2 <think>second 9</think> Final answer: 3", "3", "3"),  # the last block ends the thinking
+    ("<think>12</think>", None, "12"),  # thought, then said nothing
+    ("No tags at all: #### 42", "42", "42"),
+]
+
+
+@pytest.mark.parametrize("text,stripped,kept", THINKING_CASES)
+def test_answers_are_read_after_the_thinking_block(text, stripped, kept):
+    assert extract_answer(text) == stripped
+    assert extract_answer(text, thinking="keep") == kept
+
+
+def test_the_reward_config_chooses_the_thinking_mode():
+    import polars as pl
+
+    from kdrl.config import RewardConfig
+    from kdrl.stages import score_rewards
+
+    text = "<think>Is it\n#### 12\n</think> No: 3*5 = 15, so the answer is 15."
+    rollouts = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "completion_text": [text], "finish_reason": ["stop"]})
+    prompts = pl.DataFrame({"prompt_id": [0], "answer": ["15"]})
+    assert score_rewards(rollouts, prompts, RewardConfig())["reward"].to_list() == [1.0]
+    assert score_rewards(rollouts, prompts, RewardConfig(thinking="keep"))["reward"].to_list() == [0.0]
