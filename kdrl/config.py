@@ -51,8 +51,19 @@ class DataConfig(_Section):
     answer_field: str = "answer"
     """Column holding the reference answer (a worked answer ending in `#### N` is fine)."""
     prompt_template: str = "{question}"
-    """Format string applied to each question; must contain `{question}`. Use the same template
-    for student and teacher (pitfall 1)."""
+    """Format string applied to each question; must contain `{question}`. With prompt_format
+    "chat" it makes the user message's text. Student and teacher see the same prompt ids."""
+    prompt_format: Literal["plain", "chat"] = "plain"
+    """"plain": the prompt is `prompt_template` as is, tokenized with the tokenizer's special
+    tokens (base models, the embedded task). "chat": the tokenizer's own chat template renders
+    [system_prompt,] the user message and the generation prompt (instruct and reasoning models);
+    the teacher's template must render the same token ids, or the run is refused."""
+    system_prompt: str | None = None
+    """Chat only: a system message put before the user message (None = none; the template may
+    add its own default)."""
+    chat_template_kwargs: dict[str, Any] = {}
+    """Chat only: extra arguments of `apply_chat_template`, e.g. {enable_thinking: true} for
+    templates that switch reasoning on or off."""
     num_train: Count = 2000
     """Training prompts (taken from the source; generated for "embedded"). Each step draws
     rollout.prompts_per_step distinct ones, so it must be at least that."""
@@ -73,6 +84,32 @@ class DataConfig(_Section):
             raise ValueError("prompt_template must contain '{question}'")
         return v
 
+    @model_validator(mode="after")
+    def _chat_keys(self) -> DataConfig:
+        if self.prompt_format == "plain":
+            for key in ("system_prompt", "chat_template_kwargs"):
+                if getattr(self, key):
+                    raise ValueError(f"data.{key} is used only with data.prompt_format=chat "
+                                     "(the tokenizer's chat template renders it); set data.prompt_format=chat or drop it")
+        return self
+
+
+class LoraConfig(_Section):
+    """A LoRA adapter on the student (peft): W' = W + (alpha / r)·B·A on the target modules."""
+
+    r: Count = 16
+    """Rank of the update."""
+    alpha: PosFloat = 32.0
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the adapter's input (0 keeps trainer and sampler log-probs equal)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, k_proj, v_proj, o_proj]), or "all-linear" (every
+    linear layer but the output head)."""
+    save_merged: bool = False
+    """Also write the merged model (base + ΔW, a plain HF folder) into each checkpoint, beside
+    the adapter. `kdrl merge-lora` does it later for any checkpoint."""
+
 
 class ModelConfig(_Section):
     name_or_path: str = "embedded:student"
@@ -82,6 +119,13 @@ class ModelConfig(_Section):
     """Parameter dtype. Log-probabilities for the loss are always computed in float32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" picks cuda when available, else cpu."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    activation memory per token drops from ~all layers to ~one, for ~25-35% more update time.
+    Long responses (thousands of tokens) need it."""
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter (peft) instead of every weight: {r, alpha, target_modules}. None =
+    full fine-tuning."""
 
 
 Engine = Literal["auto", "hf", "vllm"]
@@ -236,7 +280,12 @@ class OptimConfig(_Section):
     """Learning-rate decay after warm-up: none, or cosine / linear to 0 at the run's last
     optimizer step, i.e. over run.steps × loss.ppo_epochs optimizer steps (minus the warm-up)."""
     micro_batch_size: Count = 64
-    """Sequences per forward/backward; gradients accumulate to one step per rollout batch."""
+    """Most sequences per forward/backward; gradients accumulate to one step per rollout batch."""
+    max_tokens_per_microbatch: NonNegInt = 0
+    """Most padded tokens (rows × the longest prompt + response among them) per forward/backward:
+    consecutive rows are packed up to this budget, so long responses get small micro-batches and
+    short ones large (at most micro_batch_size rows). 0 = micro_batch_size rows each. The loss
+    does not depend on the split (global token denominators)."""
 
 
 class EmbeddedConfig(_Section):
@@ -297,6 +346,10 @@ class RunSection(_Section):
     """torch CPU threads (0 = leave torch's default)."""
     cache_dir: str = ".cache/kdrl"
     """Where embedded warm-started models are cached."""
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
+    """Before loading models, estimate the training device's peak memory (parameters, gradients,
+    optimizer, activations per token, teacher, vLLM engines) and print it; "refuse" stops a run
+    whose estimate exceeds the device's memory, with the arithmetic; "warn" only prints."""
 
 
 class RunConfig(_Section):
