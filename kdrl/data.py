@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdrl.config import DataConfig
+from kdrl.prompts import render_prompts
 
 if TYPE_CHECKING:
     import datasets
@@ -283,8 +284,7 @@ def _take_rows(cfg: DataConfig, ds: datasets.Dataset, tokenizer, order: list[int
         batch = order[position : position + need - len(taken)]
         position += len(batch)
         rows = [_read_row(ds, row_index, cfg) for row_index in batch]
-        texts = [cfg.prompt_template.format(question=question) for question, _ in rows]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        texts, ids = render_prompts(cfg, tokenizer, [question for question, _ in rows])
         for row_index, (question, gold), text, token_ids in zip(batch, rows, texts, ids):
             if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
                 too_long.append(row_index)
@@ -295,7 +295,8 @@ def _take_rows(cfg: DataConfig, ds: datasets.Dataset, tokenizer, order: list[int
 
 def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None,
                   max_prompt_tokens: int | PromptLimit | None = None, fewer_ok: bool = False) -> pl.DataFrame:
-    """The PROMPTS table: a seeded, disjoint train/held-out split, templated and tokenized.
+    """The PROMPTS table: a seeded, disjoint train/held-out split, rendered (plain template or the
+    tokenizer's chat template: `kdrl.prompts`) and tokenized.
 
     Rows are de-duplicated first, by `normalised_question` (whitespace collapsed, case-folded;
     the first row of each question is kept, a WARNING gives the count), so no question can be

@@ -193,6 +193,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     from kdrl.engines.select import choose_engine, count_parameters
     from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm, vllm_available
     from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
+    from kdrl.prompts import warn_if_chat_model
     from kdrl.stages import evaluate_passes
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
@@ -208,6 +209,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     run_cfg = RunConfig.model_construct(data=cfg.data) if cfg.data.source == "embedded" else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
     tokenizer = load_tokenizer(model.path)
+    warn_if_chat_model(cfg.data, tokenizer, model.path)
     # As in training: vllm.max_model_len binds whenever the engine may be vLLM, so the prompts
     # (and the evaluation's config hash) mean the same on every machine.
     contexts = {"the model": model.path} | ({"vllm.max_model_len": cfg.vllm.max_model_len} if cfg.engine != "hf" else {})

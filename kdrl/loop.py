@@ -42,6 +42,7 @@ from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer, check_same_tokenizer
 from kdrl.engines.select import EngineChoice, choose_engine, count_parameters
 from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
+from kdrl.prompts import check_same_rendering, warn_if_chat_model
 from kdrl.runs import latest_checkpoint
 from kdrl.stages import (
     batch_table,
@@ -243,10 +244,19 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     teacher_path = None
     if cfg.loads_teacher:
         teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_path))
-    if not paths.prompts.exists():
+        teacher_tokenizer = load_tokenizer(teacher_path)
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    warn_if_chat_model(cfg.data, tokenizer, student_path)
+    if paths.prompts.exists():
+        prompts = read_table(paths.prompts, table="prompts")
+    else:
         limit = run_prompt_limit(cfg, student.config, tokenizer, teacher_path=teacher_path)
-        write_table(build_prompts(cfg.data, tokenizer, max_prompt_tokens=limit), paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
+        prompts = build_prompts(cfg.data, tokenizer, max_prompt_tokens=limit)
+    if teacher_path is not None:  # before the prompts are written: a refused run leaves no prompts table
+        check_same_rendering(cfg.data, prompts["question"].to_list(), prompts["prompt_token_ids"].to_list(),
+                             tokenizer, teacher_tokenizer)
+    if not paths.prompts.exists():
+        write_table(prompts, paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.run.steps * cfg.loss.ppo_epochs)
     rollout_choice, teacher_choice = resolve_engines(cfg, student=student, teacher_path=teacher_path)
     log(f"[kdrl] engines: rollout {rollout_choice.engine} ({rollout_choice.reason}); "
@@ -406,6 +416,7 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
     """The STEP_METRICS row: update scalars, rewards, lengths, tokens, per-stage seconds and the
     train/inference log-prob gaps (NaN where not measured)."""
     lengths = rollouts["completion_token_ids"].list.len()
+    truncated = rollouts["finish_reason"] == "length"
     gaps = gaps or {}
     total = sum(times.get(k, 0.0) for k in ("generate", "reward", "teacher", "update", "sync"))
     teacher_tokens = 0 if teacher is None else int(teacher["teacher_logprobs"].list.len().sum() or 0)
@@ -415,6 +426,7 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         "step": step, **row,
         "reward_mean": float(rewards["reward"].mean()),
         "response_len_mean": float(lengths.mean()),
+        **response_stats(lengths, truncated, rewards["extracted_answer"]),
         "num_tokens": int(lengths.sum()),
         "teacher_tokens": teacher_tokens,
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),
@@ -422,6 +434,19 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         "time_sync_s": times.get("sync", 0.0), "time_total_s": total, "tokens_per_s": float(lengths.sum()) / max(total, 1e-9),
         **{name: float(gaps.get(name, float("nan"))) for name in LOGP_GAPS},
     }
+
+
+def response_stats(lengths: pl.Series, truncated: pl.Series, extracted: pl.Series) -> dict[str, float]:
+    """Length quantiles (p50, p90: nearest rank; max) of the responses, the fraction cut at
+    max_new_tokens, and the fraction in which no answer was found.
+
+    >>> stats = response_stats(pl.Series(range(1, 11)), pl.Series([False] * 9 + [True]), pl.Series(["1"] * 8 + [None] * 2))
+    >>> [stats[k] for k in ("response_len_p50", "response_len_p90", "response_len_max", "truncated_frac", "no_answer_frac")]
+    [5.0, 9.0, 10.0, 0.1, 0.2]
+    """
+    quantile = lambda q: float(lengths.quantile(q, interpolation="lower"))  # noqa: E731
+    return {"response_len_p50": quantile(0.5), "response_len_p90": quantile(0.9), "response_len_max": float(lengths.max()),
+            "truncated_frac": float(truncated.mean()), "no_answer_frac": float(extracted.is_null().mean())}
 
 
 def stage_evaluate(s: Session, step: int, *, include_teacher: bool = False) -> StageOutput:
@@ -477,7 +502,9 @@ def run_iteration(s: Session, step: int) -> dict[str, float]:
 
 
 def format_step(m: dict) -> str:
-    return (f"[step {m['step']:4d}] reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f}  kl {m['kl_k1_mean']:+.4f}  "
+    cut = f" cut {m['truncated_frac']:.0%}" if m.get("truncated_frac") else ""
+    return (f"[step {m['step']:4d}] reward {m['reward_mean']:.3f}  len {m['response_len_mean']:.1f} "
+            f"(p90 {m['response_len_p90']:.0f}, max {m['response_len_max']:.0f}{cut})  kl {m['kl_k1_mean']:+.4f}  "
             f"β {m['beta']:.4f}  loss {m['loss']:+.4f}  {m['time_total_s']:.2f}s "
             f"(gen {m['time_generate_s']:.2f} / teacher {m['time_teacher_s']:.2f} / update {m['time_update_s']:.2f}"
             + (f" / sync {m['time_sync_s']:.2f}, gap {m['sync_logp_gap_max']:.1e}" if m.get("time_sync_s") else "") + ")")
