@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 import kdrl
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "1.1"
 KEY = ("step", "prompt_id", "sample_idx")
 
 _KEY_SCHEMA = {"step": pl.Int64, "prompt_id": pl.Int64, "sample_idx": pl.Int32}
@@ -112,6 +112,10 @@ _METRIC_FLOATS = (
     "loss pg_loss kd_loss nll_loss beta lr grad_norm reward_mean kl_k1_mean response_len_mean"
     " clip_frac kd_token_frac"
 ).split()
+# Response lengths of the step's rollouts (tokens) beyond the mean, the fraction cut at
+# rollout.max_new_tokens (finish_reason "length": reward 0) and the fraction with no answer found
+# (e.g. a think block that never closed). Added in schema 1.1: older files read them as null.
+RESPONSE_STATS = "response_len_p50 response_len_p90 response_len_max truncated_frac no_answer_frac".split()
 _STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s time_sync_s time_total_s".split()
 # Train/inference mismatch (NaN where not measured): rollout_* = |log π_trainer − log π_sampler| over
 # the step's rollout tokens before the update (on-policy runs); sync_* = the same for a sample of
@@ -129,6 +133,7 @@ STEP_METRICS = pl.Schema(
         **{name: pl.Float64 for name in _STAGE_SECONDS},
         "tokens_per_s": pl.Float64,
         **{name: pl.Float64 for name in LOGP_GAPS},
+        **{name: pl.Float64 for name in RESPONSE_STATS},
     }
 )
 
@@ -224,6 +229,10 @@ SCHEMAS: dict[str, pl.Schema] = {
     "compare_curves": COMPARE_CURVES,
     "comparison": COMPARISON,
 }
+
+# Columns added to a table after its first release (minor schema versions): a file written
+# before them is read with the column null, so runs made by an older kdrl stay readable.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": tuple(RESPONSE_STATS)}
 
 # Columns that must be non-null and unique together. Evaluations hold student and teacher
 # samples (at several temperatures) for the same KEY, so those columns join the key there.
@@ -385,6 +394,9 @@ def read_table(path: str | os.PathLike, *, table: str) -> pl.DataFrame:
         df = pl.read_parquet(path)
     except _UNREADABLE as err:  # a sound footer over damaged pages
         raise _damaged(path, err) from err
+    added = [c for c in ADDED_COLUMNS.get(table, ()) if c not in df.columns]
+    if added:  # a file from before these columns existed (same major version): they read as null
+        df = df.with_columns(pl.lit(None, schema[c]).alias(c) for c in added)
     return _conform(df, schema, path=path)
 
 
@@ -398,7 +410,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     ...     p = write_table(df, Path(d) / "r.parquet", table="rewards", metadata={"kdrl.seed": "1"})
     ...     m = read_metadata(p)
     >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
-    ('rewards', '1', '1')
+    ('rewards', '1.1', '1')
     """
     path = Path(path)
     try:

@@ -75,3 +75,24 @@ def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path):
     assert read_table(paths.offline / "eval_baseline.parquet", table="evaluations").equals(original)
     with pytest.raises(ValueError, match="student is at step 1"):
         stage_evaluate(s, 0)
+
+
+def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
+    """max_new_tokens 6 cuts most worked answers: the cut ones score 0 and are counted, and the
+    length quantiles are those of the step's rollouts."""
+    cfg = _tiny_run_config(tmp_path, **{"run.steps": 2, "rollout.max_new_tokens": 6})
+    run_dir = tmp_path / "runs" / "lengths"
+    train(cfg, run_dir, log=lambda _: None)
+    paths = RunPaths(run_dir)
+    for step in range(2):
+        m = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
+        rollouts = read_table(paths.rollouts(step), table="rollouts")
+        rewards = read_table(paths.rewards(step), table="rewards")
+        lengths = sorted(rollouts["completion_token_ids"].list.len().to_list())
+        n = len(lengths)
+        assert m["response_len_max"] == lengths[-1] == 6
+        assert m["response_len_p50"] == lengths[(n - 1) // 2] and m["response_len_p90"] == lengths[int(0.9 * (n - 1))]
+        cut = rewards.filter(pl.col("truncated"))
+        assert m["truncated_frac"] == cut.height / n > 0
+        assert (cut["reward"] == 0).all()
+        assert m["no_answer_frac"] == rewards["extracted_answer"].null_count() / n

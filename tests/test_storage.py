@@ -395,3 +395,20 @@ def test_is_readable_tells_a_whole_file_from_a_missing_or_truncated_one(tmp_path
     assert is_readable(path) and not is_readable(tmp_path / "missing.parquet")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert not is_readable(path)
+
+
+def test_step_metrics_from_before_the_response_stats_read_as_null(tmp_path):
+    """A run made by kdrl with schema 1 (no response_len_p50 ... no_answer_frac) stays readable:
+    the new columns are null there, every other value as written."""
+    old = _frames()["step_metrics"].drop(storage.RESPONSE_STATS)
+    table = old.to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics", "kdrl.schema_version": "1"})
+    pq.write_table(table, tmp_path / "metrics.parquet")
+    read = read_table(tmp_path / "metrics.parquet", table="step_metrics")
+    assert read.columns == list(storage.STEP_METRICS)
+    assert read.select(storage.RESPONSE_STATS).null_count().row(0) == (1,) * len(storage.RESPONSE_STATS)
+    kept = read.drop(storage.RESPONSE_STATS)
+    assert kept.to_dicts() == old.select(kept.columns).to_dicts()
+    # a column no version ever had is still refused
+    pq.write_table(old.drop("loss").to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics"}), tmp_path / "bad.parquet")
+    with pytest.raises(StorageError, match=r"missing: \['loss'\]"):
+        read_table(tmp_path / "bad.parquet", table="step_metrics")
