@@ -241,6 +241,10 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
+    if cfg.model.lora is not None:  # train an adapter instead of every weight (kdrl.lora)
+        from kdrl.lora import apply_lora
+
+        student = apply_lora(student, cfg.model.lora, seed=cfg.run.seed)
     teacher_path = None
     if cfg.loads_teacher:
         teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from kdrl.advantages import group_advantages_PG, token_count
 from kdrl.batching import StepBatch
 from kdrl.config import LossConfig, OptimConfig
+from kdrl.lora import ADAPTER_DIR, is_lora, load_adapter_weights, save_lora_checkpoint
 from kdrl.losses import (
     beta_constant,
     beta_linear,
@@ -252,10 +253,12 @@ def update_step(
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
-    """AdamW and a LambdaLR: linear warm-up, then constant / cosine / linear decay to 0."""
+    """AdamW over the trainable parameters (all of them, or a LoRA student's adapter) and a
+    LambdaLR: linear warm-up, then constant / cosine / linear decay to 0."""
     import math
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no Adam moments
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -269,11 +272,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int, optimizer_step: int) -> None:
     """Model (HF format, loadable by any HF tool) + trainer state (optimizer, scheduler, RNG,
     counters). Written to a temp dir and renamed, so a checkpoint dir is complete or absent.
+    A LoRA student writes adapter/ (and merged/ with model.lora.save_merged) instead of model/.
 
     Refuses non-finite weights (`TrainingDiverged`); a failed write (disk full, quota, permissions)
     removes the temp dir and raises `CheckpointWriteError` naming the folder and the free space."""
     path = Path(path)
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]  # frozen ones cannot change
     if bad:
         raise TrainingDiverged(f"refusing to write {path}: {len(bad)} weight tensors are not finite (e.g. {bad[0]})",
                                {"optimizer_step": optimizer_step, "non_finite_weights": bad[:10]})
@@ -291,8 +295,11 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
         },
     }
     try:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
+        if is_lora(model):
+            save_lora_checkpoint(model, tokenizer, tmp)
+        else:
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")
     except Exception as err:  # a full disk: OSError (HF files), RuntimeError "[enforce fail at inline_container.cc" (torch), SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -303,11 +310,18 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore weights (in place), optimizer, scheduler and RNG from `save_checkpoint` output;
-    returns {"step", "optimizer_step"}."""
+    returns {"step", "optimizer_step"}. A LoRA student gets its adapter back, bit for bit."""
     path = Path(path)
-    saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype)  # handles shards
-    model.load_state_dict(saved.state_dict())
-    del saved
+    if is_lora(model) != (path / ADAPTER_DIR).is_dir():
+        held = "a LoRA adapter (adapter/)" if (path / ADAPTER_DIR).is_dir() else "full weights (model/)"
+        raise ValueError(f"checkpoint {path} holds {held}, but the student is {'a LoRA' if is_lora(model) else 'a full-weights'} "
+                         "model; resume it with the model.lora setting it was trained with")
+    if is_lora(model):
+        load_adapter_weights(model, path / ADAPTER_DIR)
+    else:
+        saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype)  # handles shards
+        model.load_state_dict(saved.state_dict())
+        del saved
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
