@@ -54,6 +54,25 @@ class StepBatch:
             sliced[f.name] = value
         return StepBatch(**sliced)
 
+    def trimmed(self) -> StepBatch:
+        """The same rows without the padding columns they all share: the left-padding columns
+        no row's prompt reaches and the completion columns past the longest completion. Values at
+        real tokens (and their position ids) are unchanged; a micro-batch of short rows costs its
+        own length, not the batch's longest."""
+        W = self.input_ids_BS.shape[1] - self.completion_ids_BT.shape[1]
+        prompt_len_B = self.attention_mask_BS[:, :W].sum(dim=1)
+        lead = W - int(prompt_len_B.max()) if self.num_rows else 0
+        T = max(1, int(self.completion_mask_BT.sum(dim=1).max())) if self.num_rows else 1
+        cut = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and "_BS" in f.name:
+                value = value[:, lead : W + T]
+            elif isinstance(value, torch.Tensor) and "_BT" in f.name:
+                value = value[:, :T]
+            cut[f.name] = value
+        return StepBatch(**cut)
+
     def to(self, device: torch.device) -> StepBatch:
         moved = {
             f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
@@ -140,3 +159,30 @@ def collate(joined: pl.DataFrame, *, pad_token_id: int) -> StepBatch:
         teacher_topk_logp_BTK=topk_logp_BTK,
         keys=joined.select(KEY),
     )
+
+
+def micro_batches(prompt_lens: list[int], completion_lens: list[int], *, max_rows: int, max_tokens: int = 0) -> list[tuple[int, int]]:
+    """Split rows 0..B-1, in order, into [start, stop) micro-batches of at most `max_rows` rows
+    whose padded size once trimmed, rows × (longest prompt + longest completion among them), stays within
+    `max_tokens` (0 = no token budget). A row longer than the budget alone gets a micro-batch of
+    its own. Rows stay in order (a GRPO group's rows stay together where they fit).
+
+    >>> micro_batches([2, 2, 2, 2], [3, 3, 10, 1], max_rows=4)
+    [(0, 4)]
+    >>> micro_batches([2, 2, 2, 2], [3, 3, 10, 1], max_rows=4, max_tokens=12)
+    [(0, 2), (2, 3), (3, 4)]
+    >>> micro_batches([2, 2, 2], [3, 3, 3], max_rows=2, max_tokens=100)
+    [(0, 2), (2, 3)]
+    >>> micro_batches([9, 1], [1, 9], max_rows=2, max_tokens=20)  # 2 × (9 + 9) > 20
+    [(0, 1), (1, 2)]
+    """
+    bounds, start, longest_p, longest_c = [], 0, 0, 0
+    for row, (p, c) in enumerate(zip(prompt_lens, completion_lens)):
+        width = max(longest_p, p) + max(longest_c, c)  # what `StepBatch.trimmed` keeps
+        if row > start and (row - start >= max_rows or (max_tokens and (row - start + 1) * width > max_tokens)):
+            bounds.append((start, row))
+            start, longest_p, longest_c = row, 0, 0
+        longest_p, longest_c = max(longest_p, p), max(longest_c, c)
+    if len(prompt_lens) > start:
+        bounds.append((start, len(prompt_lens)))
+    return bounds

@@ -241,6 +241,8 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
+    if cfg.model.gradient_checkpointing:  # recompute each layer in backward (generation, in eval mode, keeps its cache)
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora is not None:  # train an adapter instead of every weight (kdrl.lora)
         from kdrl.lora import apply_lora
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kdrl.advantages import group_advantages_PG, token_count
-from kdrl.batching import StepBatch
+from kdrl.batching import StepBatch, micro_batches
 from kdrl.config import LossConfig, OptimConfig
 from kdrl.lora import ADAPTER_DIR, is_lora, load_adapter_weights, save_lora_checkpoint
 from kdrl.losses import (
@@ -162,6 +162,11 @@ def _kd_terms(cfg: LossConfig, logp_BT, topk_logp_BTK, mb: StepBatch, kd_mask_BT
 LOSS_TERMS = {"pg_loss": "pg", "kd_loss": "kd", "nll_loss": "nll"}
 
 
+def _pad_columns(x_BT: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad a micro-batch's [B, t] values with zeros to the batch's width (its padding)."""
+    return torch.nn.functional.pad(x_BT, (0, width - x_BT.shape[1]))
+
+
 def _non_finite_grads(model: torch.nn.Module, limit: int = 10) -> list[str]:
     return [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
 
@@ -186,6 +191,9 @@ def update_step(
 ) -> UpdateResult:
     """Advantages, KD mask and β from the batch, then `ppo_epochs` optimizer steps over
     micro-batches with the global token denominators. `optimizer_step` is the count before.
+    Micro-batches are consecutive rows, at most optim.micro_batch_size of them and, with
+    optim.max_tokens_per_microbatch, at most that many tokens once trimmed of shared padding
+    (`kdrl.batching.micro_batches`); the loss is the same for any split.
 
     Raises `TrainingDiverged` (gradients dropped, weights untouched by that optimizer step) at the
     first loss term (pg, kd, nll) or gradient norm that is not finite."""
@@ -197,20 +205,24 @@ def update_step(
     num_tokens = token_count(mask_BT)
     num_kd_tokens = token_count(kd_mask[:, None] * mask_BT) if loss_cfg.kd_denominator == "unmasked" else num_tokens
     model.train()
+    T = batch.completion_ids_BT.shape[1]
+    bounds = micro_batches(batch.attention_mask_BS[:, :-T].sum(dim=1).tolist(), batch.completion_mask_BT.sum(dim=1).int().tolist(),
+                           max_rows=optim_cfg.micro_batch_size, max_tokens=optim_cfg.max_tokens_per_microbatch)
     old_logp_BT = student_logp_BT = kd_per_token_BT = None
     totals: dict[str, float] = {}
     for epoch in range(loss_cfg.ppo_epochs):
         beta = beta_at(optimizer_step + epoch, loss_cfg)
         sums: dict[str, float] = {}
         logp_parts, kd_parts = [], []
-        for start in range(0, batch.num_rows, optim_cfg.micro_batch_size):
-            stop = min(start + optim_cfg.micro_batch_size, batch.num_rows)
-            mb = batch.rows(start, stop)
+        for start, stop in bounds:
+            mb = batch.rows(start, stop).trimmed()
+            t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
+            mb_mask_BT = mask_BT[start:stop, :t]
             logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature, topk_ids_BTK=mb.teacher_topk_ids_BTK)
-            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb, kd_mask[start:stop, None] * mask_BT[start:stop])
-            old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop]
+            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb, kd_mask[start:stop, None] * mb_mask_BT)
+            old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop, :t]
             loss, metrics = kdrl_loss(
-                logp_BT=logp_BT, old_logp_BT=old, mask_BT=mask_BT[start:stop], advantages_B=advantages_B[start:stop],
+                logp_BT=logp_BT, old_logp_BT=old, mask_BT=mb_mask_BT, advantages_B=advantages_B[start:stop],
                 kd_BT=kd_BT, kd_reward_BT=kd_reward_BT, kd_mask_B=kd_mask[start:stop], beta=beta,
                 num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef, nll_coef=loss_cfg.nll_coef,
                 clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
@@ -225,9 +237,9 @@ def update_step(
                 raise _diverged(f"the {', '.join(bad)} loss term{'s are' if len(bad) > 1 else ' is'} not finite "
                                 f"(rows {start}-{stop - 1} of the batch)", model=model, optimizer=optimizer, diagnostics=diagnostics)
             loss.backward()
-            logp_parts.append(logp_BT.detach())
+            logp_parts.append(_pad_columns(logp_BT.detach(), T))
             kd_source = kd_BT if kd_BT is not None else kd_reward_BT
-            kd_parts.append(torch.zeros_like(logp_BT) if kd_source is None else kd_source.detach())
+            kd_parts.append(torch.zeros_like(logp_parts[-1]) if kd_source is None else _pad_columns(kd_source.detach(), T))
         if old_logp_BT is None:
             old_logp_BT = student_logp_BT = torch.cat(logp_parts)
             kd_per_token_BT = torch.cat(kd_parts)

@@ -96,3 +96,16 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
         assert m["truncated_frac"] == cut.height / n > 0
         assert (cut["reward"] == 0).all()
         assert m["no_answer_frac"] == rewards["extracted_answer"].null_count() / n
+
+
+def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path):
+    cfg = _tiny_run_config(tmp_path, **{"run.steps": 1, "model.gradient_checkpointing": True,
+                                        "optim.max_tokens_per_microbatch": 64})
+    s = open_session(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
+    try:
+        assert s.student.is_gradient_checkpointing
+        assert all(layer.gradient_checkpointing for layer in s.student.model.layers)
+    finally:
+        s.close()
+    train(cfg, tmp_path / "runs" / "gc", log=lambda _: None)  # generation (eval mode) and the update both run
+    assert read_table(RunPaths(tmp_path / "runs" / "gc").metrics(0), table="step_metrics")["grad_norm"][0] > 0

@@ -88,24 +88,64 @@ def _one_update(model, batch, *, micro, loss_cfg=None, lr=1e-3):
     return update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg or LossConfig(beta_init=0.5), optim_cfg=optim_cfg, optimizer_step=0)
 
 
-def test_update_is_invariant_to_micro_batch_size(step_tables, tiny_student):
+# (rows per micro-batch, token budget, gradient checkpointing): every split of the 12 rows, with
+# or without recomputed activations, must give the same update as one pass over all of them.
+SPLITS = [(64, 0, False), (5, 0, False), (64, 40, False), (64, 1, False), (3, 60, True), (64, 0, True)]
+
+
+def test_update_is_invariant_to_micro_batching_and_checkpointing(step_tables, tiny_student):
+    from kdrl.batching import micro_batches
+
     rollouts, rewards, teacher = step_tables
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
-    results, models = [], []
-    for micro in (64, 5):
+    T = batch.completion_ids_BT.shape[1]
+    prompt_lens, completion_lens = batch.attention_mask_BS[:, :-T].sum(1).tolist(), batch.completion_mask_BT.sum(1).int().tolist()
+    results, models, splits = [], [], []
+    for rows, budget, checkpointing in SPLITS:
+        splits.append(micro_batches(prompt_lens, completion_lens, max_rows=rows, max_tokens=budget))
         # plain SGD with lr 1: the weight change *is* the (clipped) gradient. (Adam's first step is
         # ≈ lr·sign(g), which turns float-rounding noise on near-zero gradients into ±lr.)
         model = copy.deepcopy(tiny_student)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-        optim_cfg = OptimConfig(micro_batch_size=micro, grad_clip=0.0)
+        optim_cfg = OptimConfig(micro_batch_size=rows, max_tokens_per_microbatch=budget, grad_clip=0.0)
         results.append(update_step(model, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0), batch,
                                    loss_cfg=LossConfig(beta_init=0.5), optim_cfg=optim_cfg, optimizer_step=0))
         models.append(model)
-    for key in ("loss", "pg_loss", "kd_loss", "grad_norm", "kl_k1_mean"):
-        assert results[0].metrics[key] == pytest.approx(results[1].metrics[key], rel=1e-5, abs=1e-7)
+    # the splits really differ: one pass, 3 by rows, several by tokens, one row each
+    assert [len(b) for b in splits[:4]] == [1, 3, len(splits[2]), 12] and 3 < len(splits[2]) < 12
+    for rows_tokens in splits[2]:  # each micro-batch within the budget once trimmed, unless a row alone exceeds it
+        start, stop = rows_tokens
+        width = max(prompt_lens[start:stop]) + max(completion_lens[start:stop])
+        assert (stop - start) * width <= 40 or stop - start == 1
+    for result, model in zip(results[1:], models[1:]):
+        for key in ("loss", "pg_loss", "kd_loss", "grad_norm", "kl_k1_mean"):
+            assert result.metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-5, abs=1e-7)
+        mask = batch.completion_mask_BT  # padding positions hold no value (0 where a micro-batch was trimmed)
+        assert torch.allclose(result.student_logp_BT * mask, results[0].student_logp_BT * mask, atol=1e-6)
+        assert torch.allclose(result.kd_per_token_BT * mask, results[0].kd_per_token_BT * mask, atol=1e-6)
+        for pa, pb in zip(models[0].parameters(), model.parameters()):
+            assert torch.allclose(pa, pb, atol=1e-6)
     assert results[0].metrics["grad_norm"] > 1e-3
-    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_in_the_backward_pass(step_tables, tiny_student):
+    """With model.gradient_checkpointing each decoder layer runs forward twice per micro-batch
+    (once more in backward): activations are recomputed, not kept."""
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    calls = {}
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_student)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        count = [0]
+        # a pre-hook: the recomputation stops early, once the saved tensors are rebuilt, before forward hooks
+        model.model.layers[1].register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        _one_update(model, batch, micro=64)
+        calls[checkpointing] = count[0]
+    assert calls == {False: 1, True: 2}
 
 
 def test_grpo_raises_the_rewarded_samples(step_tables, tiny_student):
@@ -239,3 +279,20 @@ def test_every_estimator_runs_through_the_update(estimator, tiny_tokenizer, tiny
     assert result.metrics["grad_norm"] > 0
     if estimator == "k1":  # β·k1 as a per-token advantage: pg loss = β Σ k1 / N (ρ = 1)
         assert result.metrics["pg_loss"] == pytest.approx(0.1 * float((direct * mask_BT).sum() / n), rel=1e-5)
+
+
+def test_trimmed_micro_batch_keeps_every_real_token_and_drops_shared_padding(step_tables):
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    T = batch.completion_ids_BT.shape[1]
+    W = batch.input_ids_BS.shape[1] - T
+    lengths = batch.completion_mask_BT.sum(1).int()
+    rows = int(lengths.argmin())  # the shortest completion, alone
+    mb = batch.rows(rows, rows + 1).trimmed()
+    n, p = int(lengths[rows]), int(batch.attention_mask_BS[rows, :W].sum())
+    assert mb.completion_ids_BT.shape == (1, n) and mb.input_ids_BS.shape == (1, p + n)
+    assert mb.attention_mask_BS.all()  # nothing but real tokens left
+    assert torch.equal(mb.input_ids_BS[0], batch.input_ids_BS[rows, W - p : W + n])
+    assert torch.equal(mb.position_ids_BS[0], torch.arange(p + n))
+    assert torch.equal(mb.teacher_logp_BT[0], batch.teacher_logp_BT[rows, :n])
+    assert mb.rewards_PG.shape == batch.rewards_PG.shape and mb.keys.row(0) == batch.keys.row(rows)
