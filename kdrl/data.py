@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdrl.config import DataConfig
 from kdrl.prompts import render_prompts
+from kdrl.sources import is_generated, load_generated
 
 if TYPE_CHECKING:
     import datasets
@@ -212,7 +213,9 @@ def load_source(cfg: DataConfig) -> datasets.Dataset:
                                  min_digits=cfg.min_digits, max_digits=cfg.max_digits)
         return ds
     path = Path(cfg.source)
-    if path.exists():
+    if is_generated(cfg.source):  # "reasoning-gym:<task>" (kdrl/sources.py)
+        ds = load_generated(cfg)
+    elif path.exists():
         ds = _load_local(path, cfg.split)
     else:  # a hub name
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
@@ -323,7 +326,7 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         examples = "; ".join(f"row {row} repeats row {first}" for row, first in list(duplicates.items())[:3])
         logger.warning("%s: %d duplicate row(s) dropped (same question once whitespace is collapsed and case "
                        "folded: %s); %d distinct questions remain", cfg.source, len(duplicates), examples, len(order))
-    if cfg.source != "embedded":
+    if cfg.source != "embedded" and not is_generated(cfg.source):
         # Not the generator's rows: they are seeded-random already and a larger num_train only
         # appends to them, whereas shuffling a longer list would move every held-out prompt.
         random.Random(cfg.seed).shuffle(order)
