@@ -75,7 +75,7 @@ def reasoning_gym_rows(task: str, *, size: int, seed: int) -> datasets.Dataset:
     """`size` rows of reasoning_gym task `task` with `seed`: question, answer, and answer_cot
     where the task's metadata has a worked answer.
 
-    >>> ds = reasoning_gym_rows("gsm_symbolic", size=2, seed=0)  # doctest: +SKIP
+    >>> ds = reasoning_gym_rows("gsm_symbolic", size=2, seed=0)
     >>> ds.column_names
     ['question', 'answer', 'answer_cot']
     """
