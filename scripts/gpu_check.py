@@ -1,0 +1,264 @@
+"""One GPU check of kdrl's own pieces at the paper config's real shapes: speed and peak memory,
+beside `kdrl.memory`'s estimate of the same shapes.
+
+    scripts/gpu_check.sh              # one H100/H200, under 8 minutes, no network (see the .sh for wheels)
+    scripts/gpu_check.sh --tiny       # tiny models on CPU in seconds: proves the script runs (tests/test_memory.py)
+
+Random-init models built from data/fixtures/arch/*/config.json (the architectures of
+data/configs/paper_1p5b.yaml), at reduced lengths. Sections, each timed after a warm-up:
+
+  generate          kdrl's HFRolloutEngine (transformers generate, KV cache) on the bf16 student
+  teacher scoring   kdrl's HFTeacherScorer (forward, float32 log-softmax, gather) on the bf16 teacher
+  update            kdrl.train.update_step on a synthetic step batch (collate of kdrl's tables), with
+                    gradient checkpointing and optim.max_tokens_per_microbatch, float32 and bf16 students
+  update, LoRA      the same on a kdrl.lora student (skipped without peft)
+
+Peak memory is torch.cuda.max_memory_allocated over the section, each section starting from an
+empty device; the estimate is `kdrl.memory`'s rows for exactly those shapes without the margin.
+A later scale-out issue adds sections: each is a function returning `Result`s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
+
+from kdrl.memory import GiB, ModelShape, kv_cache_row, teacher_logits_row, update_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = ROOT / "data/fixtures/arch"
+
+
+@dataclass(frozen=True)
+class Result:
+    section: str
+    tokens: int
+    seconds: float
+    peak_bytes: int | None
+    """torch.cuda.max_memory_allocated over the section (None on CPU)."""
+    estimate_bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shapes of one check: full (GPU) or tiny (CPU)."""
+
+    student: PretrainedConfig
+    teacher: PretrainedConfig
+    device: str
+    prompts: int
+    samples: int
+    prompt_tokens: int
+    new_tokens: int
+    token_budget: int
+    dtype: torch.dtype
+
+
+def full_plan() -> Plan:
+    return Plan(student=Qwen2Config.from_pretrained(ARCH / "deepseek-r1-distill-qwen-1.5b"),
+                teacher=Qwen2Config.from_pretrained(ARCH / "skywork-or1-math-7b"), device="cuda",
+                prompts=2, samples=4, prompt_tokens=256, new_tokens=2048, token_budget=16384, dtype=torch.bfloat16)
+
+
+def tiny_plan() -> Plan:
+    small = dict(vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False, num_key_value_heads=2)
+    return Plan(student=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **small),
+                teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, **small),
+                device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64, dtype=torch.bfloat16)
+
+
+class IdsOnly:
+    """What kdrl's HF engines ask of a tokenizer, for random models whose text means nothing."""
+
+    pad_token_id = 0
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+    def batch_decode(self, ids, **_):
+        return ["" for _ in ids]
+
+
+def build(config: PretrainedConfig, plan: Plan, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(plan.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def measured(fn):
+    """(fn's result, seconds, peak bytes or None) from an emptied device."""
+    gc.collect()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated() if cuda else None
+
+
+def prompt_ids(plan: Plan, vocab: int, count: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    step = max(1, plan.prompt_tokens // 16)  # a little padding between prompts, as real ones have
+    return [torch.randint(3, vocab - 1, (plan.prompt_tokens - step * (i % 4),), generator=g).tolist() for i in range(count)]
+
+
+def section_generate(plan: Plan) -> list[Result]:
+    from kdrl.engines.hf import HFRolloutEngine
+
+    shape = ModelShape.from_config(plan.student)
+    model = build(plan.student, plan, plan.dtype).eval()
+    engine = HFRolloutEngine(model, IdsOnly(eos=plan.student.vocab_size - 1), batch_size=plan.prompts * plan.samples)
+    prompts = prompt_ids(plan, plan.student.vocab_size, plan.prompts)
+    engine.generate(prompts, n=1, max_new_tokens=4, seed=0)  # warm-up
+    rollouts, seconds, peak = measured(lambda: engine.generate(prompts, n=plan.samples, max_new_tokens=plan.new_tokens, seed=0))
+    tokens = sum(len(c) for c in rollouts.completion_token_ids)
+    d = plan.dtype.itemsize
+    kv = kv_cache_row(shape, d=d, seqs=plan.prompts * plan.samples, row_tokens=plan.prompt_tokens + plan.new_tokens)
+    del model, engine
+    return [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes, f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}")]
+
+
+def section_teacher(plan: Plan) -> list[Result]:
+    from kdrl.engines.hf import HFTeacherScorer
+
+    shape = ModelShape.from_config(plan.teacher)
+    model = build(plan.teacher, plan, plan.dtype).eval()
+    rows = plan.prompts * plan.samples
+    prompts = prompt_ids(plan, plan.teacher.vocab_size, rows)
+    g = torch.Generator().manual_seed(2)
+    completions = [torch.randint(3, plan.student.vocab_size - 1, (plan.new_tokens - 8 * i,), generator=g).tolist() for i in range(rows)]
+    budget = plan.token_budget
+    scorer = HFTeacherScorer(model, IdsOnly(eos=2), max_tokens_per_batch=budget)
+    scorer.score(prompts[:1], [completions[0][:8]])  # warm-up
+    _, seconds, peak = measured(lambda: scorer.score(prompts, completions))
+    d = plan.dtype.itemsize
+    logits = teacher_logits_row(shape, d=d, tokens=budget, completion_tokens=plan.new_tokens)
+    del model, scorer
+    return [Result("teacher scoring", sum(map(len, completions)), seconds, peak, shape.params * d + logits.bytes,
+                   f"{rows} rows packed ≤ {budget} tokens; {logits.arithmetic}")]
+
+
+def step_batch(plan: Plan, vocab: int):
+    """A synthetic step through kdrl's own tables and collate: P prompts × G samples, completions of
+    decreasing length (so rows are padded, as real ones are), teacher log-probs on every row."""
+    import polars as pl
+
+    from kdrl.batching import collate, join_step_tables
+    from kdrl.storage import REWARDS, ROLLOUTS, TEACHER_LOGPROBS
+
+    rows = plan.prompts * plan.samples
+    prompts = prompt_ids(plan, vocab, plan.prompts)
+    g = torch.Generator().manual_seed(3)
+    lengths = [plan.new_tokens - (plan.new_tokens // (2 * rows)) * i for i in range(rows)]
+    completions = [torch.randint(3, vocab - 1, (n,), generator=g).tolist() for n in lengths]
+    key = {"step": [0] * rows, "prompt_id": [i // plan.samples for i in range(rows)], "sample_idx": [i % plan.samples for i in range(rows)]}
+    rollouts = pl.DataFrame({**key, "prompt_token_ids": [prompts[i // plan.samples] for i in range(rows)],
+                             "completion_token_ids": completions, "sampler_logprobs": [[-1.0] * n for n in lengths],
+                             "finish_reason": ["stop"] * rows, "completion_text": [""] * rows}, schema=ROLLOUTS)
+    rewards = pl.DataFrame({**key, "extracted_answer": [None] * rows, "reward": [float(i % 2) for i in range(rows)],
+                            "truncated": [False] * rows}, schema=REWARDS)
+    teacher = pl.DataFrame({**key, "teacher_logprobs": [[-1.5] * n for n in lengths], "topk_ids": [None] * rows,
+                            "topk_logprobs": [None] * rows}, schema=TEACHER_LOGPROBS)
+    return collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+
+
+def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result]:
+    from kdrl.batching import micro_batches
+    from kdrl.config import LoraConfig, LossConfig, OptimConfig
+    from kdrl.train import build_optimizer, update_step
+
+    name = "update, LoRA" if lora else f"update {str(dtype).removeprefix('torch.')}"
+    if lora:
+        try:
+            from kdrl.lora import apply_lora
+        except ImportError as err:
+            return [Result(name, 0, 0.0, None, 0, f"skipped: {err}")]
+    shape = ModelShape.from_config(plan.student)
+    model = build(plan.student, plan, dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as kdrl.loop does
+    if lora:
+        model = apply_lora(model, LoraConfig(r=16), seed=0).to(plan.device)
+    batch = step_batch(plan, plan.student.vocab_size).to(torch.device(plan.device))
+    optim_cfg = OptimConfig(lr=1e-6, micro_batch_size=64, max_tokens_per_microbatch=plan.token_budget)
+    optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=4)
+    loss_cfg = LossConfig(beta_init=5e-3)
+    step = lambda i: update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)  # noqa: E731
+    step(0)  # warm-up, and AdamW's moments exist from here on, as in a run's later steps
+    _, seconds, peak = measured(lambda: step(1))
+    T = batch.completion_ids_BT.shape[1]
+    prompt_lens = batch.attention_mask_BS[:, :-T].sum(dim=1).tolist()
+    completion_lens = batch.completion_mask_BT.sum(dim=1).int().tolist()
+    bounds = micro_batches(prompt_lens, completion_lens, max_rows=64, max_tokens=plan.token_budget)
+    widths = [(b - a, max(prompt_lens[a:b]) + max(completion_lens[a:b])) for a, b in bounds]
+    rows, width = max(widths, key=lambda w: w[0] * w[1])
+    d = dtype.itemsize
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_d = 4 if lora else d
+    phase = update_rows(shape, d=d, tokens=rows * width, row_tokens=width, checkpointing=True, trainable=trainable, trainable_d=trainable_d)
+    adapter = trainable * 4 if lora else 0
+    resident = shape.params * d + adapter + 2 * trainable * trainable_d
+    on_cuda = plan.device == "cuda"
+    estimate = resident + max(sum(r.bytes for r in phase), trainable * trainable_d * (2 if on_cuda else 1))
+    del model, optimizer, scheduler, batch
+    return [Result(name, sum(completion_lens), seconds, peak, estimate,
+                   f"{len(bounds)} micro-batches, largest {rows}×{width} tokens, gradient checkpointing")]
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def summary(results: list[Result]) -> str:
+    lines = ["| section | tokens | seconds | tokens/s | peak | estimate | peak/estimate | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = "" if r.peak_bytes is None or not r.estimate_bytes else f"{r.peak_bytes / r.estimate_bytes:.2f}"
+        rate = f"{r.tokens / r.seconds:,.0f}" if r.seconds else ""
+        lines.append(f"| {r.section} | {r.tokens:,} | {r.seconds:.2f} | {rate} | {size(r.peak_bytes)} | {size(r.estimate_bytes)} | {ratio} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (seconds): checks that the script runs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    plan = tiny_plan() if args.tiny else full_plan()
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny on CPU")
+    import transformers
+
+    device = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
+    print(f"== gpu_check: torch {torch.__version__}, transformers {transformers.__version__}, {device}", flush=True)
+    sections = [("generate", lambda: section_generate(plan)), ("teacher scoring", lambda: section_teacher(plan)),
+                ("update float32", lambda: section_update(plan, dtype=torch.float32, lora=False)),
+                ("update bfloat16", lambda: section_update(plan, dtype=torch.bfloat16, lora=False)),
+                ("update, LoRA", lambda: section_update(plan, dtype=torch.bfloat16, lora=True))]
+    results: list[Result] = []
+    for title, run in sections:
+        print(f"== {title}", flush=True)
+        for r in run():
+            results.append(r)
+            print(f"   {r.tokens:,} tokens in {r.seconds:.2f} s; peak {size(r.peak_bytes)}, estimate {size(r.estimate_bytes)}; {r.note}", flush=True)
+    print("== summary\n" + summary(results), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
