@@ -53,6 +53,9 @@ CUDA_CONTEXT_BYTES = GiB // 2
 """The CUDA context and cuBLAS/cuDNN workspaces, outside PyTorch's allocator statistics."""
 MARGIN_FRACTION = 0.10
 """Added to the estimate for what it leaves out (fragmentation, allocator caching)."""
+ASSUMED_PROMPT_TOKENS = 1024
+"""Longest prompt the estimate assumes before the prompts are tokenized (a resumed run reads its
+prompts table; vllm.max_model_len or a model's context may bound it lower)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -243,9 +246,11 @@ def micro_batch_tokens(cfg: RunConfig, row_tokens: int) -> tuple[int, str]:
     return by_rows, f"{rows} rows (optim.micro_batch_size) × {row_tokens} tokens"
 
 
-def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None) -> tuple[int, str]:
-    """The longest prompt + response: the prompt limit of `kdrl.data.run_prompt_limit` (same
-    contexts, given as configs) plus rollout.max_new_tokens."""
+def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None, *, prompt_tokens: int | None = None) -> tuple[int, str]:
+    """The longest prompt + response: the longest prompt (`prompt_tokens`, from a run's prompts
+    table; else `ASSUMED_PROMPT_TOKENS`, since prompts are tokenized after this check), capped by
+    the prompt limit of `kdrl.data.run_prompt_limit` (same contexts, given as configs), plus
+    rollout.max_new_tokens."""
     from kdrl.data import prompt_token_limit
 
     contexts: dict[str, Any] = {"the student": student_config}
@@ -257,9 +262,11 @@ def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None) 
             contexts["teacher.vllm.max_model_len"] = cfg.teacher.vllm.max_model_len
     new = cfg.rollout.max_new_tokens
     limit = prompt_token_limit(contexts, None, max_new_tokens=new, field="rollout.max_new_tokens")
-    if limit is None:
-        return new, f"rollout.max_new_tokens {new} (no context length known: prompts not counted)"
-    return limit.tokens + new, f"{limit.why} = {limit.tokens} prompt + {new} new tokens"
+    prompt, why = (prompt_tokens, "the run's longest prompt") if prompt_tokens is not None else \
+        (ASSUMED_PROMPT_TOKENS, f"prompts assumed ≤ {ASSUMED_PROMPT_TOKENS} tokens (not tokenized yet)")
+    if limit is not None and limit.tokens < prompt:
+        prompt, why = limit.tokens, f"prompts ≤ {limit.why}"
+    return prompt + new, f"{why}: {prompt} + rollout.max_new_tokens {new}"
 
 
 def _is_vllm(requested: str, device: DeviceMemory, vllm_installed: bool, *, must_release: bool = False) -> bool:
@@ -348,10 +355,22 @@ def _fixes(cfg: RunConfig, estimate: Callable[[RunConfig], MemoryEstimate]) -> l
     return lines
 
 
-def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *, log: Callable[[str], None] = print,
-                 device: DeviceMemory | None = None) -> MemoryEstimate | None:
+def _longest_prompt(run_dir: str | os.PathLike | None) -> int | None:
+    if run_dir is None:
+        return None
+    from kdrl.storage import RunPaths, read_table
+
+    paths = RunPaths(run_dir)
+    if not paths.prompts.exists():
+        return None
+    return int(read_table(paths.prompts, table="prompts")["prompt_token_ids"].list.len().max() or 0)
+
+
+def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *, run_dir: str | os.PathLike | None = None,
+                 log: Callable[[str], None] = print, device: DeviceMemory | None = None) -> MemoryEstimate | None:
     """Estimate the run on its training device, print the table, and with run.memory_check=refuse
-    raise `MemoryEstimateError` when it does not fit ("warn": print only; "off": nothing)."""
+    raise `MemoryEstimateError` when it does not fit ("warn": print only; "off": nothing). A
+    `run_dir` that already has its prompts table gives the real longest prompt."""
     if cfg.run.memory_check == "off":
         return None
     from transformers import AutoConfig
@@ -367,7 +386,7 @@ def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *,
         log(f"[kdrl] memory estimate skipped: {err}")
         return None
     device = device or device_memory(cfg.model.device)
-    row = row_tokens(cfg, configs["student"], configs.get("teacher"))
+    row = row_tokens(cfg, configs["student"], configs.get("teacher"), prompt_tokens=_longest_prompt(run_dir))
     installed = vllm_available()
 
     def estimate(c: RunConfig) -> MemoryEstimate:

@@ -25,6 +25,7 @@ from kdrl.memory import (
     row_tokens,
 )
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "data/configs/paper_1p5b.yaml"
 # The hub names of paper_1p5b.yaml → their config.json under data/fixtures/arch (no network).
@@ -203,6 +204,30 @@ def test_chunk_constant_is_the_trainers():
     from kdrl.train import completion_logprobs_BT
 
     assert inspect.signature(completion_logprobs_BT).parameters["chunk_tokens"].default == LOGPROB_CHUNK_TOKENS
+
+
+def test_prompt_length_assumed_then_read_from_the_run(tmp_path):
+    import polars as pl
+
+    from kdrl.storage import PROMPTS, RunPaths, write_table
+
+    cfg = load_config(overrides=["data.source=x.jsonl", "model.name_or_path=x", "teacher.name_or_path=y", "rollout.max_new_tokens=100"])
+    student = AutoConfig.from_pretrained(ARCH["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"])  # context 131072: no bound
+    assert row_tokens(cfg, student, student) == (1024 + 100, "prompts assumed ≤ 1024 tokens (not tokenized yet): 1024 + rollout.max_new_tokens 100")
+    assert row_tokens(cfg, student, student, prompt_tokens=37)[0] == 137
+    short = load_config(overrides=["rollout.max_new_tokens=16"])
+    assert row_tokens(short, TINY, None) == (64, "prompts ≤ the student's context of 64 tokens minus rollout.max_new_tokens 16: "
+                                                 "48 + rollout.max_new_tokens 16")
+    from kdrl.memory import _longest_prompt  # a run's prompts table gives the real longest prompt
+
+    paths = RunPaths(tmp_path)
+    paths.prompts.parent.mkdir(parents=True)
+    assert _longest_prompt(tmp_path) is None
+
+    table = pl.DataFrame({"prompt_id": [0, 1], "split": ["train", "heldout"], "question": ["a", "b"], "answer": ["1", "2"],
+                          "prompt_text": ["a", "b"], "prompt_token_ids": [[1, 2, 3], [1] * 41]}, schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
+    write_table(table.select(PROMPTS.names()).cast(dict(PROMPTS)), paths.prompts, table="prompts")
+    assert _longest_prompt(tmp_path) == 41
 
 
 def test_embedded_default_fits_this_machine(tmp_path, tiny_student, tiny_teacher, tiny_tokenizer):
