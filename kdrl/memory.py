@@ -38,8 +38,9 @@ trains a float32 student.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -181,7 +182,7 @@ class MemoryEstimate:
         """The table printed at start: one line per item with its arithmetic, in GiB; the peak is
         the resident rows plus the largest phase (phases come one after another)."""
         width = max(len(r.item) for _, rows in (("", self.resident), *self.phases) for r in rows) + 2
-        line = lambda r: f"  {r.item:<{width}}{r.bytes / GiB:8.2f} GiB  {r.arithmetic}"  # noqa: E731
+        line = lambda r: f"  {r.item:<{width}}{r.bytes / GiB:8.2f} GiB  {r.arithmetic}"
         resident, peak = sum(r.bytes for r in self.resident), self.peak_phase
         out = [f"[kdrl] memory estimate on {self.device.type} ({self.device.name}, {self.device.total_bytes / GiB:.1f} GiB):",
                *(f"  {note}" for note in self.notes), f" resident ({resident / GiB:.2f} GiB):", *map(line, self.resident)]
@@ -189,9 +190,8 @@ class MemoryEstimate:
             mark = ", the peak" if name == peak else ""
             out += [f" {name} ({self.phase_bytes(name) / GiB:.2f} GiB{mark}):", *map(line, rows)]
         verdict = "fits" if self.fits else "does NOT fit"
-        out += [line(self.margin),
-                f"  {'total':<{width}}{self.total_bytes / GiB:8.2f} GiB  resident + {peak} + margin, of "
-                f"{self.device.total_bytes / GiB:.1f} GiB: {verdict}"]
+        total = f"  {'total':<{width}}{self.total_bytes / GiB:8.2f} GiB  resident + {peak} + margin"
+        out += [line(self.margin), f"{total}, of {self.device.total_bytes / GiB:.1f} GiB: {verdict}"]
         return "\n".join(out)
 
 
@@ -264,7 +264,7 @@ def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None, 
     limit = prompt_token_limit(contexts, None, max_new_tokens=new, field="rollout.max_new_tokens")
     prompt, why = (prompt_tokens, "the run's longest prompt") if prompt_tokens is not None else \
         (ASSUMED_PROMPT_TOKENS, f"prompts assumed ≤ {ASSUMED_PROMPT_TOKENS} tokens (not tokenized yet)")
-    if limit is not None and limit.tokens < prompt:
+    if limit is not None and limit.tokens <= prompt:
         prompt, why = limit.tokens, f"prompts ≤ {limit.why}"
     return prompt + new, f"{why}: {prompt} + rollout.max_new_tokens {new}"
 

@@ -69,7 +69,7 @@ def full_plan() -> Plan:
 
 
 def tiny_plan() -> Plan:
-    small = dict(vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False, num_key_value_heads=2)
+    small = {"vocab_size": 512, "max_position_embeddings": 256, "tie_word_embeddings": False, "num_key_value_heads": 2}
     return Plan(student=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **small),
                 teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, **small),
                 device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64, dtype=torch.bfloat16)
@@ -95,7 +95,8 @@ def build(config: PretrainedConfig, plan: Plan, dtype: torch.dtype) -> torch.nn.
 
 
 def measured(fn):
-    """(fn's result, seconds, peak bytes or None) from an emptied device."""
+    """(fn's result, seconds, peak bytes or None) from an emptied device (the previous section's
+    models are gone: each section's locals die with it)."""
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -127,7 +128,6 @@ def section_generate(plan: Plan) -> list[Result]:
     tokens = sum(len(c) for c in rollouts.completion_token_ids)
     d = plan.dtype.itemsize
     kv = kv_cache_row(shape, d=d, seqs=plan.prompts * plan.samples, row_tokens=plan.prompt_tokens + plan.new_tokens)
-    del model, engine
     return [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes, f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}")]
 
 
@@ -146,7 +146,6 @@ def section_teacher(plan: Plan) -> list[Result]:
     _, seconds, peak = measured(lambda: scorer.score(prompts, completions))
     d = plan.dtype.itemsize
     logits = teacher_logits_row(shape, d=d, tokens=budget, completion_tokens=plan.new_tokens)
-    del model, scorer
     return [Result("teacher scoring", sum(map(len, completions)), seconds, peak, shape.params * d + logits.bytes,
                    f"{rows} rows packed ≤ {budget} tokens; {logits.arithmetic}")]
 
@@ -195,7 +194,7 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     optim_cfg = OptimConfig(lr=1e-6, micro_batch_size=64, max_tokens_per_microbatch=plan.token_budget)
     optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=4)
     loss_cfg = LossConfig(beta_init=5e-3)
-    step = lambda i: update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)  # noqa: E731
+    step = lambda i: update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)
     step(0)  # warm-up, and AdamW's moments exist from here on, as in a run's later steps
     _, seconds, peak = measured(lambda: step(1))
     T = batch.completion_ids_BT.shape[1]
@@ -212,7 +211,6 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     resident = shape.params * d + adapter + 2 * trainable * trainable_d
     on_cuda = plan.device == "cuda"
     estimate = resident + max(sum(r.bytes for r in phase), trainable * trainable_d * (2 if on_cuda else 1))
-    del model, optimizer, scheduler, batch
     return [Result(name, sum(completion_lens), seconds, peak, estimate,
                    f"{len(bounds)} micro-batches, largest {rows}×{width} tokens, gradient checkpointing")]
 
