@@ -237,8 +237,12 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)  # nothing of ours draws from it, but checkpoints store its state: same run, same bytes
     paths = RunPaths(Path(run_dir))
-    _check_run_config(cfg, paths)
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
+    from kdrl.memory import check_memory  # before any weights load and the run folder is written: a refused run can change its config
+
+    check_memory(cfg, student_path, resolve_model_path(cfg.teacher.name_or_path, cfg, log=log) if cfg.loads_teacher else None,
+                 run_dir=paths.root, log=log)
+    _check_run_config(cfg, paths)
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
     if cfg.model.gradient_checkpointing:  # recompute each layer in backward (generation, in eval mode, keeps its cache)
