@@ -82,6 +82,11 @@ class DataConfig(_Section):
     def _has_question(cls, v: str) -> str:
         if "{question}" not in v:
             raise ValueError("prompt_template must contain '{question}'")
+        try:
+            v.format(question="")
+        except (IndexError, KeyError, ValueError) as err:  # "\\boxed{}" is a positional field to str.format
+            raise ValueError(f"prompt_template is a str.format string with a field other than {{question}} ({type(err).__name__}: "
+                             f"{err}); write literal braces twice, e.g. \\boxed{{{{}}}}") from None
         return v
 
     @model_validator(mode="after")
@@ -350,6 +355,11 @@ class RunSection(_Section):
     """Before loading models, estimate the training device's peak memory (parameters, gradients,
     optimizer, activations per token, teacher, vLLM engines) and print it; "refuse" stops a run
     whose estimate exceeds the device's memory, with the arithmetic; "warn" only prints."""
+
+    @field_validator("memory_check", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 class RunConfig(_Section):

@@ -544,3 +544,17 @@ def test_a_run_made_before_the_objective_checks_was_started_with_another_config(
     with pytest.raises(ValueError, match="was started with another config"):  # before: "invalid config (...): ... has no KD"
         open_session(load_config(valid / "config.yaml"), old, log=lambda _: None)
 
+
+
+def test_prompt_template_with_stray_braces_is_refused_at_load():
+    """str.format reads "\\boxed{}" as a positional field: it would crash at data load."""
+    with pytest.raises(ValueError, match=r"data.prompt_template: .*field other than \{question\}.*write literal braces twice"):
+        load_config(overrides=[r"data.prompt_template='{question} Put it in \boxed{}.'"])
+    with pytest.raises(ValueError, match="KeyError: 'answer'"):
+        load_config(overrides=["data.prompt_template='{question} {answer}'"])
+    cfg = load_config(overrides=[r"data.prompt_template='{question} Put it in \boxed{{}}.'"])
+    assert cfg.data.prompt_template.format(question="1+1?") == r"1+1? Put it in \boxed{}."
+
+
+def test_memory_check_off_survives_yaml():
+    assert load_config(overrides=["run.memory_check=off"]).run.memory_check == "off"
