@@ -265,3 +265,16 @@ def test_gpu_check_runs_tiny_on_cpu():
     for section in ("generate", "teacher scoring", "update float32", "update bfloat16", "update, LoRA"):
         assert f"| {section} | " in summary, summary
     assert "n/a" in summary  # no peak memory on CPU; the estimates are printed beside it
+
+
+def test_hf_models_config_fits_one_80gb_gpu_with_vllm():
+    """Its engines are "auto": vLLM on a GPU where vllm is installed (the config's premise); HF
+    generate of 256 rows × 5k tokens would not fit, and is refused with that arithmetic."""
+    cfg = load_config(ROOT / "data/configs/hf_models.yaml")
+    s, t = (AutoConfig.from_pretrained(ARCH[name]) for name in (cfg.model.name_or_path, cfg.teacher.name_or_path))
+    shapes = ModelShape.from_config(s), ModelShape.from_config(t)
+    est = estimate_memory(cfg, *shapes, device=H100, row=row_tokens(cfg, s, t), vllm_installed=True)
+    assert est.fits, est.format()
+    without = estimate_memory(cfg, *shapes, device=H100, row=row_tokens(cfg, s, t), vllm_installed=False)
+    assert not without.fits and "HF generate KV cache" in without.format()
+    assert cfg.data.prompt_format == "chat" and cfg.model.dtype == "float32"
