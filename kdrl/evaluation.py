@@ -126,19 +126,28 @@ def _checkpoint_model(checkpoint: Path, step: int, run_dir: Path | None) -> Reso
     return ResolvedModel(adapter_base_model(checkpoint / ADAPTER_DIR), step, run_dir, adapter=str(checkpoint / ADAPTER_DIR))
 
 
+PROMPT_KEYS = ("prompt_format", "prompt_template", "system_prompt", "chat_template_kwargs")
+"""The data keys that say how a question becomes a prompt: a run's checkpoint is evaluated with its run's."""
+
+
 def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     """The EvalConfig of `checkpoint` on `dataset`: defaults ← what the owning run fixes (reward
-    rules, max_new_tokens, and the data section for "embedded") ← `overrides` ("samples=8",
-    "data.answer_field=solution", ...)."""
+    rules, max_new_tokens, how prompts are rendered (`PROMPT_KEYS`), and for "embedded" the run's
+    whole data section: its held-out prompts, also when the run trained on another source) ←
+    `overrides` ("samples=8", "data.answer_field=solution", ...)."""
     values: dict = {}
     owner = None
     if not checkpoint.startswith("embedded:") and Path(checkpoint).expanduser().exists():
         owner = _owning_run(Path(checkpoint).expanduser())
     if owner is not None:
         run_cfg = load_config(RunPaths(owner).config, check_objective=False)  # a run already made
-        values = {"max_new_tokens": run_cfg.rollout.max_new_tokens, "reward": run_cfg.reward.model_dump(mode="json")}
-        if dataset == "embedded":
+        values = {"max_new_tokens": run_cfg.rollout.max_new_tokens, "reward": run_cfg.reward.model_dump(mode="json"),
+                  "data": {key: getattr(run_cfg.data, key) for key in PROMPT_KEYS}}  # prompted as it was trained
+        if dataset == "embedded":  # the run's own held-out prompts
             values["data"] = run_cfg.data.model_dump(mode="json")
+            if run_cfg.data.source != "embedded":  # they come first in the seeded order (see build_prompts)
+                values["limit"] = run_cfg.data.num_heldout
+                dataset = run_cfg.data.source
     values = merge_dicts(values, {"checkpoint": checkpoint, "data": {"source": dataset}})
     for text in overrides:
         values = merge_dicts(values, parse_override(text))

@@ -219,3 +219,30 @@ def test_an_embedded_evaluation_with_few_train_rows_is_not_checked_as_a_run(tiny
             "--set", "data.num_train=6", "--set", "data.num_heldout=3", "--out", str(tmp_path / "ev")]
     assert main(argv) == 0
     assert read_table(tmp_path / "ev" / "summary.parquet", table="eval_summary")["num_prompts"].to_list()[0] == 3
+
+
+def test_a_chat_run_on_a_dataset_is_evaluated_on_its_heldout_prompts_as_it_was_prompted(qa_file, tmp_path, tiny_tokenizer):
+    """A run trained with chat prompts on a local dataset: `kdrl eval RUN` renders prompts with the
+    run's chat settings and takes exactly its held-out prompts; another dataset keeps the chat
+    settings (the model was tuned on them) with that dataset's own columns."""
+    import copy
+
+    from kdrl.config import dump_config, load_config
+    from kdrl.data import build_prompts
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    run_dir = tmp_path / "runs" / "chat"
+    run_dir.mkdir(parents=True)
+    run_cfg = load_config(overrides=[f"data.source={qa_file}", "data.question_field=problem", "data.answer_field=solution",
+                                     "data.prompt_format=chat", "data.system_prompt=sum", "data.prompt_template='add {question}'",
+                                     "data.num_train=2", "data.num_heldout=3", "rollout.prompts_per_step=2"])
+    (run_dir / "config.yaml").write_text(dump_config(run_cfg))
+    cfg = build_eval_config(str(run_dir))
+    assert (cfg.data.source, cfg.limit, cfg.data.prompt_format, cfg.data.system_prompt) == (str(qa_file), 3, "chat", "sum")
+    heldout = build_prompts(run_cfg.data, tok).filter(pl.col("split") == "heldout")
+    assert eval_prompts(cfg, tok)["prompt_token_ids"].to_list() == heldout["prompt_token_ids"].to_list()
+    assert heldout["prompt_text"][0].startswith("system: sum\nuser: add ")
+    other = build_eval_config(str(run_dir), "some/dataset")
+    assert (other.data.source, other.data.prompt_format, other.data.prompt_template) == ("some/dataset", "chat", "add {question}")
+    assert other.data.question_field == "question" and other.limit == 0
