@@ -103,12 +103,14 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
     when what follows the turn is not a special token."""
     if not getattr(tokenizer, "chat_template", None):
         return None
+    from jinja2 import TemplateError
+
     mark = "KDRLENDOFTURNMARK"
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], tokenize=False
         )
-    except Exception:  # templates may refuse a conversation shape (jinja raise_exception)
+    except (TemplateError, ValueError):  # templates may refuse a conversation shape (raise_exception)
         return None
     if mark not in text:
         return None

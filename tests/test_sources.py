@@ -40,7 +40,7 @@ def test_growing_num_train_keeps_the_held_out_prompts(tiny_tokenizer):
     larger num_train appends training prompts and moves no held-out one into training."""
     small = build_prompts(DataConfig(source=GSM, num_train=10, num_heldout=6), tiny_tokenizer)
     large = build_prompts(DataConfig(source=GSM, num_train=40, num_heldout=6), tiny_tokenizer)
-    held = lambda p: p.filter(split="heldout")["question"].to_list()  # noqa: E731
+    held = lambda p: p.filter(split="heldout")["question"].to_list()
     assert held(small) == held(large)
     assert large.filter(split="train")["question"].to_list()[:10] == small.filter(split="train")["question"].to_list()
     assert held(small) == load_source(DataConfig(source=GSM, num_train=10, num_heldout=6))["question"][:6]
