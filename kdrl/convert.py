@@ -44,7 +44,7 @@ GGUF_SHORTCUTS: dict[str, tuple[str, str, str]] = {
 MODEL_FOLDER_HINTS: dict[str, str] = {
     "smollm2/teacher": "kdrl import-gguf smollm2 {path}",
     "smollm2/student": "kdrl import-gguf smollm2 {parent}/teacher (if not done yet), then "
-                       "kdrl prune-layers {parent}/teacher {path} --keep 20",
+                       "kdrl prune-layers {parent}/teacher {path} --keep 27",
 }
 """Ends of the model folders of the shipped configs (data/configs/smollm2.yaml: under
 .cache/kdrl/) → the commands that make them."""

@@ -29,12 +29,12 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 IM_END = 2  # <|im_end|> in SmolLM2's vocabulary
 QUESTION = "What is 12 + 30? Give the result as your final answer."
-STUDENT_LAYERS = 20
+STUDENT_LAYERS = 27
 
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """The imported teacher (float32) and its 20-layer student, made once per session."""
+    """The imported teacher (float32) and its 27-layer student (as data/configs/smollm2.yaml), made once per session."""
     root = tmp_path_factory.mktemp("smollm2")
     teacher = import_gguf("smollm2", root / "teacher", dtype="float32")
     student = prune_layers(teacher, root / "student", keep=STUDENT_LAYERS)
