@@ -69,7 +69,7 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
     (loading reports it if it does not exist).
 
     >>> resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")  # with no folder ./Qwen here
-    ResolvedModel(path='Qwen/Qwen2.5-0.5B-Instruct', step=-1, run_dir=None)
+    ResolvedModel(path='Qwen/Qwen2.5-0.5B-Instruct', step=-1, run_dir=None, adapter=None)
     >>> resolve_checkpoint("runs/grpo-1/iter_00003/checkpoint")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     FileNotFoundError: checkpoint 'runs/grpo-1/iter_00003/checkpoint': no such file or folder ...

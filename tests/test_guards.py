@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 import pickle
 import random
 import subprocess
@@ -245,21 +246,36 @@ def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_identically(tmp_path):
-    from kdrl.loop import train
-    from kdrl.storage import RunPaths
-
-    cfg = _tiny_run_config(tmp_path, **{"run.steps": 2, "loss.ppo_epochs": 2, "optim.schedule": "linear", "optim.lr": 1e-3})
-    states = []
-    for name in ("a", "b"):
-        random.seed(uuid.uuid4().int)  # whatever the process did before the run
-        train(cfg, tmp_path / "runs" / name, log=lambda _: None)
-        paths = RunPaths(tmp_path / "runs" / name)
-        states.append(torch.load(paths.checkpoint(1) / "trainer_state.pt", weights_only=False))
-    metrics = pl.scan_parquet(str(tmp_path / "runs" / "a" / "iter_*" / "metrics.parquet")).collect().sort("step")
+    """Run in a fresh process: pytest's own process holds other tests' vLLM engines, whose
+    background threads may draw from the global `random` while a run trains (seen once in the
+    full suite), which says nothing about kdrl."""
+    script = textwrap.dedent(f"""
+        import json, random, sys, uuid
+        import polars as pl, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from kdrl.loop import train
+        from kdrl.storage import RunPaths
+        from test_train import _tiny_run_config
+        tmp = {str(tmp_path)!r}
+        cfg = _tiny_run_config(__import__("pathlib").Path(tmp), **{{"run.steps": 2, "loss.ppo_epochs": 2,
+                               "optim.schedule": "linear", "optim.lr": 1e-3}})
+        states = []
+        for name in ("a", "b"):
+            random.seed(uuid.uuid4().int)  # whatever the process did before the run
+            train(cfg, f"{{tmp}}/runs/{{name}}", log=lambda _: None)
+            states.append(torch.load(RunPaths(f"{{tmp}}/runs/{{name}}").checkpoint(1) / "trainer_state.pt", weights_only=False))
+        metrics = pl.scan_parquet(f"{{tmp}}/runs/a/iter_*/metrics.parquet").collect().sort("step")
+        print(json.dumps({{"lr": metrics["lr"].to_list(), "same_python_rng": states[0]["rng"]["python"] == states[1]["rng"]["python"],
+                          "optimizer_step": states[0]["optimizer_step"]}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     # 2 steps × 2 epochs = 4 optimizer steps; the lr logged is that of each step's last epoch (optimizer steps 1 and 3)
-    assert metrics["lr"].to_list() == pytest.approx([1e-3 * (1 - 1 / 4), 1e-3 * (1 - 3 / 4)])
-    assert states[0]["rng"]["python"] == states[1]["rng"]["python"]
-    assert states[0]["optimizer_step"] == 4
+    assert result["lr"] == pytest.approx([1e-3 * (1 - 1 / 4), 1e-3 * (1 - 3 / 4)])
+    assert result["same_python_rng"]
+    assert result["optimizer_step"] == 4
 
 
 def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys):
