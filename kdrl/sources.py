@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,6 +95,13 @@ def reasoning_gym_rows(task: str, *, size: int, seed: int) -> datasets.Dataset:
 
 
 def load_generated(cfg: DataConfig) -> datasets.Dataset:
-    """The rows of a generated data.source, enough for data.num_train + data.num_heldout."""
-    task = reasoning_gym_task(cfg.source)
-    return reasoning_gym_rows(task, size=rows_to_make(cfg.num_train + cfg.num_heldout), seed=cfg.seed)
+    """The rows of a generated data.source, enough for data.num_train + data.num_heldout.
+    Python's global `random` is left as it was: `import reasoning_gym` draws from it (the first
+    time in a process), and a run's checkpoints store its state, which must not depend on
+    whether the package was imported before."""
+    state = random.getstate()
+    try:
+        task = reasoning_gym_task(cfg.source)
+        return reasoning_gym_rows(task, size=rows_to_make(cfg.num_train + cfg.num_heldout), seed=cfg.seed)
+    finally:
+        random.setstate(state)

@@ -74,3 +74,19 @@ def test_a_missing_reasoning_gym_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # what `import reasoning_gym` sees when absent
     with pytest.raises(DatasetError, match=r"data.source 'reasoning-gym:gsm_symbolic' needs the reasoning_gym package.*pip install reasoning-gym"):
         load_source(DataConfig(source=GSM))
+
+
+def test_loading_a_generated_source_leaves_pythons_random_as_it_was():
+    """`import reasoning_gym` draws from the global `random` (first import in a process); a run's
+    checkpoints store that state, so loading the source must not move it. Run in a fresh process,
+    where the import really happens."""
+    import subprocess
+    import sys
+
+    script = ("import random\nfrom kdrl.config import DataConfig\nfrom kdrl.sources import load_generated\n"
+              "random.seed(7); before = random.getstate()\n"
+              "load_generated(DataConfig(source='reasoning-gym:gsm_symbolic', num_train=3, num_heldout=1))\n"
+              "print(random.getstate() == before)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
