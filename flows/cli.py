@@ -345,7 +345,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
     _quiet_libraries()
     try:
         out = merge_lora_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"kdrl: {err}", file=sys.stderr)
         return 2
     print(f"[kdrl] merged model written to {out} (a plain Hugging Face folder: load it with any HF or vLLM tool)")
@@ -400,9 +400,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _prefect_defaults()  # before anything imports prefect
-    commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare}
-    commands.update({"import-gguf": _import_gguf, "prune-layers": _prune_layers})
-    commands["merge-lora"] = _merge_lora
+    commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare,
+                "merge-lora": _merge_lora, "import-gguf": _import_gguf, "prune-layers": _prune_layers}
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     _phase = "starting"

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdrl.models import _looks_local, new_model_folder
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -80,23 +82,6 @@ def resolve_gguf(file: str | os.PathLike) -> Path:
     return path
 
 
-def _fresh_output(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(out_dir, an empty temp folder beside it); an out_dir that holds anything is refused."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty: choose another output folder, or remove it first")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty (checked by _fresh_output)
-    tmp.rename(out)
-
-
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """Id of the token the chat template closes an assistant turn with (``<|im_end|>`` for
     ChatML, ``<|eot_id|>`` for Llama 3), found by rendering a turn; None without a template or
@@ -130,8 +115,7 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         raise ConvertError(f"dtype {dtype!r}: expected bfloat16 or float32")
     torch_dtype = _torch_dtype(dtype)
     path = resolve_gguf(gguf_file)
-    out, tmp = _fresh_output(out_dir)
-    try:
+    with new_model_folder(out_dir) as tmp:
         model, tokenizer = _load_gguf(path)
         clean = _without_quantization(model, torch_dtype)
         del model
@@ -140,11 +124,7 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         tokenizer.save_pretrained(tmp)
         (tmp / "kdrl_source.json").write_text(json.dumps(
             {"imported_from": str(path), "dtype": dtype, "eos_token_id": eos}, indent=1) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, out)
-    return out
+    return Path(out_dir).expanduser()
 
 
 def _load_gguf(path: Path):
@@ -257,8 +237,7 @@ def prune_layers(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, keep
     for key, value in list(config.items()):  # per-layer lists, e.g. layer_types
         if isinstance(value, list) and len(value) == total and key != "architectures":
             config[key] = [value[i] for i in chosen]
-    out, tmp = _fresh_output(out_dir)
-    try:
+    with new_model_folder(out_dir) as tmp:
         for file in src.iterdir():
             if file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES) \
                     and file.name != "model.safetensors.index.json":
@@ -266,11 +245,7 @@ def prune_layers(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, keep
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "kdrl_pruned.json").write_text(json.dumps({"source": str(src), "layers": chosen}) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, out)
-    return out
+    return Path(out_dir).expanduser()
 
 
 def _chosen_layers(total: int, keep: int | None, layers: Sequence[int] | None) -> list[int]:
@@ -292,10 +267,7 @@ def missing_model_folder(name_or_path: str, key: str) -> str | None:
     which does not exist, with the command that makes it when it is one of the shipped configs'
     folders; None when the folder exists or the name is not a local path."""
     name = str(name_or_path)
-    if name.startswith("embedded:") or not name.startswith((".", "/", "~")) and name.count("/") <= 1:
-        return None
-    path = Path(name).expanduser()
-    if path.exists():
+    if name.startswith("embedded:") or not _looks_local(name) or Path(name).expanduser().exists():
         return None
     parts = Path(os.path.normpath(name)).parts
     for folder, command in MODEL_FOLDER_HINTS.items():

@@ -426,19 +426,20 @@ def prompt_token_limit(contexts: Mapping[str, Any], tokenizer, *, max_new_tokens
     return PromptLimit(context - max_new_tokens, f"{what} minus {field} {max_new_tokens}", fix)
 
 
-def run_prompt_limit(cfg: RunConfig, student_config, tokenizer, *, teacher_path: str | None) -> PromptLimit | None:
+def run_prompt_limit(cfg: RunConfig, student_config, tokenizer, *, teacher: Any) -> PromptLimit | None:
     """What a training run's prompts must fit, with rollout.max_new_tokens: the student's context;
     rollout.vllm.max_model_len when set and the rollout engine may be vLLM (not "hf": the
     prompts are written once and a resume elsewhere may resolve "auto" to vLLM); and when the
-    run loads a teacher (to score, or for SFT to sample), the teacher's context (from
-    `teacher_path`) and teacher.vllm.max_model_len on the same terms."""
+    run loads a teacher (to score, or for SFT to sample), the teacher's context (`teacher`: its
+    resolved path, or its transformers config; None = not known, left out) and
+    teacher.vllm.max_model_len on the same terms. The memory estimate (`kdrl.memory.row_tokens`)
+    uses it too, before the prompts exist."""
     contexts: dict[str, Any] = {"the student": student_config}
     if cfg.rollout.engine != "hf":
         contexts["rollout.vllm.max_model_len"] = cfg.rollout.vllm.max_model_len
     if cfg.loads_teacher:
-        if teacher_path is None:
-            raise TypeError("run_prompt_limit: the run loads a teacher: pass its resolved teacher_path")
-        contexts["the teacher"] = teacher_path
+        if teacher is not None:
+            contexts["the teacher"] = teacher
         if cfg.teacher.engine != "hf":
             contexts["teacher.vllm.max_model_len"] = cfg.teacher.vllm.max_model_len
     return prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, field="rollout.max_new_tokens")

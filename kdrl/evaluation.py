@@ -92,11 +92,9 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
                                     f"{path.parent.as_posix()}/ is a local folder, so this is not a hub model name")
         return ResolvedModel(checkpoint)
     if RunPaths(path).config.is_file():  # a run directory: its latest checkpoint
-        from kdrl.runs import latest_checkpoint
+        from kdrl.runs import require_checkpoint
 
-        step = latest_checkpoint(RunPaths(path))
-        if step is None:
-            raise FileNotFoundError(f"run {path} has no checkpoint yet (iter_*/checkpoint/trainer_state.pt)")
+        step = require_checkpoint(RunPaths(path))
         return _checkpoint_model(RunPaths(path).checkpoint(step), step, path)
     if (path / "model" / "config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():  # iter_*/checkpoint
         return _checkpoint_model(path, _iter_step(path.parent), _owning_run(path))

@@ -238,10 +238,10 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
     random.seed(cfg.run.seed)  # nothing of ours draws from it, but checkpoints store its state: same run, same bytes
     paths = RunPaths(Path(run_dir))
     student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
+    teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log) if cfg.loads_teacher else None
     from kdrl.memory import check_memory  # before any weights load and the run folder is written: a refused run can change its config
 
-    check_memory(cfg, student_path, resolve_model_path(cfg.teacher.name_or_path, cfg, log=log) if cfg.loads_teacher else None,
-                 run_dir=paths.root, log=log)
+    check_memory(cfg, student_path, teacher_path, run_dir=paths.root, log=log)
     _check_run_config(cfg, paths)
     tokenizer = load_tokenizer(student_path)
     student = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
@@ -251,16 +251,14 @@ def open_session(cfg: RunConfig, run_dir: Path, *, log: Callable[[str], None] = 
         from kdrl.lora import apply_lora
 
         student = apply_lora(student, cfg.model.lora, seed=cfg.run.seed)
-    teacher_path = None
-    if cfg.loads_teacher:
-        teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log)
+    if teacher_path is not None:
         teacher_tokenizer = load_tokenizer(teacher_path)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
     warn_if_chat_model(cfg.data, tokenizer, student_path)
     if paths.prompts.exists():
         prompts = read_table(paths.prompts, table="prompts")
     else:
-        limit = run_prompt_limit(cfg, student.config, tokenizer, teacher_path=teacher_path)
+        limit = run_prompt_limit(cfg, student.config, tokenizer, teacher=teacher_path)
         prompts = build_prompts(cfg.data, tokenizer, max_prompt_tokens=limit)
     if teacher_path is not None:  # before the prompts are written: a refused run leaves no prompts table
         check_same_rendering(cfg.data, prompts["question"].to_list(), prompts["prompt_token_ids"].to_list(),
@@ -454,7 +452,7 @@ def response_stats(lengths: pl.Series, truncated: pl.Series, extracted: pl.Serie
     >>> [stats[k] for k in ("response_len_p50", "response_len_p90", "response_len_max", "truncated_frac", "no_answer_frac")]
     [5.0, 9.0, 10.0, 0.1, 0.2]
     """
-    quantile = lambda q: float(lengths.quantile(q, interpolation="lower"))  # noqa: E731
+    quantile = lambda q: float(lengths.quantile(q, interpolation="lower"))
     return {"response_len_p50": quantile(0.5), "response_len_p90": quantile(0.9), "response_len_max": float(lengths.max()),
             "truncated_frac": float(truncated.mean()), "no_answer_frac": float(extracted.is_null().mean())}
 

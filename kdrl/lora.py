@@ -21,7 +21,6 @@ name): merging later needs that base.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -204,17 +203,14 @@ def adapter_base_model(directory: Path) -> str:
 def find_adapter(path: str | Path) -> Path:
     """The adapter folder of a LoRA run directory (its latest checkpoint), an iter_*/checkpoint
     folder, or the adapter folder itself."""
-    from kdrl.runs import latest_checkpoint
+    from kdrl.runs import require_checkpoint
     from kdrl.storage import RunPaths
 
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if RunPaths(path).config.is_file():
-        step = latest_checkpoint(RunPaths(path))
-        if step is None:
-            raise FileNotFoundError(f"run {path} has no checkpoint yet (iter_*/checkpoint/trainer_state.pt)")
-        path = RunPaths(path).checkpoint(step)
+        path = RunPaths(path).checkpoint(require_checkpoint(RunPaths(path)))
     for candidate in (path / ADAPTER_DIR, path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
@@ -245,22 +241,15 @@ def merge_lora_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype:
     """Write the merged model of a LoRA checkpoint (or run directory, or adapter folder) to
     `out_dir` as a plain HF model folder (config, weights, tokenizer) that any HF or vLLM tool
     loads. `dtype` None: the base model's own dtype. An existing non-empty `out_dir` is refused."""
-    from kdrl.models import load_tokenizer
+    from kdrl.models import load_tokenizer, new_model_folder
 
     adapter = find_adapter(checkpoint)
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise LoraError(f"{out} exists and is not empty; choose a new output folder")
-    model = load_merged_model(adapter, dtype=dtype or _saved_dtype(adapter_base_model(adapter)))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()  # kdrl's adapters carry it; others may not
-    load_tokenizer(adapter if has_tokenizer else adapter_base_model(adapter)).save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    with new_model_folder(out_dir) as tmp:
+        model = load_merged_model(adapter, dtype=dtype or _saved_dtype(adapter_base_model(adapter)))
+        model.save_pretrained(tmp)
+        has_tokenizer = (adapter / "tokenizer_config.json").is_file()  # kdrl's adapters carry it; others may not
+        load_tokenizer(adapter if has_tokenizer else adapter_base_model(adapter)).save_pretrained(tmp)
+    return Path(out_dir).expanduser()
 
 
 def _saved_dtype(name_or_path: str) -> str:

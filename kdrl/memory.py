@@ -249,19 +249,12 @@ def micro_batch_tokens(cfg: RunConfig, row_tokens: int) -> tuple[int, str]:
 def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None, *, prompt_tokens: int | None = None) -> tuple[int, str]:
     """The longest prompt + response: the longest prompt (`prompt_tokens`, from a run's prompts
     table; else `ASSUMED_PROMPT_TOKENS`, since prompts are tokenized after this check), capped by
-    the prompt limit of `kdrl.data.run_prompt_limit` (same contexts, given as configs), plus
-    rollout.max_new_tokens."""
-    from kdrl.data import prompt_token_limit
+    the run's prompt limit (`kdrl.data.run_prompt_limit`; `teacher_config` None: the teacher's
+    context is not known), plus rollout.max_new_tokens."""
+    from kdrl.data import run_prompt_limit
 
-    contexts: dict[str, Any] = {"the student": student_config}
-    if cfg.rollout.engine != "hf":
-        contexts["rollout.vllm.max_model_len"] = cfg.rollout.vllm.max_model_len
-    if cfg.loads_teacher and teacher_config is not None:
-        contexts["the teacher"] = teacher_config
-        if cfg.teacher.engine != "hf":
-            contexts["teacher.vllm.max_model_len"] = cfg.teacher.vllm.max_model_len
     new = cfg.rollout.max_new_tokens
-    limit = prompt_token_limit(contexts, None, max_new_tokens=new, field="rollout.max_new_tokens")
+    limit = run_prompt_limit(cfg, student_config, None, teacher=teacher_config)
     prompt, why = (prompt_tokens, "the run's longest prompt") if prompt_tokens is not None else \
         (ASSUMED_PROMPT_TOKENS, f"prompts assumed ≤ {ASSUMED_PROMPT_TOKENS} tokens (not tokenized yet)")
     if limit is not None and limit.tokens <= prompt:
@@ -378,10 +371,10 @@ def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *,
     from kdrl.engines.vllm import vllm_available
 
     configs = {"student": AutoConfig.from_pretrained(student_path)}
-    if teacher_path is not None and cfg.uses_teacher:
-        configs["teacher"] = AutoConfig.from_pretrained(teacher_path)
-    try:
-        shapes = {k: ModelShape.from_config(c) for k, c in configs.items()}
+    if teacher_path is not None:
+        configs["teacher"] = AutoConfig.from_pretrained(teacher_path)  # its context bounds the prompts
+    try:  # the teacher's memory counts only where it scores on the device (uses_teacher)
+        shapes = {k: ModelShape.from_config(c) for k, c in configs.items() if k == "student" or cfg.uses_teacher}
     except (AttributeError, TypeError, ValueError) as err:  # an architecture without the usual config fields
         log(f"[kdrl] memory estimate skipped: {err}")
         return None

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,6 +217,35 @@ def load_causal_lm(
             f"model {name!r}: not a local folder, and not found in {where}: {err}"
         ) from err
     return model.to(resolve_device(device)).eval()
+
+
+@contextmanager
+def new_model_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Write a model folder whole or not at all: yields an empty temporary folder beside
+    `out_dir`, renamed to `out_dir` when the block ends and removed if it raises. An `out_dir`
+    that already holds anything is refused (FileExistsError), never written over.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with new_model_folder(Path(d) / "m") as tmp:
+    ...         _ = (tmp / "config.json").write_text("{}")
+    ...     sorted(p.name for p in Path(d).iterdir()), (Path(d) / "m" / "config.json").exists()
+    (['m'], True)
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty: choose another output folder, or remove it first")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)
 
 
 def save_model(

@@ -176,6 +176,15 @@ def latest_checkpoint(paths: RunPaths) -> int | None:
     return max(done) if done else None
 
 
+def require_checkpoint(paths: RunPaths) -> int:
+    """`latest_checkpoint` of a run that must have one (what `kdrl eval` / `kdrl merge-lora` of a
+    run directory read); FileNotFoundError naming the run otherwise."""
+    step = latest_checkpoint(paths)
+    if step is None:
+        raise FileNotFoundError(f"run {paths.root} has no checkpoint yet (iter_*/checkpoint/trainer_state.pt)")
+    return step
+
+
 def _iter_files(root: Path, name: str) -> list[tuple[int, Path]]:
     """(step, path) of every ``iter_<step>/<name>``, by step (the glob order breaks past 99999)."""
     found = []
