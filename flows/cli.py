@@ -132,14 +132,12 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.no_prefect:
-            from flows.train import resolve_run_dir
-            from kdrl.loop import train
-            from kdrl.runlock import hold_run_lock
+            from flows.runner import PlainStages
+            from flows.train import resolve_run_dir, run_training
 
             run_dir = resolve_run_dir(cfg, args.run_id)
             print(f"[kdrl] run {run_dir.name}: method {cfg.run.method}, {cfg.run.steps} steps → {run_dir}")
-            with hold_run_lock(run_dir):
-                train(cfg, run_dir)
+            run_training(cfg, str(run_dir), PlainStages())
         else:
             config_path = None if args.config is None else str(args.config)
             run_dir = _run_flow(config_path, list(args.overrides), args.run_id)
@@ -189,7 +187,7 @@ def _in_prefect(flow, **parameters):
 
 
 def _print_before_after(run_dir: Path, last_step: int) -> None:
-    from kdrl.loop import before_after
+    from kdrl.metrics import before_after
     from kdrl.storage import RunPaths
 
     table = before_after(RunPaths(run_dir), last_step)
@@ -297,8 +295,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kdrl.compare import DEFAULT_ARMS, plan_compare, run_compare_plain
-    from kdrl.runlock import RunLockedError, hold_run_lock
+    from kdrl.compare import DEFAULT_ARMS, plan_compare
+    from kdrl.runlock import RunLockedError
     from kdrl.runs import format_table
     from kdrl.storage import StorageWriteError, read_table
     from kdrl.train import TrainingError
@@ -313,8 +311,10 @@ def _compare(args: argparse.Namespace) -> int:
         plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name, **protocol)
         print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
         if args.no_prefect:
-            with hold_run_lock(plan.root):
-                run_compare_plain(plan)
+            from flows.compare import run_comparison
+            from flows.runner import PlainStages
+
+            run_comparison(config_path, overrides, arms, args.seeds, args.name, protocol, PlainStages())
         else:
             from flows.compare import kdrl_compare
 

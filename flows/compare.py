@@ -1,21 +1,51 @@
-"""The `kdrl-compare` flow: one `kdrl-train` subflow per (arm, seed), then the comparison.
+"""The `kdrl-compare` flow: one `kdrl-train` run per (arm, seed), then the comparison.
 
-Control flow only. Runs go seed-major (every arm's first seed before any second seed), a run that
-is already complete is skipped, and the tables are rewritten after every run, so a stopped
-comparison is read as far as it got and rerunning the same command finishes it.
+Control flow only, written once: `run_comparison` is the body of the flow and of
+`kdrl compare --no-prefect` (through `flows.runner`). Runs go seed-major (every arm's first seed
+before any second seed), a run that is already complete is skipped, and the tables are rewritten
+after every run, so a stopped comparison is read as far as it got and rerunning the same command
+finishes it. Under Prefect each run is a `kdrl-train` subflow named after its run id.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
+from flows.runner import PlainStages, PrefectStages
+from flows.train import kdrl_train, run_training
 from kdrl.compare import DEFAULT_ARMS, load_plan
 from kdrl.runlock import hold_run_lock
 from kdrl.runs import is_complete
-from flows.train import kdrl_train
 from tasks import compare as c
+from tasks.logs import info
+
+
+def run_comparison(config_path: str | None, overrides: list[str], arms: list[str], seeds: int, name: str | None,
+                   protocol: dict, stages: PrefectStages | PlainStages) -> str:
+    """Train every arm for every seed; returns the comparison folder. protocol: the steps and
+    evaluation keywords of `kdrl.compare.plan_compare`."""
+    root = stages(c.open_compare, config_path, overrides, arms, seeds, name, protocol)
+    plan = load_plan(root)
+    with hold_run_lock(root):
+        wall: list[tuple[str, int, float]] = []
+        for arm, seed in plan.runs():
+            run_id, run_dir = plan.run_id(arm, seed), plan.run_dir(arm, seed)
+            if is_complete(run_dir):
+                info(f"{run_id} is complete: skipped")
+                continue
+            started = time.perf_counter()
+            plain = functools.partial(run_training, plan.config(arm, seed), str(run_dir), PlainStages())
+            stages.subflow(kdrl_train, run_id, plain,
+                           config_path=config_path, overrides=plan.run_overrides(arm, seed), run_id=run_id)
+            wall.append((arm, seed, time.perf_counter() - started))
+            stages(c.summarize, root, wall, plot=False)
+        stages(c.summarize, root, wall, plot=True)
+        stages.report(c.publish, root)
+    info(f"comparison written to {root}/comparison.md")
+    return root
 
 
 @flow(name="kdrl-compare")
@@ -24,22 +54,6 @@ def kdrl_compare(config_path: str | None = None, overrides: list[str] | None = N
                  eval_every: int = 10, name: str | None = None) -> str:
     """Train every arm for every seed on the same config (held-out pass@1 over `eval_samples`
     samples at `eval_temperature`, every `eval_every` steps); returns the comparison folder."""
-    root = c.open_compare(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name,
-                          {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature, "eval_every": eval_every})
-    plan = load_plan(root)
-    logger = get_run_logger()
-    with hold_run_lock(root):
-        wall: list[tuple[str, int, float]] = []
-        for arm, seed in plan.runs():
-            run_id = plan.run_id(arm, seed)
-            if is_complete(plan.run_dir(arm, seed)):
-                logger.info("%s is complete: skipped", run_id)
-                continue
-            started = time.perf_counter()
-            kdrl_train.with_options(flow_run_name=run_id)(config_path, plan.run_overrides(arm, seed), run_id)
-            wall.append((arm, seed, time.perf_counter() - started))
-            c.summarize(root, wall, plot=False)
-        c.summarize(root, wall, plot=True)
-        c.publish(root)
-    logger.info("comparison written to %s/comparison.md", root)
-    return root
+    protocol = {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature, "eval_every": eval_every}
+    return run_comparison(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name, protocol,
+                          PrefectStages())

@@ -1,9 +1,14 @@
 """The `kdrl-train` flow: offline phase once, then one iteration per rollout batch.
 
-Control flow only — which task runs when. One flow run per training run with the tasks inline
-(a subflow per step would cost ~1 s each). Rerunning the same parameters resumes: the session
-restarts after the latest checkpoint, cached stages come back `Cached`, and updates after that
-checkpoint are replayed from their persisted Parquet inputs.
+Control flow only, written once: `run_training` is the body of the flow and of
+`kdrl train --no-prefect` (through `flows.runner`). One flow run per training run with the tasks
+inline (a subflow per step would cost ~1 s each). Rerunning the same parameters resumes: the
+student restarts after the latest checkpoint, cached stages come back `Cached`, and updates after
+that checkpoint are replayed from their persisted Parquet inputs.
+
+    open_run ─▶ [teacher_samples] ─▶ evaluate(-1)
+    per step:  generate ─▶ rewards ─▶ teacher ─▶ update ─▶ [checkpoint] ─▶ [evaluate]
+               (each arrow: the file one task returned, passed to the next)
 """
 
 from __future__ import annotations
@@ -11,17 +16,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.futures import wait
+import polars as pl
+from prefect import flow
 
+from flows.runner import PlainStages, PrefectStages
 from kdrl.config import RunConfig, load_config
 from kdrl.embedded import missing_embedded_models
-from kdrl.loop import evaluation_due
+from kdrl.metrics import before_after
+from kdrl.pipeline import checkpoint_due, evaluation_due
 from kdrl.runlock import hold_run_lock
-from kdrl.storage import is_readable
+from kdrl.storage import RunPaths
 from tasks import report
 from tasks import train as t
-from tasks.housekeeping import crash_stale_flow_runs
+from tasks.logs import info
 
 
 def resolve_run_dir(cfg: RunConfig, run_id: str | None) -> Path:
@@ -29,15 +36,6 @@ def resolve_run_dir(cfg: RunConfig, run_id: str | None) -> Path:
     resumes the same run). `{date}` in a run id becomes today's UTC date (nightly runs)."""
     name = run_id or f"{cfg.run.method}-{cfg.hash()[:8]}"
     return Path(cfg.run.runs_dir) / name.format(date=time.strftime("%Y%m%d", time.gmtime()))
-
-
-def _ensure(task, *args, **kwargs):
-    """Run a cached task; if its cached file has since been deleted or damaged (a truncated copy, a
-    full disk), recompute it: every stage is a pure function of the run's seed and step."""
-    out = task(*args, **kwargs)
-    if out.path is not None and not is_readable(out.path):
-        out = task.with_options(refresh_cache=True)(*args, **kwargs)
-    return out
 
 
 def _flow_run_name() -> str:
@@ -52,37 +50,54 @@ def _flow_run_name() -> str:
     return resolve_run_dir(cfg, parameters.get("run_id")).name
 
 
+def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStages) -> str:
+    """Train (or resume) the run in `run_dir`; returns it. The order of the stages, the
+    evaluation cadence and the resume rules live here and nowhere else."""
+    with hold_run_lock(run_dir):
+        if stages.prefect:
+            from tasks.housekeeping import crash_stale_flow_runs
+
+            crash_stale_flow_runs(run_dir)  # ours are the only live ones: we hold the lock
+        for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
+            stages(t.warm_start, cfg, role)
+        opened = stages(t.open_run, run_dir, cfg)
+        run, student, rollout, teacher, prompts = opened.info, opened.student, opened.rollout, opened.teacher, opened.prompts
+        try:
+            pool = stages.cached(t.teacher_samples, run, teacher, prompts) if cfg.rollout.source == "teacher" else None
+            stages.cached(t.evaluate, run, student, rollout, teacher, prompts, -1, include_teacher=True)
+            start = opened.start
+            if start > 0 and evaluation_due(cfg, start - 1):
+                # A run killed during the evaluation after a checkpointed step resumes after that
+                # step: the loop below would never evaluate it. The weights are that step's.
+                stages.cached(t.evaluate, run, student, rollout, teacher, prompts, start - 1)
+            progress = stages.report(report.start_progress, run_dir, start, cfg.run.steps)
+            for step in range(start, cfg.run.steps):
+                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool)
+                rewards = stages.cached(t.rewards, run, rollouts, prompts, step)
+                scores = stages.cached(t.teacher, run, teacher, rollouts, rewards, step)
+                metrics = stages(t.update, run, student, rollout, rollouts, rewards, scores, step)
+                if checkpoint_due(cfg, step):
+                    stages(t.checkpoint, run, student, step, metrics)
+                if evaluation_due(cfg, step):
+                    stages.cached(t.evaluate, run, student, rollout, teacher, prompts, step)
+                stages.background(report.publish_iteration, run_dir, step, progress, cfg.run.steps)
+            stages.wait()
+            stages.report(report.final_report, run_dir, cfg.run.steps - 1)
+        finally:
+            stages(t.close_run, opened)
+    info(f"run {Path(run_dir).name} complete: {run_dir}")
+    return run_dir
+
+
+def train_without_prefect(cfg: RunConfig, run_dir: str | Path) -> pl.DataFrame:
+    """`run_training` as plain function calls (notebooks, debugging, `--no-prefect`); returns the
+    held-out summary before and after training."""
+    run_training(cfg, str(run_dir), PlainStages())
+    return before_after(RunPaths(Path(run_dir)), cfg.run.steps - 1)
+
+
 @flow(name="kdrl-train", flow_run_name=_flow_run_name)
 def kdrl_train(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None) -> str:
     """Train (or resume) one KDRL run; returns its run directory."""
     cfg = load_config(config_path, overrides or [])
-    run_dir = str(resolve_run_dir(cfg, run_id))
-    logger = get_run_logger()
-    with hold_run_lock(run_dir):
-        crash_stale_flow_runs(run_dir)  # ours are the only live ones: we hold the lock
-        for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
-            t.warm_start(cfg.model_dump(mode="json"), role)
-        start = t.open_run(run_dir, cfg.model_dump(mode="json"))
-        if cfg.rollout.source == "teacher":
-            _ensure(t.teacher_samples, run_dir)
-        _ensure(t.evaluate, run_dir, -1, include_teacher=True)
-        if start > 0 and evaluation_due(cfg, start - 1):
-            # A run killed during the evaluation after a checkpointed step resumes after that
-            # step: the loop below would never evaluate it. The weights are that step's.
-            _ensure(t.evaluate, run_dir, start - 1)
-        progress = report.start_progress(run_dir, start, cfg.run.steps)
-        published = []  # artifacts are posted in the background, overlapping the next iteration
-        for step in range(start, cfg.run.steps):
-            generated = _ensure(t.generate, run_dir, step)
-            rewarded = _ensure(t.rewards, run_dir, step)
-            scored = _ensure(t.teacher, run_dir, step)
-            seconds = {"generate": generated.seconds, "reward": rewarded.seconds, "teacher": scored.seconds}
-            t.update(run_dir, step, seconds)
-            if evaluation_due(cfg, step):
-                _ensure(t.evaluate, run_dir, step)
-            published.append(report.publish_iteration.submit(run_dir, step, progress, cfg.run.steps))
-        wait(published)
-        report.final_report(run_dir, cfg.run.steps - 1)
-        t.close_run(run_dir)
-    logger.info("run %s complete: %s", Path(run_dir).name, run_dir)
-    return run_dir
+    return run_training(cfg, str(resolve_run_dir(cfg, run_id)), PrefectStages())

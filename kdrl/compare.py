@@ -26,13 +26,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import yaml
 
 from kdrl.config import RunConfig, load_config
-from kdrl.runs import is_complete, summarize_evaluation
+from kdrl.runs import summarize_evaluation
 from kdrl.storage import COMPARE_CURVES, COMPARE_RUNS, COMPARISON, RunPaths, read_table, write_table
 
 ARMS: dict[str, tuple[str, ...]] = {
@@ -358,25 +357,3 @@ def markdown_with_inline_plot(plan: ComparePlan) -> str:
     png = plan.root / "comparison.png"
     image = f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if png.exists() else None
     return comparison_markdown(plan, table, image=image) + f"\nFiles: `{plan.root}`\n"
-
-
-def run_compare_plain(plan: ComparePlan, *, log: Callable[[str], None] = print) -> CompareOutput:
-    """Every run of `plan` in this process without Prefect (the flow does the same with tasks)."""
-    import time
-
-    from kdrl.loop import train
-    from kdrl.runlock import hold_run_lock
-
-    prepare(plan)
-    wall: dict[tuple[str, int], float] = {}
-    for arm, seed in plan.runs():
-        run_dir = plan.run_dir(arm, seed)
-        if is_complete(run_dir):
-            continue
-        log(f"[kdrl] compare: {plan.run_id(arm, seed)}")
-        started = time.perf_counter()
-        with hold_run_lock(run_dir):
-            train(plan.config(arm, seed), run_dir, log=log)
-        wall[(arm, seed)] = time.perf_counter() - started
-        write_comparison(plan, wall, plot=False)
-    return write_comparison(plan, wall)

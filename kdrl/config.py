@@ -11,6 +11,7 @@ Reading YAML and formatting errors is `kdrl.config_io`'s (its helpers are import
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -581,7 +582,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     `check_objective=False` skips `objective_problems` (a loss that trains on nothing or is
     another method than its name) and keeps every other check (types, ranges, keys, what a run
-    needs): for reading back a run's config.yaml, which an older version may have accepted."""
+    needs): for reading back a run's config.yaml, which an older version may have accepted.
+
+    Validated once per process: the same file content and overrides return the same (frozen)
+    RunConfig, so the CLI, the flow-run name and the flow body share one validation."""
+    content = None
+    if path is not None:
+        try:
+            content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:  # _validated_config reports it, naming the file
+            return _validated_config.__wrapped__(str(path), None, tuple(overrides), check_objective)
+    return _validated_config(None if path is None else str(path), content, tuple(overrides), check_objective)
+
+
+@functools.lru_cache(maxsize=32)
+def _validated_config(path: str | None, content: str | None, overrides: tuple[str, ...],
+                      check_objective: bool) -> RunConfig:
+    """`load_config`'s work; `content` (the file's digest) is part of the cache key only."""
     user: dict[str, Any] = {}
     source = "defaults" if path is None else str(path)
     where = f"{source}, overrides {list(overrides)}" if overrides else source

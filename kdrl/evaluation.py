@@ -21,14 +21,22 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import yaml
 
-from kdrl.config import DataConfig, EvalConfig, RunConfig, load_config, merge_dicts, parse_override, validate_config
+from kdrl.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    load_config,
+    merge_dicts,
+    parse_override,
+    validate_config,
+)
 from kdrl.data import PromptLimit
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import EVAL_SUMMARY, RunPaths, read_metadata, read_table, write_table
@@ -218,9 +226,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     and ``eval.yaml`` under `out_dir`. A folder already holding this evaluation (same config
     hash) is returned as it is; one holding another evaluation is refused, never overwritten."""
     from kdrl.data import prompt_token_limit
-    from kdrl.engines.hf import HFRolloutEngine
+    from kdrl.engines.factory import EngineSpec, build_engine
     from kdrl.engines.select import choose_engine, count_parameters
-    from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings, build_llm, vllm_available
+    from kdrl.engines.vllm import vllm_available
     from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
     from kdrl.prompts import warn_if_chat_model
     from kdrl.stages import evaluate_passes
@@ -254,14 +262,14 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
         from kdrl.lora import load_merged_model
 
         merged = load_merged_model(model.adapter, dtype=cfg.dtype, device="cpu" if choice.engine == "vllm" else cfg.device)
-    if choice.engine == "vllm":
-        settings = VLLMSettings.from_config(cfg.vllm, model_dtype=cfg.dtype)
-        engine = VLLMRolloutEngine(build_llm(model.path, settings=settings, seed=cfg.seed), tokenizer, trainer_model=merged)
+    spec = EngineSpec(choice.engine, model.path, cfg.dtype, cfg.vllm, cfg.batch_size, cfg.seed)
+    if choice.engine == "vllm":  # a LoRA checkpoint's merged weights are pushed in, like a training sync
+        engine = build_engine(spec, tokenizer, module=merged, log=log, name="evaluation")
         if merged is not None:
             engine.sync_weights()
     else:
-        hf_model = merged if merged is not None else load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device)
-        engine = HFRolloutEngine(hf_model, tokenizer, batch_size=cfg.batch_size)
+        engine = build_engine(spec, tokenizer, module=merged if merged is not None else
+                              load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device))
     samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=cfg.samples,
                               temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
                               reward_cfg=cfg.reward, seed=cfg.seed, top_p=cfg.top_p)

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
 from kdrl.config import OptimConfig, RunConfig, dump_config, load_config, objective_problems
-from kdrl.loop import open_session, stage_update, teacher_needed
+from kdrl.handoff import Artifact
+from kdrl.pipeline import teacher_needed, write_checkpoint, write_update
 from kdrl.runs import latest_checkpoint
 from kdrl.stages import kd_needed
 from kdrl.storage import RunPaths, read_table
-from kdrl.train import TrainingDiverged, load_trainer_state, save_checkpoint
+from kdrl.train import TrainingDiverged
+from kdrl.workers import open_run
 
 REPLAYABLE = {"loss", "optim"}
 """Config sections a replay may change; the rest shaped the persisted inputs."""
@@ -113,17 +115,21 @@ def _replay_into(source: RunPaths, dest: RunPaths, step: int, cfg: RunConfig, st
                  log: Callable[[str], None]) -> None:
     dest.config.write_text(dump_config(cfg))
     _link(source.prompts, dest.prompts)
-    s = open_session(cfg, dest.root, log=log)
+    opened = open_run(cfg, dest.root, log=log)
+    student = opened.student
     if start is not None:
-        state = load_trainer_state(start, model=s.student, optimizer=s.optimizer, scheduler=s.scheduler)
-        s.optimizer_step = state["optimizer_step"]
-        _apply_optim(s.optimizer, s.scheduler, cfg.optim)
-    _check_teacher_inputs(source, step, cfg, teacher_needed(s, step))
+        student.restore(start)
+        _apply_optim(student.optimizer, student.scheduler, cfg.optim)
+    _check_teacher_inputs(source, step, cfg, teacher_needed(cfg, student.optimizer_step, has_teacher=opened.teacher is not None))
     for table in ("rollouts", "rewards", "teacher"):
         if getattr(source, table)(step).exists():
             _link(getattr(source, table)(step), getattr(dest, table)(step))
     original = read_table(source.metrics(step), table="step_metrics").row(0, named=True) if source.metrics(step).exists() else {}
     seconds = {k: original.get(f"time_{k}_s", 0.0) for k in ("generate", "reward", "teacher")}
-    stage_update(s, step, seconds)
-    save_checkpoint(dest.checkpoint(step), model=s.student, tokenizer=s.tokenizer, optimizer=s.optimizer,
-                    scheduler=s.scheduler, step=step, optimizer_step=s.optimizer_step)
+    teacher = Artifact.of(dest.teacher(step), seconds["teacher"]) if dest.teacher(step).exists() else None
+    try:
+        write_update(opened.info, student, opened.rollout, Artifact.of(dest.rollouts(step), seconds["generate"]),
+                     Artifact.of(dest.rewards(step), seconds["reward"]), teacher, step)
+        write_checkpoint(opened.info, student, step)
+    finally:
+        opened.close()

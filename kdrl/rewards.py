@@ -41,10 +41,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from fractions import Fraction
-from typing import Callable, Literal
+from typing import Literal
 
 ExtractMode = Literal["auto", "hash", "boxed", "last_number"]
 ThinkingMode = Literal["strip", "keep"]

@@ -1,7 +1,7 @@
 """One function per pipeline stage: engines and models in, a table (polars, declared schema) out.
 
-These are what `tasks/` wraps (read paths → call a stage → write Parquet) and what the plain
-loop in `kdrl.loop` calls directly. None of them does I/O, so a notebook can call them too.
+`kdrl.pipeline` wraps them (read the input files → call a stage → write Parquet). None of them
+does I/O, so a notebook can call them too.
 
     prompts ─▶ generate_rollouts ─▶ rollouts ─▶ score_rewards ─▶ rewards
     rollouts + rewards ─▶ score_teacher (skips KD-masked responses) ─▶ teacher
@@ -17,7 +17,7 @@ from kdrl.config import LossConfig, RewardConfig
 from kdrl.engines.base import RolloutEngine, TeacherScorer
 from kdrl.rewards import score_batch
 from kdrl.runs import summarize_evaluation  # noqa: F401  (re-exported: it moved to kdrl.runs)
-from kdrl.storage import ADVANTAGES, KEY, EVALUATIONS, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
+from kdrl.storage import ADVANTAGES, EVALUATIONS, KEY, REWARDS, ROLLOUTS, TEACHER_LOGPROBS
 from kdrl.train import UpdateResult, kd_mask_B
 
 

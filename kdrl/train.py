@@ -43,6 +43,7 @@ from kdrl.losses import (
 )
 from kdrl.storage import describe_write_failure
 
+
 class TrainingError(RuntimeError):
     """A training step or checkpoint that could not be done; the message says why and what to do."""
 

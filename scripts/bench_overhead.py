@@ -6,8 +6,8 @@ Trains the embedded default (P=16 prompts x G=8 samples, max_new_tokens 48, the 
 models from run.cache_dir, trained there on first use: several minutes; add e.g.
 `--set embedded.teacher_steps=50` to shorten that, model quality does not matter here) for
 `--iters` iterations four times in this one process, in the order plain loop, flow, flow, plain
-loop (ABBA, so slow drift of a shared machine cancels). The plain loop is `kdrl.loop.train`; the
-flow is `flows.train.kdrl_train` run as `kdrl train` runs it (the server PREFECT_API_URL names, else
+loop (ABBA, so slow drift of a shared machine cancels). The plain loop is the flow body run
+without Prefect (`flows.train.train_without_prefect`); the flow is `flows.train.kdrl_train` run as `kdrl train` runs it (the server PREFECT_API_URL names, else
 a local server at lower priority, see flows/server.py; `--ephemeral`: Prefect's ephemeral mode).
 
 An iteration's wall time is the time between two consecutive metrics.parquet writes (so the
@@ -69,13 +69,13 @@ class Probe:
 
 
 def instrument(probe: Probe) -> None:
-    """Replace write_table/read_table/open_session in every kdrl/tasks/flows module that imported them."""
-    import flows.train  # noqa: F401  (imports tasks.*, kdrl.loop, kdrl.runs)
-    import kdrl.loop
+    """Replace write_table/read_table/open_run in every kdrl/tasks/flows module that imported them."""
+    import flows.train  # noqa: F401  (imports tasks.*, kdrl.pipeline, kdrl.workers)
     import kdrl.storage
+    import kdrl.workers
 
     originals = {"write_table": ("write", kdrl.storage.write_table), "read_table": ("read", kdrl.storage.read_table),
-                 "open_session": ("open", kdrl.loop.open_session)}
+                 "open_workers": ("open", kdrl.workers.open_run), "open_run": ("open", kdrl.workers.open_run)}
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in ("kdrl", "tasks", "flows"):
             continue
@@ -107,8 +107,8 @@ def run_once(driver: str, run_index: int, cfg_overrides: list[str], runs_dir: Pa
     import polars as pl
 
     from flows.train import kdrl_train
+    from flows.train import train_without_prefect
     from kdrl.config import load_config
-    from kdrl.loop import train
 
     run_id = f"{driver}-{run_index}"
     probe.calls.clear()
@@ -120,7 +120,7 @@ def run_once(driver: str, run_index: int, cfg_overrides: list[str], runs_dir: Pa
 
         _run_flow(None, cfg_overrides, run_id)
     else:
-        train(load_config(overrides=cfg_overrides), runs_dir / run_id, log=lambda _: None)
+        train_without_prefect(load_config(overrides=cfg_overrides), runs_dir / run_id)
     total = time.perf_counter() - started
     calls = list(probe.calls)
     opened = min(s for kind, _, s, _ in calls if kind == "open")

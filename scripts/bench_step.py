@@ -21,7 +21,7 @@ def main() -> None:
     import polars as pl
 
     from kdrl.config import load_config
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(overrides=[f"run.steps={args.steps}", "run.eval_every=0", f"run.runs_dir={tmp}", *args.overrides])
-        train(cfg, Path(tmp) / "bench", log=lambda _: None)
+        train_without_prefect(cfg, Path(tmp) / "bench")
         metrics = pl.read_parquet(str(Path(tmp) / "bench" / "iter_*" / "metrics.parquet")).filter(pl.col("step") > 0)
     stages = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s"]
     summary = metrics.select([pl.col(c).median() for c in stages] + [pl.col("num_tokens").median(), pl.col("tokens_per_s").median()])

@@ -25,15 +25,13 @@ def main() -> None:
 
     from kdrl.config import load_config
     from kdrl.embedded import embedded_dir
-    from kdrl.loop import train
-    from kdrl.runlock import hold_run_lock
+    from flows.train import train_without_prefect
 
     rows = []
     for seed in args.seeds:
         cfg = load_config(None, [*args.overrides, f"embedded.seed={seed}"])
         run_dir = Path(cfg.run.runs_dir) / f"spread-s{seed}"
-        with hold_run_lock(run_dir):
-            table = train(cfg, run_dir)
+        table = train_without_prefect(cfg, run_dir)  # holds the run's lock
         get = {(r["model"], r["when"]): r for r in table.iter_rows(named=True)}
         warm = json.loads((embedded_dir(cfg) / "teacher" / "warm_start.json").read_text())
         student_warm = json.loads((embedded_dir(cfg) / "student" / "warm_start.json").read_text())

@@ -12,7 +12,14 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from kdrl.compare import CompareOutput, load_plan, markdown_with_inline_plot, prepare, plan_compare, write_comparison
+from kdrl.compare import (
+    CompareOutput,
+    load_plan,
+    markdown_with_inline_plot,
+    plan_compare,
+    prepare,
+    write_comparison,
+)
 from tasks.report import artifact_key
 
 

@@ -1,23 +1,25 @@
-"""Prefect tasks of a training run: thin wrappers over the path-level stages in `kdrl.loop`.
+"""Prefect tasks of a training run: thin wrappers over `kdrl.pipeline`, one per stage.
 
-Each takes the run directory (and step), calls one kdrl stage, which writes one Parquet file,
-and returns a small `StageOutput` (path, seconds). Cache policies, chosen per task:
+A task takes what its stage reads — the files earlier tasks returned (`Artifact`: path and
+digest), the run (`RunInfo`: folder, config, provenance) and, where the stage needs one, a
+resident worker (`Student`, `Rollout`, `Teacher`) — and returns what it wrote. The flow passes
+one task's return value to the next, so Prefect's flow-run graph has the real edges
+generate → rewards → teacher → update.
 
-| task | cache key (+ TASK_SOURCE) | why |
+Cache keys come from the inputs alone (`stage_key`): an Artifact by its path and digest (taken
+when it was written: nothing is hashed twice), the run by its folder and config hash, the teacher
+by its model files, plus the step and the task's source. The student and the rollout engine are
+left out: their weights at step k are a pure function of the run's config and k.
+
+| task | cached | why |
 |---|---|---|
-| warm_start | none (NO_CACHE); runs only when the embedded model's folder is missing | the folder under run.cache_dir is the cache |
-| open_run | none (NO_CACHE) | loads models into this process; must always run |
-| teacher_samples | run dir, config hash | once per run; the file is the expensive offline phase |
-| evaluate | run dir, config hash, step | evaluation of a given step's weights never changes |
-| generate | run dir, config hash, step | rollouts of step k are a pure function of the run config and k (seeded); reused on resume instead of regenerated |
-| rewards | content of rollouts + prompts files, reward config | deterministic given its inputs |
-| teacher | content of rollouts + rewards files, teacher identity, top-k, loss config, step | a rerun never scores twice |
-| update | none (NO_CACHE) | mutates the resident weights; on resume it is replayed from the persisted inputs after the last checkpoint |
-| publish | none (NO_CACHE) | UI artifacts only |
+| warm_start, open_run | no | the model cache folder is the cache; open_run loads models into this process |
+| teacher_samples, evaluate, generate, rewards, teacher | stage_key | a stage of a given run and step never changes; a rerun never computes it twice |
+| update, checkpoint | no | they move the resident student; on resume they are replayed from the files after the last checkpoint |
 
-Seeds and step numbers are in the inputs of every stochastic stage. A cached result whose file
-was deleted is recomputed by the flow (`refresh_cache`), so Prefect's cache never outlives the
-run directory, which stays the record.
+A cached result whose file was since deleted is recomputed by the flow (`refresh_cache`), so
+Prefect's cache never outlives the run directory, which stays the record. Every task also runs
+without Prefect (`task.fn`, `flows.runner.PlainStages`): its log lines then go to stdout.
 """
 
 from __future__ import annotations
@@ -27,131 +29,131 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
 
 from kdrl.config import RunConfig
 from kdrl.embedded import cache_key as embedded_cache_key
 from kdrl.embedded import resolve_model_path
-from kdrl.loop import (
-    StageOutput,
-    format_step,
-    format_summary,
-    stage_evaluate,
-    stage_generate,
-    stage_rewards,
-    stage_teacher,
-    stage_teacher_samples,
-    stage_update,
+from kdrl.handoff import Artifact, RunInfo
+from kdrl.metrics import format_step, format_summary
+from kdrl.pipeline import (
+    write_checkpoint,
+    write_evaluation,
+    write_rewards,
+    write_rollouts,
+    write_teacher_logprobs,
+    write_teacher_samples,
+    write_update,
 )
 from kdrl.runs import summarize_evaluation
-from kdrl.storage import RunPaths, content_hash, read_table
-from tasks import resident
+from kdrl.storage import read_table
+from kdrl.workers import OpenRun, Rollout, Student, Teacher
+from kdrl.workers import open_run as open_workers
+from tasks.logs import info
 
 
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def _identity(value: Any) -> Any:
+    """What a task input contributes to its cache key."""
+    if isinstance(value, Artifact):
+        return [value.path, value.digest]
+    if isinstance(value, RunInfo):
+        return [str(Path(value.root).resolve()), value.cfg.hash()]
+    if isinstance(value, Teacher):
+        return value.identity()
+    if isinstance(value, (Student, Rollout)):
+        return None  # resident; its state at a step is fixed by the run's config and the step
+    return value
 
 
-def _run_key(context, parameters) -> str:
-    run_dir = str(Path(parameters["run_dir"]).resolve())
-    return _digest(context.task.name, run_dir, resident.session(run_dir).cfg.hash(), parameters.get("step"))
+def stage_key(context, parameters: dict[str, Any]) -> str:
+    """The cache key of a stage: its name and the identity of every input."""
+    inputs = {name: _identity(value) for name, value in sorted(parameters.items())}
+    blob = json.dumps([context.task.name, inputs], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def _file_fingerprint(path: str | Path) -> str:
-    """Identity of a model folder (config + weight file sizes and mtimes) or a hub name."""
-    root = Path(path)
-    if not root.exists():
-        return str(path)
-    files = sorted(p for p in root.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
-    return _digest(str(root.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-
-
-def _rewards_key(context, parameters) -> str:
-    s = resident.session(parameters["run_dir"])
-    paths = RunPaths(Path(parameters["run_dir"]))
-    return _digest("rewards", content_hash(paths.rollouts(parameters["step"])), content_hash(paths.prompts),
-                   s.cfg.reward.model_dump(mode="json"))
-
-
-def _teacher_key(context, parameters) -> str:
-    s = resident.session(parameters["run_dir"])
-    paths, step = RunPaths(Path(parameters["run_dir"])), parameters["step"]
-    return _digest("teacher", str(paths.root.resolve()), step, content_hash(paths.rollouts(step)), content_hash(paths.rewards(step)),
-                   _file_fingerprint(s.teacher_path or ""), s.cfg.teacher.top_k, s.cfg.loss.model_dump(mode="json"))
-
-
-RUN_CACHE = CacheKeyFnPolicy(cache_key_fn=_run_key) + TASK_SOURCE
+STAGE_CACHE = CacheKeyFnPolicy(cache_key_fn=stage_key) + TASK_SOURCE
 
 
 @task(cache_policy=NO_CACHE, task_run_name="warm-start-{role}")
-def warm_start(config: dict[str, Any], role: str) -> str:
+def warm_start(cfg: RunConfig, role: str) -> str:
     """Train one embedded model (the first run of a data/embedded config only; cached on disk
     after that), with a progress artifact and a log line every `embedded.log_every_s` seconds."""
-    cfg = RunConfig.model_validate(config)
-    logger = get_run_logger()
+    if TaskRunContext.get() is None:  # without Prefect: log lines only
+        return resolve_model_path(f"embedded:{role}", cfg, log=info)
     artifact = create_progress_artifact(progress=0.0, key=f"embedded-{role}-{embedded_cache_key(cfg)}",
                                         description=f"warm start of the embedded {role} (SFT steps)")
 
     def progress(done: int, total: int) -> None:
         update_progress_artifact(artifact, 100.0 * done / max(total, 1))
 
-    path = resolve_model_path(f"embedded:{role}", cfg, log=logger.info, progress=progress)
+    path = resolve_model_path(f"embedded:{role}", cfg, log=info, progress=progress)
     update_progress_artifact(artifact, 100.0)
     return path
 
 
 @task(cache_policy=NO_CACHE)
-def open_run(run_dir: str, config: dict[str, Any]) -> int:
-    """Load models and prompts into this process (resuming after the latest checkpoint);
-    returns the first step still to run."""
-    logger = get_run_logger()
-    return resident.open_run(run_dir, config, log=logger.info).next_step
+def open_run(run_dir: str, cfg: RunConfig) -> OpenRun:
+    """Load the models into this process (resuming after the latest checkpoint) and write the
+    run's config and prompts table."""
+    return open_workers(cfg, run_dir, log=info)
 
 
-@task(cache_policy=RUN_CACHE)
-def teacher_samples(run_dir: str) -> StageOutput:
+@task(cache_policy=STAGE_CACHE)
+def teacher_samples(run: RunInfo, teacher: Teacher, prompts: Artifact) -> Artifact:
     """Offline (SFT): G teacher samples per training prompt."""
-    return stage_teacher_samples(resident.session(run_dir))
+    return write_teacher_samples(run, teacher, prompts)
 
 
-@task(cache_policy=RUN_CACHE, task_run_name="evaluate-{step}")
-def evaluate(run_dir: str, step: int, include_teacher: bool = False) -> StageOutput:
+@task(cache_policy=STAGE_CACHE, task_run_name="evaluate-{step}")
+def evaluate(run: RunInfo, student: Student, rollout: Rollout, teacher: Teacher | None, prompts: Artifact, step: int,
+             include_teacher: bool = False) -> Artifact:
     """Held-out evaluation after `step` (−1: baseline of student and teacher)."""
-    out = stage_evaluate(resident.session(run_dir), step, include_teacher=include_teacher)
+    out = write_evaluation(run, student, rollout, teacher, prompts, step, include_teacher=include_teacher)
     title = "before training (held-out)" if step < 0 else f"after step {step} (held-out)"
-    get_run_logger().info(format_summary(title, summarize_evaluation(read_table(out.path, table="evaluations"))))
+    info(format_summary(title, summarize_evaluation(read_table(out.path, table="evaluations"))))
     return out
 
 
-@task(cache_policy=RUN_CACHE, task_run_name="generate-{step}")
-def generate(run_dir: str, step: int) -> StageOutput:
-    """Rollouts of `step` from the current student."""
-    return stage_generate(resident.session(run_dir), step)
+@task(cache_policy=STAGE_CACHE, task_run_name="generate-{step}")
+def generate(run: RunInfo, rollout: Rollout, prompts: Artifact, step: int,
+             teacher_samples: Artifact | None = None) -> Artifact:
+    """Rollouts of `step` from the current student (SFT: drawn from the teacher samples)."""
+    return write_rollouts(run, rollout, prompts, step, teacher_samples=teacher_samples)
 
 
-@task(cache_policy=CacheKeyFnPolicy(cache_key_fn=_rewards_key) + TASK_SOURCE, task_run_name="rewards-{step}")
-def rewards(run_dir: str, step: int) -> StageOutput:
-    """Rule-based rewards of the step's rollouts."""
-    return stage_rewards(resident.session(run_dir), step)
+@task(cache_policy=STAGE_CACHE, task_run_name="rewards-{step}")
+def rewards(run: RunInfo, rollouts: Artifact, prompts: Artifact, step: int) -> Artifact:
+    """Rule-based rewards of the step's rollouts (no model)."""
+    return write_rewards(run, rollouts, prompts, step)
 
 
-@task(cache_policy=CacheKeyFnPolicy(cache_key_fn=_teacher_key) + TASK_SOURCE, task_run_name="teacher-{step}")
-def teacher(run_dir: str, step: int) -> StageOutput:
-    """Teacher log-probs of the KD-unmasked rollouts of `step`."""
-    return stage_teacher(resident.session(run_dir), step)
+@task(cache_policy=STAGE_CACHE, task_run_name="teacher-{step}")
+def teacher(run: RunInfo, teacher: Teacher | None, rollouts: Artifact, rewards: Artifact, step: int) -> Artifact | None:
+    """Teacher log-probs of the KD-unmasked rollouts of `step` (None: β = 0 there)."""
+    return write_teacher_logprobs(run, teacher, rollouts, rewards, step)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="update-{step}")
-def update(run_dir: str, step: int, seconds: dict[str, float]) -> StageOutput:
-    """One policy update from the step's Parquet inputs (+ checkpoint when due)."""
-    out = stage_update(resident.session(run_dir), step, seconds)
-    get_run_logger().info(format_step(read_table(out.path, table="step_metrics").row(0, named=True)))
+def update(run: RunInfo, student: Student, rollout: Rollout, rollouts: Artifact, rewards: Artifact,
+           teacher_scores: Artifact | None, step: int) -> Artifact:
+    """One policy update from the step's files and the rollout engine's weight sync; returns
+    the metrics file."""
+    out = write_update(run, student, rollout, rollouts, rewards, teacher_scores, step)
+    info(format_step(read_table(out.path, table="step_metrics").row(0, named=True)))
     return out
 
 
+@task(cache_policy=NO_CACHE, task_run_name="checkpoint-{step}")
+def checkpoint(run: RunInfo, student: Student, step: int, metrics: Artifact) -> str:
+    """The student after `step` (`metrics`: that step's update, an edge in the graph)."""
+    return write_checkpoint(run, student, step)
+
+
 @task(cache_policy=NO_CACHE)
-def close_run(run_dir: str) -> None:
-    """Free the run's models."""
-    resident.close_run(run_dir)
+def close_run(opened: OpenRun) -> None:
+    """Free the run's models and engines."""
+    opened.close()

@@ -8,7 +8,15 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import main
-from kdrl.config import PRESETS, LossConfig, RunConfig, dump_config, load_config, merge_dicts, parse_override
+from kdrl.config import (
+    PRESETS,
+    LossConfig,
+    RunConfig,
+    dump_config,
+    load_config,
+    merge_dicts,
+    parse_override,
+)
 
 
 def test_defaults_are_the_paper_kdrl_annealing():
@@ -422,7 +430,7 @@ def test_preset_terms_are_read_off_the_presets():
 def test_schedule_docs_count_optimizer_steps_as_the_loop_does():
     from kdrl.config import OptimConfig
 
-    # loop.open_session builds the schedule with build_optimizer(..., cfg.run.steps * cfg.loss.ppo_epochs)
+    # workers.Student builds the schedule with build_optimizer(..., cfg.run.steps * cfg.loss.ppo_epochs)
     for field in ("schedule", "warmup_steps"):
         doc = OptimConfig.model_fields[field].description
         assert "run.steps × loss.ppo_epochs" in doc, (field, doc)
@@ -470,12 +478,12 @@ def old_grpo_run(tmp_path_factory):
 
     from test_train import _tiny_run_config  # tests/ is on sys.path
 
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
 
     tmp = tmp_path_factory.mktemp("old_runs")
     beta = {"loss.beta_init": 0.02, "loss.beta_min": 0.0, "loss.beta_schedule": "constant"}
     valid = tmp / "runs" / "custom"
-    train(_tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid, log=lambda _: None)
+    train_without_prefect(_tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid)
     old = tmp / "runs" / "old-grpo"
     shutil.copytree(valid, old)
     text = (old / "config.yaml").read_text()
@@ -538,11 +546,11 @@ def test_a_replay_may_not_make_a_meaningful_objective_meaningless(old_grpo_run, 
 
 
 def test_a_run_made_before_the_objective_checks_was_started_with_another_config(old_grpo_run):
-    from kdrl.loop import open_session
+    from kdrl.workers import open_run
 
     valid, old = old_grpo_run
     with pytest.raises(ValueError, match="was started with another config"):  # before: "invalid config (...): ... has no KD"
-        open_session(load_config(valid / "config.yaml"), old, log=lambda _: None)
+        open_run(load_config(valid / "config.yaml"), old, log=lambda _: None)
 
 
 

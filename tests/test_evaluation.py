@@ -18,19 +18,25 @@ from test_train import _tiny_run_config  # tests/ is on sys.path
 from flows.cli import main
 from kdrl.config import EvalConfig
 from kdrl.data import worked_answer
-from kdrl.evaluation import ResolvedModel, build_eval_config, eval_prompts, resolve_checkpoint, run_eval
+from kdrl.evaluation import (
+    ResolvedModel,
+    build_eval_config,
+    eval_prompts,
+    resolve_checkpoint,
+    run_eval,
+)
 from kdrl.storage import read_table
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished 2-step tiny run (checkpoints after steps 0 and 1)."""
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
 
     tmp = tmp_path_factory.mktemp("eval_run")
     cfg = _tiny_run_config(tmp, **{"run.steps": 2, "rollout.max_new_tokens": 11})
     run_dir = tmp / "runs" / "tiny"
-    train(cfg, run_dir, log=lambda _: None)
+    train_without_prefect(cfg, run_dir)
     return run_dir
 
 

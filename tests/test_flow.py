@@ -274,8 +274,9 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
     inside a task (a long warm start), where Prefect's task engine sees the signal first."""
     import signal
 
-    from flows.server import local_server
     from test_server import _server_pids
+
+    from flows.server import local_server
 
     env = {k: v for k, v in flow_env.env.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
@@ -376,38 +377,39 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness
 
 
 def test_tasks_run_without_the_engine(tmp_path, embedded_cache):
-    from prefect.logging import disable_run_logger
-
     from kdrl.config import load_config
+    from kdrl.handoff import Artifact
     from kdrl.stages import score_rewards
-    from tasks import resident
     from tasks import train as t
 
     # no run.num_threads here: it would change torch's thread count for the rest of this process
     cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}.items()])
     run_dir = str(tmp_path / "runs" / "fn")
     paths = RunPaths(Path(run_dir))
-    assert resident.open_run(run_dir, cfg.model_dump(mode="json"), log=lambda _: None).next_step == 0
+    opened = t.open_run.fn(run_dir, cfg)
+    assert opened.start == 0
+    run, prompts = opened.info, opened.prompts
     try:
-        generated = t.generate.fn(run_dir, 0)
-        rewarded = t.rewards.fn(run_dir, 0)
-        scored = t.teacher.fn(run_dir, 0)
-        with disable_run_logger():  # update logs the step line through get_run_logger()
-            updated = t.update.fn(run_dir, 0, {"generate": generated.seconds, "reward": rewarded.seconds, "teacher": scored.seconds})
+        generated = t.generate.fn(run, opened.rollout, prompts, 0)
+        rewarded = t.rewards.fn(run, generated, prompts, 0)
+        scored = t.teacher.fn(run, opened.teacher, generated, rewarded, 0)
+        updated = t.update.fn(run, opened.student, opened.rollout, generated, rewarded, scored, 0)
 
-        # cache keys: the rewards key is the content of its inputs; the step and run keys the step
-        key = t._rewards_key(None, {"run_dir": run_dir, "step": 0})
-        assert key == t._rewards_key(None, {"run_dir": run_dir, "step": 0})
-        ctx = SimpleNamespace(task=SimpleNamespace(name="generate"))
-        assert t._run_key(ctx, {"run_dir": run_dir, "step": 0}) != t._run_key(ctx, {"run_dir": run_dir, "step": 1})
+        # cache keys come from the inputs: the rewards key is the content of its input files, the
+        # generate key the run and the step
+        ctx = SimpleNamespace(task=SimpleNamespace(name="rewards"))
+        inputs = {"run": run, "rollouts": generated, "prompts": prompts, "step": 0}
+        key = t.stage_key(ctx, inputs)
+        assert key == t.stage_key(ctx, dict(inputs))
+        gen = SimpleNamespace(task=SimpleNamespace(name="generate"))
+        gen_inputs = {"run": run, "rollout": opened.rollout, "prompts": prompts, "teacher_samples": None}
+        assert t.stage_key(gen, {**gen_inputs, "step": 0}) != t.stage_key(gen, {**gen_inputs, "step": 1})
         rollouts = read_table(paths.rollouts(0), table="rollouts")
         changed = rollouts.with_columns(pl.when(pl.col("sample_idx") == 0).then(pl.lit("x")).otherwise("completion_text").alias("completion_text"))
         write_table(changed, paths.rollouts(0), table="rollouts")
-        assert t._rewards_key(None, {"run_dir": run_dir, "step": 0}) != key
+        assert t.stage_key(ctx, {**inputs, "rollouts": Artifact.of(paths.rollouts(0))}) != key
     finally:
-        resident.close_run(run_dir)
-    with pytest.raises(RuntimeError, match="call the open_run task first"):
-        resident.session(run_dir)
+        t.close_run.fn(opened)
 
     assert (generated.path, rewarded.path, scored.path, updated.path) == tuple(
         str(p) for p in (paths.rollouts(0), paths.rewards(0), paths.teacher(0), paths.metrics(0)))

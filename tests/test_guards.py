@@ -8,17 +8,17 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 import pickle
-import random
 import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
+from test_train import _tiny_run_config, step_tables  # noqa: F401  (fixture)
 
 from kdrl.batching import collate, join_step_tables
 from kdrl.config import LossConfig, OptimConfig
@@ -32,7 +32,6 @@ from kdrl.train import (
     save_checkpoint,
     update_step,
 )
-from test_train import _tiny_run_config, step_tables  # noqa: F401  (fixture)
 
 
 def _update(model, batch, *, loss_cfg=None, optim_cfg=None, temperature=1.0, optimizer_step=0):
@@ -140,22 +139,32 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_to
 
 
 def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp_path):
-    from kdrl.loop import DIVERGED_FILE, open_session, stage_generate, stage_rewards, stage_teacher, stage_update
+    from kdrl.pipeline import (
+        DIVERGED_FILE,
+        write_rewards,
+        write_rollouts,
+        write_teacher_logprobs,
+        write_update,
+    )
     from kdrl.runs import latest_checkpoint
+    from kdrl.workers import open_run
 
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 2})
-    s = open_session(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
+    s = open_run(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
+    paths = s.info.paths
     try:
-        seconds = {"generate": stage_generate(s, 0).seconds, "reward": stage_rewards(s, 0).seconds, "teacher": stage_teacher(s, 0).seconds}
-        before = copy.deepcopy(s.student.state_dict())
-        next(s.student.parameters()).register_hook(lambda grad: grad * float("nan"))
+        rollouts = write_rollouts(s.info, s.rollout, s.prompts, 0)
+        rewards = write_rewards(s.info, rollouts, s.prompts, 0)
+        scores = write_teacher_logprobs(s.info, s.teacher, rollouts, rewards, 0)
+        before = copy.deepcopy(s.student.model.state_dict())
+        next(s.student.model.parameters()).register_hook(lambda grad: grad * float("nan"))
         with pytest.raises(TrainingDiverged, match=r"step 0, optimizer step 0: the gradient norm is nan.*diverged\.json"):
-            stage_update(s, 0, seconds)
-        report = json.loads((s.paths.iter_dir(0) / DIVERGED_FILE).read_text())
+            write_update(s.info, s.student, s.rollout, rollouts, rewards, scores, 0)
+        report = json.loads((paths.iter_dir(0) / DIVERGED_FILE).read_text())
         assert report["step"] == 0 and report["non_finite_terms"] == ["grad_norm"] and report["non_finite_grads"]
-        assert not s.paths.metrics(0).exists() and not s.paths.advantages(0).exists()
-        assert latest_checkpoint(s.paths) is None
-        assert all(torch.equal(v, s.student.state_dict()[k]) for k, v in before.items())
+        assert not paths.metrics(0).exists() and not paths.advantages(0).exists()
+        assert latest_checkpoint(paths) is None
+        assert all(torch.equal(v, s.student.model.state_dict()[k]) for k, v in before.items())
     finally:
         s.close()
 
@@ -253,7 +262,7 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
         import json, random, sys, uuid
         import polars as pl, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from kdrl.loop import train
+        from flows.train import train_without_prefect
         from kdrl.storage import RunPaths
         from test_train import _tiny_run_config
         tmp = {str(tmp_path)!r}
@@ -262,7 +271,7 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
         states = []
         for name in ("a", "b"):
             random.seed(uuid.uuid4().int)  # whatever the process did before the run
-            train(cfg, f"{{tmp}}/runs/{{name}}", log=lambda _: None)
+            train_without_prefect(cfg, f"{{tmp}}/runs/{{name}}")
             states.append(torch.load(RunPaths(f"{{tmp}}/runs/{{name}}").checkpoint(1) / "trainer_state.pt", weights_only=False))
         metrics = pl.scan_parquet(f"{{tmp}}/runs/a/iter_*/metrics.parquet").collect().sort("step")
         print(json.dumps({{"lr": metrics["lr"].to_list(), "same_python_rng": states[0]["rng"]["python"] == states[1]["rng"]["python"],
@@ -279,8 +288,9 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
 
 
 def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys):
-    from flows.cli import main
     from test_train import TINY_RUN_OVERRIDES
+
+    from flows.cli import main
 
     overrides = {**TINY_RUN_OVERRIDES, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
                  "run.steps": 4, "optim.lr": 1000}  # step 0 throws the weights far; step 1's gradient is NaN

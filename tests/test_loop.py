@@ -1,23 +1,25 @@
-"""The path-level stages and the plain driver: teacher offload, SFT from precomputed teacher
-samples, and refusing to mix configs in one run directory."""
+"""The stages over files (kdrl.pipeline) and the flow body run without Prefect: teacher offload,
+SFT from precomputed teacher samples, and refusing to mix configs in one run directory."""
 
 import polars as pl
 import pytest
-
-from kdrl.loop import open_session, stage_generate, stage_rewards, stage_teacher, train
-from kdrl.storage import RunPaths, read_table
 from test_train import _tiny_run_config
+
+from flows.train import train_without_prefect
+from kdrl.pipeline import write_evaluation, write_rewards, write_rollouts, write_teacher_logprobs
+from kdrl.storage import RunPaths, read_table
+from kdrl.workers import open_run
 
 
 def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path):
     outputs = {}
     for offload in (False, True):
         cfg = _tiny_run_config(tmp_path, **{"teacher.offload": offload, "run.cache_dir": tmp_path / "cache"})
-        s = open_session(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
-        stage_generate(s, 0)
-        stage_rewards(s, 0)
-        out = stage_teacher(s, 0)
-        assert (s._teacher is None) == offload
+        s = open_run(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
+        rollouts = write_rollouts(s.info, s.rollout, s.prompts, 0)
+        rewards = write_rewards(s.info, rollouts, s.prompts, 0)
+        out = write_teacher_logprobs(s.info, s.teacher, rollouts, rewards, 0)
+        assert (s.teacher._model is None) == offload
         outputs[offload] = read_table(out.path, table="teacher_logprobs")
     assert outputs[True].equals(outputs[False])
 
@@ -26,7 +28,7 @@ def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path):
 def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k):
     cfg = _tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2, "teacher.top_k": top_k})
     run_dir = tmp_path / "runs" / "sft"
-    train(cfg, run_dir, log=lambda _: None)
+    train_without_prefect(cfg, run_dir)
     paths = RunPaths(run_dir)
     pool = read_table(paths.offline / "teacher_samples.parquet", table="rollouts")
     # exactly the prompts the run's 2 steps draw (3 each), G=4 samples each; not all 24 train prompts
@@ -49,32 +51,32 @@ def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k):
 def test_a_run_directory_keeps_its_config(tmp_path):
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 1})
     run_dir = tmp_path / "runs" / "fixed"
-    open_session(cfg, run_dir, log=lambda _: None)
+    open_run(cfg, run_dir, log=lambda _: None)
     other = _tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1})
     with pytest.raises(ValueError, match="started with another config"):
-        open_session(other, run_dir, log=lambda _: None)
+        open_run(other, run_dir, log=lambda _: None)
 
 
 def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path):
-    from kdrl.loop import stage_evaluate
-
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 2, "optim.lr": 1e-2})
     run_dir = tmp_path / "runs" / "baseline"
-    train(cfg, run_dir, log=lambda _: None)
+    train_without_prefect(cfg, run_dir)
     paths = RunPaths(run_dir)
     original = read_table(paths.offline / "eval_baseline.parquet", table="evaluations")
     trained = read_table(paths.evaluation(1), table="evaluations")
     student_texts = lambda df: df.filter(model="student")["completion_text"].to_list()  # noqa: E731
     assert student_texts(trained) != student_texts(original)  # training changed the outputs: the check below can fail
-    s = open_session(cfg, run_dir, log=lambda _: None)  # resumed after step 1
+    s = open_run(cfg, run_dir, log=lambda _: None)  # resumed after step 1
     mtime = (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns
-    assert stage_evaluate(s, -1, include_teacher=True).seconds == 0.0  # the record is not recomputed
+    evaluate = lambda step: write_evaluation(s.info, s.student, s.rollout, s.teacher, s.prompts, step,  # noqa: E731
+                                             include_teacher=step < 0)
+    assert evaluate(-1).seconds == 0.0  # the record is not recomputed
     assert (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns == mtime
     (paths.offline / "eval_baseline.parquet").unlink()
-    stage_evaluate(s, -1, include_teacher=True)  # recomputed: from the initial weights, not step 1's
+    evaluate(-1)  # recomputed: from the initial weights, not step 1's
     assert read_table(paths.offline / "eval_baseline.parquet", table="evaluations").equals(original)
     with pytest.raises(ValueError, match="student is at step 1"):
-        stage_evaluate(s, 0)
+        evaluate(0)
 
 
 def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
@@ -82,7 +84,7 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
     length quantiles are those of the step's rollouts."""
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 2, "rollout.max_new_tokens": 6})
     run_dir = tmp_path / "runs" / "lengths"
-    train(cfg, run_dir, log=lambda _: None)
+    train_without_prefect(cfg, run_dir)
     paths = RunPaths(run_dir)
     for step in range(2):
         m = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
@@ -101,11 +103,11 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
 def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path):
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 1, "model.gradient_checkpointing": True,
                                         "optim.max_tokens_per_microbatch": 64})
-    s = open_session(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
+    s = open_run(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
     try:
-        assert s.student.is_gradient_checkpointing
-        assert all(layer.gradient_checkpointing for layer in s.student.model.layers)
+        assert s.student.model.is_gradient_checkpointing
+        assert all(layer.gradient_checkpointing for layer in s.student.model.model.layers)
     finally:
         s.close()
-    train(cfg, tmp_path / "runs" / "gc", log=lambda _: None)  # generation (eval mode) and the update both run
+    train_without_prefect(cfg, tmp_path / "runs" / "gc")  # generation (eval mode) and the update both run
     assert read_table(RunPaths(tmp_path / "runs" / "gc").metrics(0), table="step_metrics")["grad_norm"][0] > 0

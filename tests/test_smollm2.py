@@ -115,7 +115,7 @@ def _records(run_dir: Path) -> set[str]:
 
 
 def test_a_three_step_smollm2_run_writes_the_records_of_an_embedded_run(smollm2, tmp_path, embedded_cache):
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
     from kdrl.runs import run_metrics
     from kdrl.storage import RunPaths, read_table
 
@@ -123,11 +123,11 @@ def test_a_three_step_smollm2_run_writes_the_records_of_an_embedded_run(smollm2,
                 "teacher.name_or_path": str(smollm2.teacher), "teacher.dtype": "float32"}
     cfg = load_config(ROOT / "data/configs/smollm2.yaml", [f"{k}={v}" for k, v in settings.items()])
     assert (cfg.data.source, cfg.data.prompt_format, cfg.run.method) == ("reasoning-gym:gsm_symbolic", "chat", "kdrl_anneal")
-    train(cfg, tmp_path / "smollm2", log=lambda _: None)
+    train_without_prefect(cfg, tmp_path / "smollm2")
     embedded = load_config(None, [f"{k}={v}" for k, v in {
         **TINY_RUN, "run.runs_dir": str(tmp_path), "run.cache_dir": str(embedded_cache), "data.max_digits": 2,
         "embedded.teacher_steps": 3, "embedded.student_steps": 3}.items()])
-    train(embedded, tmp_path / "embedded", log=lambda _: None)
+    train_without_prefect(embedded, tmp_path / "embedded")
     assert _records(tmp_path / "smollm2") == _records(tmp_path / "embedded")
     paths = RunPaths(tmp_path / "smollm2")
     prompts = read_table(paths.prompts, table="prompts")

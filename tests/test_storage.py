@@ -13,8 +13,8 @@ from kdrl import storage
 from kdrl.storage import (
     KEY,
     KEYS,
-    SCHEMAS,
     SCHEMA_VERSION,
+    SCHEMAS,
     RunPaths,
     StorageError,
     content_hash,

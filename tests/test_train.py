@@ -11,7 +11,13 @@ from kdrl.batching import collate, join_step_tables
 from kdrl.config import LossConfig, OptimConfig, load_config
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
 from kdrl.stages import generate_rollouts, kd_needed, score_teacher
-from kdrl.train import build_optimizer, completion_logprobs_BT, load_trainer_state, save_checkpoint, update_step
+from kdrl.train import (
+    build_optimizer,
+    completion_logprobs_BT,
+    load_trainer_state,
+    save_checkpoint,
+    update_step,
+)
 
 PROMPTS = ["12+34=", "5+7=", "123+9="]
 
@@ -228,16 +234,16 @@ def _tiny_run_config(tmp_path, **extra):
 def test_resumed_run_is_bit_identical(tmp_path):
     import shutil
 
-    from kdrl.loop import train
+    from flows.train import train_without_prefect
     from kdrl.storage import RunPaths
 
     cfg = _tiny_run_config(tmp_path)
     straight = tmp_path / "runs" / "straight"
-    train(cfg, straight, log=lambda _: None)
+    train_without_prefect(cfg, straight)
     resumed = tmp_path / "runs" / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "iter_00002")  # as if killed during step 2
-    train(cfg, resumed, log=lambda _: None)
+    train_without_prefect(cfg, resumed)
 
     a, b = RunPaths(straight), RunPaths(resumed)
     for table in ("rollouts", "advantages", "metrics"):

@@ -174,7 +174,7 @@ def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_mode
 
 def test_runs_one_after_another_in_one_process_each_get_working_engines(tmp_path, embedded_cache):
     """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
-    together (`Session.close`) before the next session builds its own, so every arm samples
+    together (`OpenRun.close`) before the next run builds its own, so every arm samples
     and syncs correctly (an engine freed while another lives would break the survivor)."""
     values = {**TINY, **VLLM, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
     values.pop("run.method")

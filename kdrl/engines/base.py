@@ -48,6 +48,18 @@ class RolloutEngine(Protocol):
         """Free accelerator memory until the next sync/generate (no-op where there is none to free)."""
         ...
 
+    def wake(self) -> None:
+        """Take the memory back after `sleep` (generate and sync_weights also do it)."""
+        ...
+
+
+class SyncedEngine(RolloutEngine, Protocol):
+    """An engine holding its own copy of the trainer's weights (vLLM), which can drift."""
+
+    def logprob_gap(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> tuple[float, float]:
+        """(max, mean) |log π_engine − log π_trainer| over the completion tokens given."""
+        ...
+
 
 class TeacherScorer(Protocol):
     """Scores completions the student generated, token by token, under the teacher."""

@@ -154,6 +154,9 @@ class HFRolloutEngine:
     def sleep(self) -> None:
         """Nothing to free: the module is the trainer's."""
 
+    def wake(self) -> None:
+        """Nothing to take back (see `sleep`)."""
+
     def generate(
         self,
         prompt_token_ids: list[list[int]],
