@@ -23,6 +23,22 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
+# What a command exits with when it stops on an expected failure, printed as one line "kdrl: <error>";
+# the most specific class of the error's MRO listed here decides, and any other exception is a bug
+# and keeps its traceback. Classes are named, not imported: kdrl.train imports torch, which
+# `kdrl show` should not wait for to report a typo. docs/troubleshooting.md lists the same codes.
+EXIT_CODES = {
+    "kdrl.runlock.RunLockedError": 3,  # another process holds the run directory: wait, or use another run id
+    "kdrl.train.TrainingError": 1,  # a non-finite update, a checkpoint not written: rerun to resume after the fix
+    "kdrl.storage.StorageWriteError": 1,  # a file the disk refused (full, quota): free space, rerun to resume
+    "builtins.ValueError": 2,  # bad input: a config key, a dataset row, a damaged file, a refused command
+    "builtins.FileNotFoundError": 2,
+    "builtins.FileExistsError": 2,  # an output folder that is not empty: nothing is written over
+}
+# Per command, on top of EXIT_CODES. eval: OSError is also what transformers raises for a hub model
+# it cannot get (no network, a wrong name).
+COMMAND_EXIT_CODES = {"eval": {"builtins.OSError": 2}}
+
 SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1", "time_total_s")
 
 
@@ -117,39 +133,22 @@ def _prefect_defaults() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from kdrl.config import load_config
-    from kdrl.runlock import RunLockedError
-    from kdrl.storage import StorageWriteError
-    from kdrl.train import TrainingError
 
     _quiet_libraries()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from kdrl.convert import check_model_folders
+    cfg = load_config(args.config, args.overrides)
+    from kdrl.convert import check_model_folders
 
-        check_model_folders(cfg)  # a missing model folder fails now, with the command that makes it
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
-    try:
-        if args.no_prefect:
-            from flows.runner import PlainStages
-            from flows.train import resolve_run_dir, run_training
+    check_model_folders(cfg)  # a missing model folder fails now, with the command that makes it
+    if args.no_prefect:
+        from flows.runner import PlainStages
+        from flows.train import resolve_run_dir, run_training
 
-            run_dir = resolve_run_dir(cfg, args.run_id)
-            print(f"[kdrl] run {run_dir.name}: method {cfg.run.method}, {cfg.run.steps} steps → {run_dir}")
-            run_training(cfg, str(run_dir), PlainStages())
-        else:
-            config_path = None if args.config is None else str(args.config)
-            run_dir = _run_flow(config_path, list(args.overrides), args.run_id)
-    except RunLockedError as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 3
-    except ValueError as err:  # e.g. a run directory started with another config
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, StorageWriteError) as err:  # a non-finite update, a checkpoint the disk could not hold
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 1
+        run_dir = resolve_run_dir(cfg, args.run_id)
+        print(f"[kdrl] run {run_dir.name}: method {cfg.run.method}, {cfg.run.steps} steps → {run_dir}")
+        run_training(cfg, str(run_dir), PlainStages())
+    else:
+        config_path = None if args.config is None else str(args.config)
+        run_dir = _run_flow(config_path, list(args.overrides), args.run_id)
     _print_before_after(run_dir, cfg.run.steps - 1)
     return 0
 
@@ -216,39 +215,22 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from kdrl.runs import RunNotFoundError, format_table, resolve_run, run_metrics
+    from kdrl.runs import format_table, resolve_run, run_metrics
 
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    try:
-        print(format_table(run_metrics(resolve_run(args.run, runs_dir=args.runs_dir)), columns=columns))
-    except (RunNotFoundError, ValueError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
+    print(format_table(run_metrics(resolve_run(args.run, runs_dir=args.runs_dir)), columns=columns))
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
     from kdrl.replay import replay_update
-    from kdrl.runlock import RunLockedError, hold_run_lock
-    from kdrl.runs import RunNotFoundError, resolve_run, run_metrics
-    from kdrl.storage import StorageWriteError
-    from kdrl.train import TrainingError
+    from kdrl.runlock import hold_run_lock
+    from kdrl.runs import format_table, resolve_run, run_metrics
 
     _quiet_libraries()
-    try:
-        source = resolve_run(args.run, runs_dir=args.runs_dir)
-        with hold_run_lock(source):  # the source must not be written while its inputs are linked
-            dest = replay_update(source, args.iter, args.overrides, dest_dir=args.dest)
-    except RunLockedError as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 3
-    except (RunNotFoundError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, StorageWriteError) as err:  # the replayed update is not finite, or its checkpoint could not be written
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 1
-    from kdrl.runs import format_table
+    source = resolve_run(args.run, runs_dir=args.runs_dir)
+    with hold_run_lock(source):  # the source must not be written while its inputs are linked
+        dest = replay_update(source, args.iter, args.overrides, dest_dir=args.dest)
 
     columns = ["step", "loss", "pg_loss", "kd_loss", "beta", "kl_k1_mean", "grad_norm"]
     print(f"original  ({source.name}):")
@@ -263,11 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
     from kdrl.runs import format_table
 
     if not args.checkpoint.startswith("embedded:"):  # a missing path fails now, not after Prefect and the hub
-        try:
-            resolve_checkpoint(args.checkpoint, log=lambda _: None)
-        except FileNotFoundError as err:
-            print(f"kdrl: {err}", file=sys.stderr)
-            return 2
+        resolve_checkpoint(args.checkpoint, log=lambda _: None)
     _quiet_libraries()
     flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
              "data.prompt_template": args.prompt_template, "samples": args.samples, "temperature": args.temperature,
@@ -277,17 +255,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None] + list(args.overrides)
     out_dir = None if args.out is None else str(args.out)
-    try:
-        cfg = build_eval_config(args.checkpoint, args.dataset, overrides)
-        if args.no_prefect:
-            summary_path = run_eval(cfg, out_dir).summary
-        else:
-            from flows.evaluate import kdrl_eval
+    cfg = build_eval_config(args.checkpoint, args.dataset, overrides)
+    if args.no_prefect:
+        summary_path = run_eval(cfg, out_dir).summary
+    else:
+        from flows.evaluate import kdrl_eval
 
-            summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides, out_dir=out_dir)
-    except (ValueError, OSError) as err:  # OSError: also what transformers raises for a hub model it cannot get
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
+        summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides, out_dir=out_dir)
     summary = read_summary(Path(summary_path).parent)
     print(format_table(summary, columns=["temperature", "samples", "num_prompts", "pass_at_1", "mean_len", "p90_len", "truncated_frac"]))
     print(f"\nper-sample rows: {Path(summary_path).parent / 'samples.parquet'}")
@@ -296,10 +270,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from kdrl.compare import DEFAULT_ARMS, plan_compare
-    from kdrl.runlock import RunLockedError
     from kdrl.runs import format_table
-    from kdrl.storage import StorageWriteError, read_table
-    from kdrl.train import TrainingError
+    from kdrl.storage import read_table
 
     _quiet_libraries()
     protocol = {"steps": args.steps, "eval_samples": args.eval_samples, "eval_temperature": args.eval_temperature,
@@ -307,27 +279,17 @@ def _compare(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     arms = [a.strip() for a in args.methods.split(",") if a.strip()] if args.methods else list(DEFAULT_ARMS)
     config_path = None if args.config is None else str(args.config)
-    try:
-        plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name, **protocol)
-        print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
-        if args.no_prefect:
-            from flows.compare import run_comparison
-            from flows.runner import PlainStages
+    plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name, **protocol)
+    print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
+    if args.no_prefect:  # an arm that diverges stops here: the runs before it are complete, rerun to resume
+        from flows.compare import run_comparison
+        from flows.runner import PlainStages
 
-            run_comparison(config_path, overrides, arms, args.seeds, args.name, protocol, PlainStages())
-        else:
-            from flows.compare import kdrl_compare
+        run_comparison(config_path, overrides, arms, args.seeds, args.name, protocol, PlainStages())
+    else:
+        from flows.compare import kdrl_compare
 
-            _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name, **protocol)
-    except RunLockedError as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, StorageWriteError) as err:  # an arm diverged: the runs before it are complete, rerun to resume
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 1
+        _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name, **protocol)
     table = read_table(plan.root / "comparison.parquet", table="comparison")
     print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")
@@ -343,11 +305,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
     from kdrl.lora import merge_lora_checkpoint
 
     _quiet_libraries()
-    try:
-        out = merge_lora_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
+    out = merge_lora_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
     print(f"[kdrl] merged model written to {out} (a plain Hugging Face folder: load it with any HF or vLLM tool)")
     return 0
 
@@ -359,11 +317,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     start = time.perf_counter()
-    try:
-        out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
+    out = import_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
     print(f"[kdrl] {args.gguf_file} imported into {out} ({args.dtype}, {time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -376,15 +330,24 @@ def _prune_layers(args: argparse.Namespace) -> int:
     try:
         layers = None if args.layers is None else [int(i) for i in args.layers.split(",") if i.strip()]
     except ValueError:
-        print(f"kdrl: --layers {args.layers!r}: give comma-separated layer indices, e.g. 0,1,2,29", file=sys.stderr)
-        return 2
-    try:
-        out = prune_layers(args.src, args.out_dir, keep=args.keep, layers=layers)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"kdrl: {err}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--layers {args.layers!r}: give comma-separated layer indices, e.g. 0,1,2,29") from None
+    out = prune_layers(args.src, args.out_dir, keep=args.keep, layers=layers)
     print(f"[kdrl] {args.src} pruned into {out}: layers {json.loads((out / 'kdrl_pruned.json').read_text())['layers']}")
     return 0
+
+
+def exit_code(err: BaseException, command: str) -> int | None:
+    """The exit code of `err` raised by `command`, from EXIT_CODES; None where it is a bug.
+
+    >>> exit_code(FileNotFoundError("x"), "show"), exit_code(OSError("x"), "show"), exit_code(OSError("x"), "eval")
+    (2, None, 2)
+    """
+    codes = {**EXIT_CODES, **COMMAND_EXIT_CODES.get(command, {})}
+    for cls in type(err).__mro__:
+        code = codes.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            return code
+    return None
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -410,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     except ServerStartError as err:
         print(f"kdrl {args.command}: {err}", file=sys.stderr, flush=True)
         return 1
+    except Exception as err:
+        code = exit_code(err, args.command)
+        if code is None:
+            raise
+        print(f"kdrl: {err}", file=sys.stderr)
+        return code
     except (KeyboardInterrupt, Terminated) as stop:
         how, code = ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
         after = "" if args.command in ("runs", "show") else (

@@ -12,7 +12,8 @@ A comparison is a folder of ordinary runs, one per (arm, seed), plus tables read
 
 Every arm starts from the same config (same data, so the same prompts and held-out set, the same
 warm-started student and teacher, the same step budget and evaluation protocol); an arm only adds
-its method's overrides (`ARMS`), and seed s sets ``run.seed`` (sampling and prompt order).
+its method: a ``run.method`` preset and, for an ablation, a few overrides on top (`ARMS`); seed s
+sets ``run.seed`` (sampling and prompt order).
 Rerunning the same command resumes: complete runs are skipped, a stopped one resumes after its
 last checkpoint. The tables are rewritten from the run folders after every run, so a comparison
 can be read while it is being made.
@@ -30,23 +31,19 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from kdrl.config import RunConfig, load_config
+from kdrl.config import PRESETS, RunConfig, load_config
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import COMPARE_CURVES, COMPARE_RUNS, COMPARISON, RunPaths, read_table, write_table
 
-ARMS: dict[str, tuple[str, ...]] = {
-    "sft": ("run.method=sft",),
-    "grpo": ("run.method=grpo",),
-    "kd_rkl": ("run.method=kd_rkl",),
-    "kdrl": ("run.method=kdrl",),
-    "kdrl_anneal": ("run.method=kdrl_anneal",),
-    "kdrl_mask_response": ("run.method=kdrl_mask_response",),
-    "kdrl_mask_group": ("run.method=kdrl_mask_group",),
-    "kdrl_k3": ("run.method=kdrl", "loss.kl_estimator=k3"),
-    "kdrl_topk": ("run.method=kdrl", "loss.kl_estimator=topk", "teacher.top_k=16"),
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{method: (method, ()) for method in PRESETS if method != "custom"},
+    "kdrl_k3": ("kdrl", ("loss.kl_estimator=k3",)),
+    "kdrl_topk": ("kdrl", ("loss.kl_estimator=topk", "teacher.top_k=16")),
 }
-"""Arm name → the overrides that make it (applied after the common ones). kdrl_k3 is the paper's
-estimator ablation (forward-KL gradient); kdrl_topk is available but not in the default set."""
+"""Arm name → (its run.method preset, the overrides it adds to that preset), applied after the
+common overrides. Every preset but custom is an arm of its own name, so an arm is its preset and
+cannot drift from it. kdrl_k3 is the paper's estimator ablation (forward-KL gradient); kdrl_topk
+is available but not in the default set."""
 
 DEFAULT_ARMS = ("sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal", "kdrl_mask_response", "kdrl_mask_group", "kdrl_k3")
 
@@ -91,7 +88,8 @@ class ComparePlan:
 
     def run_overrides(self, arm: str, seed: int) -> list[str]:
         """Common overrides, then the arm's, then the seed and the comparison folder."""
-        return [*self.overrides, *ARMS[arm], f"run.seed={seed}", f"run.runs_dir={self.root}"]
+        preset, extra = ARMS[arm]
+        return [*self.overrides, f"run.method={preset}", *extra, f"run.seed={seed}", f"run.runs_dir={self.root}"]
 
     def config(self, arm: str, seed: int) -> RunConfig:
         return load_config(self.config_path, self.run_overrides(arm, seed))

@@ -39,3 +39,23 @@ def test_a_typo_is_reported_with_the_key(tmp_path, capsys):
 def test_unknown_command_is_rejected():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_every_exit_code_names_an_exception_class_and_the_most_specific_one_decides():
+    import importlib
+
+    from flows.cli import COMMAND_EXIT_CODES, EXIT_CODES, exit_code
+    from kdrl.runlock import RunLockedError
+    from kdrl.runs import RunNotFoundError
+    from kdrl.storage import StorageError, StorageWriteError
+    from kdrl.train import CheckpointWriteError, TrainingDiverged
+
+    for name in [*EXIT_CODES, *(key for codes in COMMAND_EXIT_CODES.values() for key in codes)]:
+        module, _, cls = name.rpartition(".")  # a renamed or moved class would never match again
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
+    assert exit_code(RunLockedError("runs/x", {"pid": 1}), "compare") == 3
+    assert exit_code(TrainingDiverged("nan"), "replay") == exit_code(CheckpointWriteError("full"), "train") == 1
+    assert exit_code(StorageWriteError("full"), "eval") == 1  # an OSError too, but its own entry is more specific
+    assert exit_code(RunNotFoundError("nope"), "show") == exit_code(StorageError("damaged"), "replay") == 2
+    assert exit_code(OSError("no network"), "eval") == 2 and exit_code(OSError("no network"), "train") is None
+    assert exit_code(RuntimeError("a bug"), "train") is None  # keeps its traceback

@@ -72,6 +72,30 @@ def test_every_arm_shares_data_and_budget_and_differs_only_in_its_method(tmp_pat
     assert plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 8}), arms=tuple(ARMS), seeds=2).root != plan.root
 
 
+# The arms as they were written before they were derived from PRESETS (issue 14): the overrides
+# each arm's run was made with. Comparisons made then must plan the same configs now.
+ARMS_BEFORE = {
+    "sft": ("run.method=sft",), "grpo": ("run.method=grpo",), "kd_rkl": ("run.method=kd_rkl",),
+    "kdrl": ("run.method=kdrl",), "kdrl_anneal": ("run.method=kdrl_anneal",),
+    "kdrl_mask_response": ("run.method=kdrl_mask_response",), "kdrl_mask_group": ("run.method=kdrl_mask_group",),
+    "kdrl_k3": ("run.method=kdrl", "loss.kl_estimator=k3"),
+    "kdrl_topk": ("run.method=kdrl", "loss.kl_estimator=topk", "teacher.top_k=16"),
+}
+
+
+def test_every_arm_plans_the_config_it_planned_before_under_a_preset_name(tmp_path):
+    from kdrl.config import PRESETS, load_config
+
+    assert list(ARMS) == list(ARMS_BEFORE) and set(DEFAULT_ARMS) <= set(ARMS)
+    base = _sets({"run.runs_dir": tmp_path, "loss.beta_min": 2e-3})  # a base override the presets must not undo
+    plan = plan_compare(None, base, arms=tuple(ARMS), seeds=1)
+    for arm, before in ARMS_BEFORE.items():
+        then = load_config(None, [*plan.overrides, *before, "run.seed=0", f"run.runs_dir={plan.root}"])
+        now = plan.config(arm, 0)
+        assert now == then and now.hash() == then.hash(), arm
+        assert now.run.method in PRESETS and now.run.method == before[0].removeprefix("run.method="), arm
+
+
 def test_bad_arms_and_configs_fail_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="unknown arm.*'ppo'"):
         plan_compare(None, [f"run.runs_dir={tmp_path}"], arms=("grpo", "ppo"))
