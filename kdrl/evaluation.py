@@ -177,13 +177,13 @@ def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | PromptL
     return build_prompts(data, tokenizer, ds=ds, max_prompt_tokens=max_prompt_tokens, fewer_ok=True)
 
 
-def summarize(samples: pl.DataFrame, *, dataset: str) -> pl.DataFrame:
+def summarize_samples(samples: pl.DataFrame, *, dataset: str) -> pl.DataFrame:
     """EVAL_SUMMARY: one row per (model, temperature) of an EVALUATIONS table.
 
     >>> ev = pl.DataFrame({"step": [3] * 3, "prompt_id": [0, 0, 1], "sample_idx": [0, 1, 0],
     ...                    "model": ["m"] * 3, "temperature": [0.6] * 3, "correct": [True, False, True],
     ...                    "completion_len": [4, 6, 5], "finish_reason": ["stop", "length", "stop"]})
-    >>> summarize(ev, dataset="d").select("samples", "pass_at_1", "truncated_frac").row(0)
+    >>> summarize_samples(ev, dataset="d").select("samples", "pass_at_1", "truncated_frac").row(0)
     (2, 0.75, 0.3333333333333333)
     """
     extra = samples.group_by("model", "temperature").agg(
@@ -278,7 +278,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_table(samples, result.samples, table="evaluations", metadata=metadata)
-    write_table(summarize(samples, dataset=cfg.data.source), result.summary, table="eval_summary", metadata=metadata)
+    write_table(summarize_samples(samples, dataset=cfg.data.source), result.summary, table="eval_summary", metadata=metadata)
     return result
 
 

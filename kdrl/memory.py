@@ -6,7 +6,7 @@ comes and goes (generation's KV cache, teacher scoring's logits, the update's gr
 activations, the optimizer step's scratch); the peak is the resident part plus the largest
 phase. Parameter counts are exact (the model built on the meta device from its config); the
 rest is arithmetic over the shapes, each row showing it. `check_memory` runs it in
-`kdrl.workers.open_run` before any weights load and, with ``run.memory_check=refuse``, stops a
+`kdrl.workers.load_run` before any weights load and, with ``run.memory_check=refuse``, stops a
 run whose estimate exceeds the device with `MemoryEstimateError`, naming what to change.
 
 What the update keeps per token and decoder layer (transformers' Llama/Qwen2 layers, SDPA), in

@@ -25,7 +25,7 @@ from kdrl.runs import latest_checkpoint
 from kdrl.stages import kd_needed
 from kdrl.storage import RunPaths, read_table
 from kdrl.train import TrainingDiverged
-from kdrl.workers import open_run
+from kdrl.workers import load_run
 
 REPLAYABLE = {"loss", "optim"}
 """Config sections a replay may change; the rest shaped the persisted inputs."""
@@ -115,7 +115,7 @@ def _replay_into(source: RunPaths, dest: RunPaths, step: int, cfg: RunConfig, st
                  log: Callable[[str], None]) -> None:
     dest.config.write_text(dump_config(cfg))
     _link(source.prompts, dest.prompts)
-    opened = open_run(cfg, dest.root, log=log)
+    opened = load_run(cfg, dest.root, log=log)
     student = opened.student
     if start is not None:
         student.restore(start)

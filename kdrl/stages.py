@@ -136,7 +136,7 @@ def batch_table(keys: pl.DataFrame, result: UpdateResult, rewards_PG: torch.Tens
     )
 
 
-def evaluate(
+def grade_samples(
     engine: RolloutEngine,
     prompts: pl.DataFrame,
     *,
@@ -184,11 +184,11 @@ def evaluate_passes(
     seed: int,
     top_p: float = 1.0,
 ) -> pl.DataFrame:
-    """`evaluate` with k samples at `temperature`, plus one greedy decode per prompt when
+    """`grade_samples` with k samples at `temperature`, plus one greedy decode per prompt when
     `greedy` and temperature > 0 (its rows have temperature 0): pass@1 and greedy accuracy."""
     passes = [(k, temperature)] + ([(1, 0.0)] if greedy and temperature > 0 else [])
     return pl.concat([
-        evaluate(engine, prompts, step=step, model_name=model_name, k=n, temperature=t, max_new_tokens=max_new_tokens,
+        grade_samples(engine, prompts, step=step, model_name=model_name, k=n, temperature=t, max_new_tokens=max_new_tokens,
                  reward_cfg=reward_cfg, seed=seed, top_p=top_p if t > 0 else 1.0)
         for n, t in passes
     ])

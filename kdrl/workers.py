@@ -1,6 +1,6 @@
 """What stays resident between stages, split by role: the student being trained, the rollout
 engine, the teacher. Each is a small object with explicit methods; nothing happens on
-attribute access. `open_run` builds all three for a run directory (resuming after its latest
+attribute access. `load_run` builds all three for a run directory (resuming after its latest
 checkpoint) and writes the run's config and prompts table.
 
     Student  — model, optimizer, LR schedule, counters: update(), save(), restore()
@@ -269,7 +269,7 @@ def _check_run_config(cfg: RunConfig, paths: RunPaths) -> None:
         paths.config.write_text(dump_config(cfg))
 
 
-def open_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRun:
+def load_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRun:
     """Load the student (training embedded models on first use), build the optimizer, write the
     config and the prompts table if missing, and resume after the latest checkpoint if any."""
     if cfg.run.num_threads:

@@ -69,13 +69,13 @@ class Probe:
 
 
 def instrument(probe: Probe) -> None:
-    """Replace write_table/read_table/open_run in every kdrl/tasks/flows module that imported them."""
+    """Replace write_table/read_table/load_run in every kdrl/tasks/flows module that imported them."""
     import flows.train  # noqa: F401  (imports tasks.*, kdrl.pipeline, kdrl.workers)
     import kdrl.storage
     import kdrl.workers
 
     originals = {"write_table": ("write", kdrl.storage.write_table), "read_table": ("read", kdrl.storage.read_table),
-                 "open_workers": ("open", kdrl.workers.open_run), "open_run": ("open", kdrl.workers.open_run)}
+                 "load_run": ("open", kdrl.workers.load_run)}
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in ("kdrl", "tasks", "flows"):
             continue

@@ -187,7 +187,7 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
             return [Result(name, 0, 0.0, None, 0, f"skipped: {err}")]
     shape = ModelShape.from_config(plan.student)
     model = build(plan.student, plan, dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as kdrl.workers.open_run does
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as kdrl.workers.load_run does
     if lora:
         model = apply_lora(model, LoraConfig(r=16), seed=0).to(plan.device)
     batch = step_batch(plan, plan.student.vocab_size).to(torch.device(plan.device))

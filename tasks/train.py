@@ -50,8 +50,7 @@ from kdrl.pipeline import (
 )
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import read_table
-from kdrl.workers import OpenRun, Rollout, Student, Teacher
-from kdrl.workers import open_run as open_workers
+from kdrl.workers import OpenRun, Rollout, Student, Teacher, load_run
 from tasks.logs import info
 
 
@@ -99,7 +98,7 @@ def warm_start(cfg: RunConfig, role: str) -> str:
 def open_run(run_dir: str, cfg: RunConfig) -> OpenRun:
     """Load the models into this process (resuming after the latest checkpoint) and write the
     run's config and prompts table."""
-    return open_workers(cfg, run_dir, log=info)
+    return load_run(cfg, run_dir, log=info)
 
 
 @task(cache_policy=STAGE_CACHE)

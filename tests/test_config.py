@@ -546,11 +546,11 @@ def test_a_replay_may_not_make_a_meaningful_objective_meaningless(old_grpo_run, 
 
 
 def test_a_run_made_before_the_objective_checks_was_started_with_another_config(old_grpo_run):
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     valid, old = old_grpo_run
     with pytest.raises(ValueError, match="was started with another config"):  # before: "invalid config (...): ... has no KD"
-        open_run(load_config(valid / "config.yaml"), old, log=lambda _: None)
+        load_run(load_config(valid / "config.yaml"), old, log=lambda _: None)
 
 
 

@@ -517,7 +517,7 @@ def test_kdrl_eval_drops_a_question_longer_than_the_context(long_question_file, 
 
 def test_training_drops_a_question_longer_than_the_context(long_question_file, tiny_model_dir, tmp_path, caplog):
     from kdrl.config import load_config
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     overrides = {"run.method": "grpo", "model.name_or_path": str(tiny_model_dir / "student"), "rollout.engine": "hf",
                  "data.source": str(long_question_file), "data.question_field": "problem", "data.answer_field": "solution",
@@ -525,7 +525,7 @@ def test_training_drops_a_question_longer_than_the_context(long_question_file, t
                  "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache")}
     cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        session = open_run(cfg, tmp_path / "runs" / "long", log=lambda _: None)
+        session = load_run(cfg, tmp_path / "runs" / "long", log=lambda _: None)
     session.close()
     prompts = read_table(RunPaths(tmp_path / "runs" / "long").prompts, table="prompts")
     assert sorted(prompts["question"]) == ["12+9=", "3+4=", "40+2=", "7+7="]
@@ -570,7 +570,7 @@ def short_context_teacher(tmp_path_factory, tiny_tokenizer):
 def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_because, medium_question_file, short_context_teacher,
                                                           tiny_model_dir, tmp_path, caplog):
     from kdrl.config import load_config
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     overrides = {"model.name_or_path": str(tiny_model_dir / "student"), "teacher.name_or_path": str(tiny_model_dir / "teacher"),
                  "data.source": str(medium_question_file), "data.question_field": "problem", "data.answer_field": "solution",
@@ -580,7 +580,7 @@ def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_beca
         overrides["teacher.name_or_path"] = str(short_context_teacher)
     cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        open_run(cfg, tmp_path / "runs" / "fit", log=lambda _: None).close()
+        load_run(cfg, tmp_path / "runs" / "fit", log=lambda _: None).close()
     questions = read_table(RunPaths(tmp_path / "runs" / "fit").prompts, table="prompts")["question"].to_list()
     if dropped_because is None:
         assert "longer than" not in caplog.text

@@ -147,10 +147,10 @@ def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp
         write_update,
     )
     from kdrl.runs import latest_checkpoint
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 2})
-    s = open_run(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
+    s = load_run(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
     paths = s.info.paths
     try:
         rollouts = write_rollouts(s.info, s.rollout, s.prompts, 0)

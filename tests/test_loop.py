@@ -8,14 +8,14 @@ from test_train import _tiny_run_config
 from flows.train import train_without_prefect
 from kdrl.pipeline import write_evaluation, write_rewards, write_rollouts, write_teacher_logprobs
 from kdrl.storage import RunPaths, read_table
-from kdrl.workers import open_run
+from kdrl.workers import load_run
 
 
 def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path):
     outputs = {}
     for offload in (False, True):
         cfg = _tiny_run_config(tmp_path, **{"teacher.offload": offload, "run.cache_dir": tmp_path / "cache"})
-        s = open_run(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
+        s = load_run(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
         rollouts = write_rollouts(s.info, s.rollout, s.prompts, 0)
         rewards = write_rewards(s.info, rollouts, s.prompts, 0)
         out = write_teacher_logprobs(s.info, s.teacher, rollouts, rewards, 0)
@@ -51,10 +51,10 @@ def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k):
 def test_a_run_directory_keeps_its_config(tmp_path):
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 1})
     run_dir = tmp_path / "runs" / "fixed"
-    open_run(cfg, run_dir, log=lambda _: None)
+    load_run(cfg, run_dir, log=lambda _: None)
     other = _tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1})
     with pytest.raises(ValueError, match="started with another config"):
-        open_run(other, run_dir, log=lambda _: None)
+        load_run(other, run_dir, log=lambda _: None)
 
 
 def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path):
@@ -66,7 +66,7 @@ def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path):
     trained = read_table(paths.evaluation(1), table="evaluations")
     student_texts = lambda df: df.filter(model="student")["completion_text"].to_list()  # noqa: E731
     assert student_texts(trained) != student_texts(original)  # training changed the outputs: the check below can fail
-    s = open_run(cfg, run_dir, log=lambda _: None)  # resumed after step 1
+    s = load_run(cfg, run_dir, log=lambda _: None)  # resumed after step 1
     mtime = (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns
     evaluate = lambda step: write_evaluation(s.info, s.student, s.rollout, s.teacher, s.prompts, step,  # noqa: E731
                                              include_teacher=step < 0)
@@ -103,7 +103,7 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path):
 def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path):
     cfg = _tiny_run_config(tmp_path, **{"run.steps": 1, "model.gradient_checkpointing": True,
                                         "optim.max_tokens_per_microbatch": 64})
-    s = open_run(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
+    s = load_run(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
     try:
         assert s.student.model.is_gradient_checkpointing
         assert all(layer.gradient_checkpointing for layer in s.student.model.model.layers)

@@ -245,14 +245,14 @@ def test_embedded_default_fits_this_machine(tmp_path, tiny_student, tiny_teacher
 def test_open_run_refuses_before_loading_weights_or_writing_the_run(tmp_path):
     """The fixture folders hold config.json only: the refusal must come before any weights load,
     and before config.yaml is written, so the user can change the config and start again."""
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     student, teacher = ARCH.values()
     cfg = load_config(overrides=[f"model.name_or_path={student}", f"teacher.name_or_path={teacher}", "rollout.engine=hf",
                                  "teacher.engine=hf", "model.device=cpu", "teacher.device=cpu", "optim.micro_batch_size=64",
                                  f"run.runs_dir={tmp_path}"])
     with pytest.raises(MemoryEstimateError, match="model.gradient_checkpointing=true"):
-        open_run(cfg, tmp_path / "run", log=lambda _: None)
+        load_run(cfg, tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 

@@ -132,7 +132,7 @@ def _with_template(src: Path, dst: Path, template: str) -> Path:
 
 @pytest.mark.slow
 def test_a_run_whose_teacher_renders_other_prompts_is_refused_before_writing(tmp_path, tiny_model_dir):
-    from kdrl.workers import open_run
+    from kdrl.workers import load_run
 
     student = _with_template(tiny_model_dir / "student", tmp_path / "student", TEMPLATE)
     teacher = _with_template(tiny_model_dir / "teacher", tmp_path / "teacher", TEMPLATE.replace("assistant:", "Assistant:"))
@@ -140,13 +140,13 @@ def test_a_run_whose_teacher_renders_other_prompts_is_refused_before_writing(tmp
                  "data.num_train=8", "data.num_heldout=2", "data.max_digits=2", "rollout.prompts_per_step=4",
                  "rollout.engine=hf", "teacher.engine=hf", f"run.runs_dir={tmp_path / 'runs'}"]
     with pytest.raises(PromptFormatError, match="the teacher would see other prompt tokens than the student"):
-        open_run(load_config(overrides=overrides), tmp_path / "runs" / "refused", log=lambda _: None)
+        load_run(load_config(overrides=overrides), tmp_path / "runs" / "refused", log=lambda _: None)
     assert not (tmp_path / "runs" / "refused" / "offline" / "prompts.parquet").exists()
 
     # the same template on both sides: the session opens and the prompts are the chat rendering
     same = _with_template(tiny_model_dir / "teacher", tmp_path / "teacher_same", TEMPLATE)
     overrides[1] = f"teacher.name_or_path={same}"
-    s = open_run(load_config(overrides=overrides), tmp_path / "runs" / "ok", log=lambda _: None)
+    s = load_run(load_config(overrides=overrides), tmp_path / "runs" / "ok", log=lambda _: None)
     try:
         prompts = read_table(s.prompts.path, table="prompts")
         assert prompts["prompt_text"][0].startswith("user: ") and prompts["prompt_text"][0].endswith("\nassistant:")
