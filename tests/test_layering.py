@@ -1,6 +1,7 @@
 """The layers point one way (flows → tasks → kdrl) and `import kdrl` stays light."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,19 @@ def test_import_kdrl_is_light_and_fast():
     bare_seconds, torch_loaded = eval(bare.stdout.strip())
     assert not torch_loaded and bare_seconds < 1.0
     assert seconds < 5.0  # generous: the math modules import torch (~1 s cold on 2 cores)
+
+
+def test_test_modules_share_helpers_through_conftest_not_imports():
+    """A test module that imports another one runs that module's import-time code, drags its
+    fixtures into its own namespace and breaks when the helper's home is renamed; fixtures in
+    conftest.py are found by name. Scripts that tests run in a subprocess count too, so the
+    source is read as text, not parsed."""
+    tests = ROOT / "tests"
+    siblings = {p.stem for p in tests.glob("*.py")}
+    imports = re.compile(r"^\s*(?:from\s+(\w+)\s+import|import\s+(\w+))", re.MULTILINE)
+    offenders = {
+        path.name: sorted(found)
+        for path in sorted(tests.glob("*.py"))
+        if (found := {a or b for a, b in imports.findall(path.read_text())} & siblings)
+    }
+    assert offenders == {}
