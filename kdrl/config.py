@@ -465,7 +465,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kdrl_mask_response": {"loss": {**_KD, "kd_mask": "response"}},
     "kdrl_mask_group": {"loss": {**_KD, "kd_mask": "group"}},
 }
-"""Method presets (paper §5). Values are applied under the user's YAML and --set overrides."""
+"""Method presets: the paper's baselines (docs/paper.md). Values are applied under the user's YAML and --set overrides."""
 
 
 def kd_on(loss: LossConfig) -> bool:

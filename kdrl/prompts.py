@@ -10,7 +10,7 @@ Two formats (``data.prompt_format``):
   rendered text already holds the template's special tokens, so it is tokenized without adding
   more. Instruct and reasoning models.
 
-The teacher scores exactly the token ids the student saw (pitfall 1 of method.md), so its own
+The teacher scores exactly the token ids the student saw (pitfall 1 in docs/paper.md), so its own
 template must render the same ids: `rendering_difference` compares the two renderings and names
 the first token where they part; the run refuses to start on any difference.
 

@@ -469,21 +469,19 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def old_grpo_run(tmp_path_factory):
+def old_grpo_run(tmp_path_factory, tiny_run_config):
     """(a valid finished tiny run, a copy whose config.yaml says run.method=grpo with
     loss.beta_init=0.02). The copy is what the old README's compare example (`--set
     loss.beta_init=0.02` over every arm) wrote for its grpo arm before such a config was refused:
     the same loss as run.method=custom with β = 0.02, which is how it is trained here."""
     import shutil
 
-    from test_train import _tiny_run_config  # tests/ is on sys.path
-
     from flows.train import train_without_prefect
 
     tmp = tmp_path_factory.mktemp("old_runs")
     beta = {"loss.beta_init": 0.02, "loss.beta_min": 0.0, "loss.beta_schedule": "constant"}
     valid = tmp / "runs" / "custom"
-    train_without_prefect(_tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid)
+    train_without_prefect(tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid)
     old = tmp / "runs" / "old-grpo"
     shutil.copytree(valid, old)
     text = (old / "config.yaml").read_text()

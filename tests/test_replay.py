@@ -14,11 +14,9 @@ TIMING = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s",
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from test_train import _tiny_run_config  # tests/ is on sys.path (rootdir conftest)
-
+def finished_run(tmp_path_factory, tiny_run_config):
     tmp = tmp_path_factory.mktemp("replay")
-    cfg = _tiny_run_config(tmp, **{"run.method": "kdrl_mask_response"})
+    cfg = tiny_run_config(tmp, **{"run.method": "kdrl_mask_response"})
     run_dir = tmp / "runs" / "source"
     train_without_prefect(cfg, run_dir)
     return run_dir

@@ -7,39 +7,15 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from kdrl.runlock import RunLockedError, hold_run_lock, lock_holder
 
-ROOT = Path(__file__).resolve().parents[1]
-_HOLD = (
-    "import sys; from kdrl.runlock import hold_run_lock\n"
-    "with hold_run_lock(sys.argv[1]):\n"
-    "    print('ready', flush=True); sys.stdin.read()\n"
-)
 
-
-@contextmanager
-def locked_by_subprocess(run_dir: Path):
-    """A child process holding the lock of ``run_dir`` until the block ends (or it is killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir)], cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def test_another_process_is_refused_with_holder_and_advice(tmp_path):
+def test_another_process_is_refused_with_holder_and_advice(tmp_path, locked_by_subprocess):
     run_dir = tmp_path / "runs" / "r1"
     with locked_by_subprocess(run_dir) as proc:
         with pytest.raises(RunLockedError) as info:
@@ -51,7 +27,7 @@ def test_another_process_is_refused_with_holder_and_advice(tmp_path):
     assert info.value.holder["pid"] == proc.pid and info.value.run_dir == run_dir
 
 
-def test_sigkilled_holder_releases_at_once(tmp_path):
+def test_sigkilled_holder_releases_at_once(tmp_path, locked_by_subprocess):
     run_dir = tmp_path / "r"
     with locked_by_subprocess(run_dir) as proc:
         os.kill(proc.pid, signal.SIGKILL)
@@ -86,7 +62,7 @@ def test_acquire_rewrites_a_longer_stale_note(tmp_path):
         assert json.loads((tmp_path / ".lock").read_text()) == note  # truncated, not overlaid
 
 
-def test_lock_holder_reports_the_other_process(tmp_path):
+def test_lock_holder_reports_the_other_process(tmp_path, locked_by_subprocess):
     assert lock_holder(tmp_path / "absent") is None
     assert not (tmp_path / "absent").exists()  # probing creates nothing
     with locked_by_subprocess(tmp_path) as proc:

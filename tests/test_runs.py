@@ -11,12 +11,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from test_runlock import ROOT, locked_by_subprocess  # tests/ is on sys.path
 
 from flows.cli import main
 from kdrl.config import dump_config, load_config
 from kdrl.runs import RUN_METRICS, RUNS, RunNotFoundError, list_runs, run_metrics
 from kdrl.storage import EVALUATIONS, STEP_METRICS, RunPaths, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metrics(step: int) -> pl.DataFrame:
@@ -113,7 +114,7 @@ def test_list_runs_rows_values_and_status(runs_dir):
     assert by_id["no-final-ckpt"]["status"] == "stopped"
 
 
-def test_a_run_locked_by_another_process_is_running(runs_dir):
+def test_a_run_locked_by_another_process_is_running(runs_dir, locked_by_subprocess):
     with locked_by_subprocess(runs_dir / "midway"):
         statuses = dict(list_runs(runs_dir).select("run_id", "status").iter_rows())
     assert statuses["midway"] == "running" and statuses["done"] == "complete"

@@ -20,28 +20,22 @@ _CHILD = (
 )
 
 
-def _server_pids(url: str) -> list[int]:
-    port = url.split(":")[-1].split("/")[0]
-    out = subprocess.run(["pgrep", "-f", f"prefect server start --host 127.0.0.1 --port {port}"], capture_output=True, text=True)
-    return [int(pid) for pid in out.stdout.split()]
-
-
 @pytest.mark.slow
-def test_local_server_runs_at_low_priority_and_dies_with_its_parent(tmp_path):
+def test_local_server_runs_at_low_priority_and_dies_with_its_parent(tmp_path, server_pids):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
     parent = subprocess.Popen([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE)
     try:
         url = parent.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        (server,) = _server_pids(url)
+        (server,) = server_pids(url)
         assert os.getpriority(os.PRIO_PROCESS, server) >= 10
         parent.send_signal(signal.SIGKILL)  # no cleanup in the parent at all
         parent.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while _server_pids(url) and time.monotonic() < deadline:
+        while server_pids(url) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _server_pids(url) == []
+        assert server_pids(url) == []
     finally:
         parent.kill()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kdrl.batching import collate, join_step_tables
-from kdrl.config import LossConfig, OptimConfig, load_config
+from kdrl.config import LossConfig, OptimConfig
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
-from kdrl.stages import generate_rollouts, kd_needed, score_teacher
+from kdrl.stages import generate_rollouts, score_teacher
 from kdrl.train import (
     build_optimizer,
     completion_logprobs_BT,
@@ -18,29 +18,6 @@ from kdrl.train import (
     save_checkpoint,
     update_step,
 )
-
-PROMPTS = ["12+34=", "5+7=", "123+9="]
-
-
-def _prompts(tokenizer):
-    ids = tokenizer(PROMPTS)["input_ids"]
-    return pl.DataFrame({"prompt_id": [10, 11, 12], "prompt_token_ids": ids}, schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
-
-
-def _rewards(rollouts, values):
-    return rollouts.select("step", "prompt_id", "sample_idx").with_columns(
-        pl.Series("reward", values, dtype=pl.Float32), pl.lit(None, pl.String).alias("extracted_answer"),
-        (rollouts["finish_reason"] == "length").alias("truncated"),
-    )
-
-
-@pytest.fixture
-def step_tables(tiny_tokenizer, tiny_student, tiny_teacher):
-    engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
-    rollouts = generate_rollouts(engine, _prompts(tiny_tokenizer), step=0, n=4, max_new_tokens=12, seed=3)
-    rewards = _rewards(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, kd_needed(rollouts, rewards, LossConfig()))
-    return rollouts, rewards, teacher
 
 
 def test_collate_layout(step_tables, tiny_tokenizer):
@@ -64,10 +41,10 @@ def test_collate_layout(step_tables, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_trainer_logprobs_equal_the_samplers(tiny_tokenizer, tiny_student, temperature):
+def test_trainer_logprobs_equal_the_samplers(tiny_tokenizer, tiny_student, tiny_prompts, rewards_for, temperature):
     engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
-    rollouts = generate_rollouts(engine, _prompts(tiny_tokenizer), step=0, n=3, max_new_tokens=10, seed=1, temperature=temperature)
-    batch = collate(join_step_tables(rollouts, _rewards(rollouts, [0.0] * 9), None), pad_token_id=0)
+    rollouts = generate_rollouts(engine, tiny_prompts, step=0, n=3, max_new_tokens=10, seed=1, temperature=temperature)
+    batch = collate(join_step_tables(rollouts, rewards_for(rollouts, [0.0] * 9), None), pad_token_id=0)
     with torch.no_grad():
         logp_BT, _ = completion_logprobs_BT(tiny_student, batch, temperature=temperature)
     diff = (logp_BT - batch.sampler_logp_BT).abs() * batch.completion_mask_BT
@@ -181,9 +158,9 @@ def test_pure_kd_moves_the_student_towards_the_teacher(step_tables, tiny_student
     assert kls[-1] < 0.5 * kls[0]
 
 
-def test_fully_kd_masked_grpo_free_batch_leaves_weights_unchanged(step_tables, tiny_student):
+def test_fully_kd_masked_grpo_free_batch_leaves_weights_unchanged(step_tables, tiny_student, rewards_for):
     rollouts, _, teacher = step_tables
-    rewards = _rewards(rollouts, [1.0] * 12)  # all right: zero advantages, response mask drops all KD
+    rewards = rewards_for(rollouts, [1.0] * 12)  # all right: zero advantages, response mask drops all KD
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
     model = copy.deepcopy(tiny_student)
     result = _one_update(model, batch, micro=64, loss_cfg=LossConfig(beta_init=0.5, kd_mask="response"))
@@ -216,28 +193,14 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, step_tables, tiny_t
         assert torch.equal(p, q)
 
 
-TINY_RUN_OVERRIDES = {
-    "run.steps": 3, "run.checkpoint_every": 1, "run.eval_every": 0, "run.method": "kdrl_anneal",
-    "embedded.teacher_steps": 3, "embedded.student_steps": 3,
-    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
-    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
-    "optim.lr": 1e-3, "optim.micro_batch_size": 5,
-}
-
-
-def _tiny_run_config(tmp_path, **extra):
-    overrides = {**TINY_RUN_OVERRIDES, "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache"), **extra}
-    return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
-
-
 @pytest.mark.slow
-def test_resumed_run_is_bit_identical(tmp_path):
+def test_resumed_run_is_bit_identical(tmp_path, tiny_run_config):
     import shutil
 
     from flows.train import train_without_prefect
     from kdrl.storage import RunPaths
 
-    cfg = _tiny_run_config(tmp_path)
+    cfg = tiny_run_config(tmp_path)
     straight = tmp_path / "runs" / "straight"
     train_without_prefect(cfg, straight)
     resumed = tmp_path / "runs" / "resumed"
@@ -259,12 +222,12 @@ def test_resumed_run_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "topk"])
-def test_every_estimator_runs_through_the_update(estimator, tiny_tokenizer, tiny_student, tiny_teacher):
+def test_every_estimator_runs_through_the_update(estimator, tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts, rewards_for):
     from kdrl.losses import reverse_kl_k1_BT, reverse_kl_k2_BT, reverse_kl_k3_BT, reverse_kl_topk_BT
 
     engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
-    rollouts = generate_rollouts(engine, _prompts(tiny_tokenizer), step=0, n=2, max_new_tokens=8, seed=5)
-    rewards = _rewards(rollouts, [0.0] * 6)
+    rollouts = generate_rollouts(engine, tiny_prompts, step=0, n=2, max_new_tokens=8, seed=5)
+    rewards = rewards_for(rollouts, [0.0] * 6)
     teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, pl.Series([True] * 6), top_k=4)
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
     model = copy.deepcopy(tiny_student)

@@ -6,8 +6,8 @@ not be destroyed while another lives in the process, and pytest's process alread
 (test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
 files say which engines made them, every update is followed by a timed sync whose mismatch check
 finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
-trainer's own, and a run killed mid-way resumes with an engine that holds the checkpoint's
-weights, not the initial ones.
+trainer's own, a run killed mid-way resumes with an engine that holds the checkpoint's
+weights, not the initial ones, and a LoRA student's engine gets the merged weights at every sync.
 """
 
 from __future__ import annotations
@@ -184,3 +184,43 @@ def test_runs_one_after_another_in_one_process_each_get_working_engines(tmp_path
     for arm in ("kdrl", "sft", "grpo"):
         m = pl.read_parquet(tmp_path / "runs" / "cmp" / f"{arm}-s0" / "iter_*" / "metrics.parquet")
         assert m.height == 2 and (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all(), arm
+
+
+def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cache):
+    """`kdrl train` (plain loop, a subprocess: see the module docstring) with model.lora and a vLLM
+    rollout engine built from the base model: after every update the engine scores exactly like
+    the trainer's LoRA module, though the adapter has moved the log-probs far from the base's;
+    `kdrl eval --engine vllm` of the run then decodes what the run's own evaluation decoded."""
+    from kdrl.config import load_config
+    from kdrl.embedded import resolve_model_path
+    from kdrl.lora import load_merged_model
+
+    values = {**TINY, "rollout.engine": "vllm", "teacher.engine": "hf", "model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2,
+              "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
+    done = _kdrl(tmp_path, ["train", "--run-id", "lora", "--no-prefect", *_sets(values)])
+    assert done.returncode == 0, done.stdout[-6000:]
+    paths = RunPaths(tmp_path / "runs" / "lora")
+    m = pl.concat([read_table(paths.metrics(step), table="step_metrics") for step in range(STEPS)])
+    assert (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all()
+    assert (m["rollout_logp_gap_max"] < 1e-4).all()  # each step sampled with the merged weights of its time
+
+    from kdrl.engines.hf import HFTeacherScorer
+    from kdrl.models import load_causal_lm, load_tokenizer
+
+    base_dir = resolve_model_path("embedded:student", load_config(overrides=[f"{k}={v}" for k, v in values.items()]))  # cached
+    rollouts = read_table(paths.rollouts(STEPS - 1), table="rollouts")
+    args = (rollouts["prompt_token_ids"].to_list(), rollouts["completion_token_ids"].to_list())
+    tokenizer = load_tokenizer(base_dir)
+    base = HFTeacherScorer(load_causal_lm(base_dir), tokenizer).score(*args).logprobs
+    trained = HFTeacherScorer(load_merged_model(paths.checkpoint(STEPS - 2) / "adapter"), tokenizer).score(*args).logprobs
+    moved = max(abs(a - b) for ra, rb in zip(base, trained) for a, b in zip(ra, rb))
+    assert moved > 1e-2  # pushing the base weights (or dropping the adapter) would show in the gaps above
+    sampled = max(abs(a - b) for ra, rb in zip(trained, rollouts["sampler_logprobs"].to_list()) for a, b in zip(ra, rb))
+    assert sampled < 1e-4  # step STEPS-1 was sampled from checkpoint STEPS-2's merged weights
+
+    done = _kdrl(tmp_path, ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", "vllm", "--samples", "1",
+                            "--temperature", "0", "--out", str(tmp_path / "eval")])
+    assert done.returncode == 0, done.stdout[-4000:]
+    ours = read_table(tmp_path / "eval" / "samples.parquet", table="evaluations").sort("prompt_id")
+    own = read_table(paths.evaluation(STEPS - 1), table="evaluations").filter(model="student", temperature=0.0).sort("prompt_id")
+    assert ours["completion_text"].equals(own["completion_text"])
