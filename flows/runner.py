@@ -7,6 +7,10 @@ stages, the evaluation cadence and the resume rules are written. They call every
     PrefectStages  task runs: cached, in the flow-run graph, artifacts published in the background
     PlainStages    `task.fn(...)`: no server, no cache (a resumed run recomputes what follows its
                    checkpoint: the same bytes), no artifacts; log lines on stdout
+
+A body may pass `wait_for=[result]` (Prefect's own keyword) to order a task after one whose
+result it does not read, e.g. generate after the update that moved the weights it samples with:
+an edge in the flow-run graph; PlainStages drops it (its calls already run in order).
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ class PlainStages:
 
     prefect = False
 
-    def __call__(self, task, *args: Any, **kwargs: Any) -> Any:
-        return task.fn(*args, **kwargs)
+    def __call__(self, task, *args: Any, wait_for: Any = None, **kwargs: Any) -> Any:
+        return task.fn(*args, **kwargs)  # called in order: nothing to wait for
 
     cached = __call__
 

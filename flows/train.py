@@ -8,7 +8,8 @@ that checkpoint are replayed from their persisted Parquet inputs.
 
     open_run ─▶ [teacher_samples] ─▶ evaluate(-1)
     per step:  generate ─▶ rewards ─▶ teacher ─▶ update ─▶ [checkpoint] ─▶ [evaluate]
-               (each arrow: the file one task returned, passed to the next)
+               (an arrow: the file one task returned, passed to the next; or, into generate and
+               evaluate, "after the task that last moved the student's weights": Prefect's wait_for)
 """
 
 from __future__ import annotations
@@ -71,15 +72,16 @@ def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStag
                 # step: the loop below would never evaluate it. The weights are that step's.
                 stages.cached(t.evaluate, run, student, rollout, teacher, prompts, start - 1)
             progress = stages.report(report.start_progress, run_dir, start, cfg.run.steps)
+            weights = None  # the task that last moved the student: the stages that use its weights come after it
             for step in range(start, cfg.run.steps):
-                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool)
+                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool, wait_for=weights)
                 rewards = stages.cached(t.rewards, run, rollouts, prompts, step)
                 scores = stages.cached(t.teacher, run, teacher, rollouts, rewards, step)
-                metrics = stages(t.update, run, student, rollout, rollouts, rewards, scores, step)
+                weights = [stages(t.update, run, student, rollout, rollouts, rewards, scores, step)]
                 if checkpoint_due(cfg, step):
-                    stages(t.checkpoint, run, student, step, metrics)
+                    weights = [stages(t.checkpoint, run, student, step, wait_for=weights)]
                 if evaluation_due(cfg, step):
-                    stages.cached(t.evaluate, run, student, rollout, teacher, prompts, step)
+                    stages.cached(t.evaluate, run, student, rollout, teacher, prompts, step, wait_for=weights)
                 stages.background(report.publish_iteration, run_dir, step, progress, cfg.run.steps)
             stages.wait()
             stages.report(report.final_report, run_dir, cfg.run.steps - 1)

@@ -147,8 +147,8 @@ def update(run: RunInfo, student: Student, rollout: Rollout, rollouts: Artifact,
 
 
 @task(cache_policy=NO_CACHE, task_run_name="checkpoint-{step}")
-def checkpoint(run: RunInfo, student: Student, step: int, metrics: Artifact) -> str:
-    """The student after `step` (`metrics`: that step's update, an edge in the graph)."""
+def checkpoint(run: RunInfo, student: Student, step: int) -> str:
+    """The student after `step` (weights, optimizer, schedule): what a resumed run loads."""
     return write_checkpoint(run, student, step)
 
 

@@ -77,6 +77,9 @@ def test_stage_inputs_are_the_edges_of_the_flow_run_graph(counted_run):
         assert {f"generate-{step}", f"rewards-{step}"} <= upstream[f"teacher-{step}"]
         assert {f"generate-{step}", f"rewards-{step}", f"teacher-{step}"} <= upstream[f"update-{step}"]
         assert {f"update-{step}"} <= upstream[f"checkpoint-{step}"]
+        if step > 0:  # the weights generate samples with are the previous update's (Prefect's wait_for)
+            assert {f"checkpoint-{step - 1}"} <= upstream[f"generate-{step}"]
+    assert {f"checkpoint-{STEPS - 1}"} <= upstream[f"evaluate-{STEPS - 1}"]
 
 
 def test_each_consumer_reads_a_stage_file_once_and_only_its_writer_hashes_it(counted_run):

@@ -10,8 +10,8 @@ import torch
 from kdrl.config import LossConfig, RewardConfig
 from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
 from kdrl.stages import (
-    evaluate,
     generate_rollouts,
+    grade_samples,
     kd_needed,
     score_rewards,
     score_teacher,
@@ -294,7 +294,7 @@ def test_summarize_evaluation_one_row_per_model_and_step():
     ]
 
 
-# evaluate
+# grade_samples
 
 
 def test_evaluate_greedy_is_one_row_per_prompt_and_deterministic(
@@ -303,7 +303,7 @@ def test_evaluate_greedy_is_one_row_per_prompt_and_deterministic(
     engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
     kwargs = dict(step=5, model_name="student", k=1, temperature=0.0, max_new_tokens=8,
                   reward_cfg=RewardConfig())
-    first = evaluate(engine, prompts, seed=0, **kwargs)
+    first = grade_samples(engine, prompts, seed=0, **kwargs)
     assert first.schema == EVALUATIONS
     assert first["prompt_id"].to_list() == prompts["prompt_id"].to_list()
     assert first["sample_idx"].to_list() == [0, 0, 0]
@@ -313,5 +313,5 @@ def test_evaluate_greedy_is_one_row_per_prompt_and_deterministic(
                                temperature=0.0, seed=0)
     assert first["completion_len"].to_list() == greedy["completion_token_ids"].list.len().to_list()
     assert first["completion_text"].to_list() == greedy["completion_text"].to_list()
-    assert evaluate(engine, prompts, seed=123, **kwargs).equals(first)  # greedy: the seed is moot
+    assert grade_samples(engine, prompts, seed=123, **kwargs).equals(first)  # greedy: the seed is moot
     write_table(first, tmp_path / "eval.parquet", table="evaluations")
