@@ -16,7 +16,7 @@ What is pinned, and why those:
   differs on every run), trainer_state.pt is a pickle whose bytes follow the torch version, and
   the safetensors header may change with a library version while the weights do not.
 
-Determinism: the run seeds torch and Python's `random` itself (`open_session`), and the embedded
+Determinism: the run seeds torch and Python's `random` itself (`kdrl.workers.load_run`), and the embedded
 warm starts fork their own RNG, so whatever the process did before does not leak in. torch runs
 on 1 thread (run.num_threads=1, restored afterwards): 1, 2 and 4 threads gave the same bytes on
 the x86-64 (AVX2) box that wrote these values (torch 2.13.0+cpu, transformers 5.19.0), but a
@@ -70,11 +70,15 @@ GOLDEN = {
 }
 
 
-def _train(cfg, run_dir) -> None:
-    """The one call into the training driver (re-point it when the entry point moves)."""
-    from kdrl.loop import train
+def _train(overrides: list[str], run_dir, *, prefect: bool) -> None:
+    """The flow body, run by the kdrl-train flow or without Prefect: both paths must give the
+    golden values."""
+    from flows.train import kdrl_train, train_without_prefect
 
-    train(cfg, run_dir, log=lambda _: None)
+    if prefect:
+        kdrl_train(overrides=overrides, run_id=run_dir.name)
+    else:
+        train_without_prefect(load_config(overrides=overrides), run_dir)
 
 
 def completions_sha256(rollouts: pl.DataFrame) -> str:
@@ -92,16 +96,15 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def golden_run(tmp_path) -> tuple[dict, pl.DataFrame]:
+def golden_run(tmp_path, *, prefect: bool = False) -> tuple[dict, pl.DataFrame]:
     """Train the run in `tmp_path` and return its golden values and every step's metrics."""
     from safetensors.torch import load_file
 
     overrides = {**RUN, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache"}
-    cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     run_dir = tmp_path / "runs" / "golden"
     threads = torch.get_num_threads()
     try:
-        _train(cfg, run_dir)
+        _train([f"{k}={v}" for k, v in overrides.items()], run_dir, prefect=prefect)
     finally:
         torch.set_num_threads(threads)  # run.num_threads is process-wide: leave later tests as they were
     paths = RunPaths(run_dir)
@@ -113,8 +116,11 @@ def golden_run(tmp_path) -> tuple[dict, pl.DataFrame]:
     return values, metrics
 
 
-def test_a_short_kdrl_run_reproduces_its_golden_values(tmp_path, capsys):
-    values, metrics = golden_run(tmp_path)
+@pytest.mark.parametrize("prefect", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "prefect"])
+def test_a_short_kdrl_run_reproduces_its_golden_values(tmp_path, capsys, request, prefect):
+    if prefect:
+        request.getfixturevalue("prefect_harness")
+    values, metrics = golden_run(tmp_path, prefect=prefect)
     # what makes the values worth pinning: both terms of the loss act at every step
     assert metrics["step"].to_list() == list(range(RUN["run.steps"]))
     assert (metrics["pg_loss"] != 0).all() and (metrics["kd_loss"] > 0).all() and (metrics["teacher_tokens"] > 0).all()
