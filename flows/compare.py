@@ -54,6 +54,7 @@ def kdrl_compare(config_path: str | None = None, overrides: list[str] | None = N
                  eval_every: int = 10, name: str | None = None) -> str:
     """Train every arm for every seed on the same config (held-out pass@1 over `eval_samples`
     samples at `eval_temperature`, every `eval_every` steps); returns the comparison folder."""
-    protocol = {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature, "eval_every": eval_every}
+    protocol = {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature,
+                "eval_every": eval_every}
     return run_comparison(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name, protocol,
                           PrefectStages())

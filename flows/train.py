@@ -62,7 +62,8 @@ def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStag
         for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
             stages(t.warm_start, cfg, role)
         opened = stages(t.open_run, run_dir, cfg)
-        run, student, rollout, teacher, prompts = opened.info, opened.student, opened.rollout, opened.teacher, opened.prompts
+        run, prompts = opened.info, opened.prompts
+        student, rollout, teacher = opened.student, opened.rollout, opened.teacher
         try:
             pool = stages.cached(t.teacher_samples, run, teacher, prompts) if cfg.rollout.source == "teacher" else None
             stages.cached(t.evaluate, run, student, rollout, teacher, prompts, -1, include_teacher=True)
@@ -74,7 +75,8 @@ def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStag
             progress = stages.report(report.start_progress, run_dir, start, cfg.run.steps)
             weights = None  # the task that last moved the student: the stages that use its weights come after it
             for step in range(start, cfg.run.steps):
-                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool, wait_for=weights)
+                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool,
+                                         wait_for=weights)
                 rewards = stages.cached(t.rewards, run, rollouts, prompts, step)
                 scores = stages.cached(t.teacher, run, teacher, rollouts, rewards, step)
                 weights = [stages(t.update, run, student, rollout, rollouts, rewards, scores, step)]

@@ -92,8 +92,9 @@ def write_teacher_samples(run: RunInfo, teacher: Teacher, prompts: Artifact) -> 
 
     def write():
         table = read_table(prompts.path, table="prompts")
+        train_ids = _train_prompts(table)
         drawn = {pid for step in range(cfg.run.steps) for pid in
-                 sample_prompt_ids(_train_prompts(table), step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)}
+                 sample_prompt_ids(train_ids, step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)}
         train = table.filter(pl.col("prompt_id").is_in(sorted(drawn)))
         samples = generate_rollouts(teacher.sampler(), train, step=-1, n=cfg.rollout.samples_per_prompt,
                                     max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -117,15 +118,16 @@ def write_rollouts(run: RunInfo, rollout: Rollout, prompts: Artifact, step: int,
 
     def write():
         table = read_table(prompts.path, table="prompts")
-        chosen = sample_prompt_ids(_train_prompts(table), step=step, count=cfg.rollout.prompts_per_step, seed=cfg.run.seed)
+        chosen = sample_prompt_ids(_train_prompts(table), step=step, count=cfg.rollout.prompts_per_step,
+                                   seed=cfg.run.seed)
         if teacher_samples is not None:
             pool = read_table(teacher_samples.path, table="rollouts")
             rollouts = pool.filter(pl.col("prompt_id").is_in(chosen)).with_columns(pl.lit(step, pl.Int64).alias("step"))
         else:
-            rollouts = generate_rollouts(rollout.engine(), table.filter(pl.col("prompt_id").is_in(chosen)).sort("prompt_id"),
-                                         step=step, n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                         seed=step_seed(cfg.run.seed, step))
+            drawn = table.filter(pl.col("prompt_id").is_in(chosen)).sort("prompt_id")
+            rollouts = generate_rollouts(rollout.engine(), drawn, step=step, n=cfg.rollout.samples_per_prompt,
+                                         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                         top_p=cfg.rollout.top_p, seed=step_seed(cfg.run.seed, step))
             rollout.sleep()  # vLLM with sleep mode: the GPU is the trainer's until the sync
         maybe_fault("generate", step)
         return write_table(rollouts, run.paths.rollouts(step), table="rollouts", metadata=run.metadata)
@@ -180,27 +182,32 @@ def write_update(run: RunInfo, student: Student, rollout: Rollout, rollouts: Art
         result = student.update(batch)
     except TrainingDiverged as err:
         report = paths.iter_dir(step) / DIVERGED_FILE
-        report.write_text(json.dumps({"step": step, "error": str(err), **err.diagnostics}, indent=2, default=str) + "\n")
-        raise TrainingDiverged(f"step {step}, {err} — no metrics or checkpoint written for it; diagnostics in {report}. "
-                               "Usual causes: optim.lr too high, optim.grad_clip=0, a teacher that gives -inf log-probs.",
-                               err.diagnostics) from None
+        diagnostics = {"step": step, "error": str(err), **err.diagnostics}
+        report.write_text(json.dumps(diagnostics, indent=2, default=str) + "\n")
+        raise TrainingDiverged(f"step {step}, {err} — no metrics or checkpoint written for it; diagnostics in "
+                               f"{report}. Usual causes: optim.lr too high, optim.grad_clip=0, a teacher that gives "
+                               "-inf log-probs.", err.diagnostics) from None
     times = {"generate": rollouts.seconds, "reward": rewards.seconds,
              "teacher": 0.0 if teacher_scores is None else teacher_scores.seconds,
              "update": time.perf_counter() - started}
     mask_BT = batch.completion_mask_BT.to(student.device)
-    gaps = rollout_logprob_gap(result.student_logp_BT, batch.sampler_logp_BT, mask_BT) if cfg.rollout.source == "student" else {}
+    gaps = {}
+    if cfg.rollout.source == "student":
+        gaps = rollout_logprob_gap(result.student_logp_BT, batch.sampler_logp_BT, mask_BT)
     sync_seconds = rollout.sync()
     if sync_seconds is not None:
         times["sync"] = sync_seconds
         if cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0:
             sample = rollouts_df.head(cfg.rollout.sync_check_samples)
-            gap_max, gap_mean = rollout.logprob_gap(sample["prompt_token_ids"].to_list(), sample["completion_token_ids"].to_list())
+            gap_max, gap_mean = rollout.logprob_gap(sample["prompt_token_ids"].to_list(),
+                                                    sample["completion_token_ids"].to_list())
             gaps.update(sync_logp_gap_max=gap_max, sync_logp_gap_mean=gap_mean)
     maybe_fault("update", step)
     write_table(batch_table(batch.keys, result, batch.rewards_PG, batch.completion_mask_BT), paths.advantages(step),
                 table="advantages", metadata=run.metadata)
     metrics = step_metrics(step, result.metrics, rewards_df, rollouts_df, teacher_df, times, gaps)
-    write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics", metadata=run.metadata)
+    write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics",
+                metadata=run.metadata)
     student.next_step = step + 1
     return Artifact.of(paths.metrics(step), times["update"])
 
@@ -232,7 +239,8 @@ def write_evaluation(run: RunInfo, student: Student, rollout: Rollout, teacher: 
                                    max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
                                    seed=step_seed(cfg.run.seed, -1))
 
-        frames = [passes("student", _initial_engine(rollout) if step < 0 and student.next_step > 0 else rollout.engine())]
+        resumed_baseline = step < 0 and student.next_step > 0
+        frames = [passes("student", _initial_engine(rollout) if resumed_baseline else rollout.engine())]
         if include_teacher and teacher is not None:
             frames.append(passes("teacher", teacher.sampler()))
         if teacher is not None:

@@ -127,7 +127,8 @@ class Rollout:
         if self._engine is not None:
             self._engine.sleep()
 
-    def logprob_gap(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> tuple[float, float]:
+    def logprob_gap(self, prompt_token_ids: list[list[int]],
+                    completion_token_ids: list[list[int]]) -> tuple[float, float]:
         """(max, mean) |log π_vLLM − log π_trainer| of the given sequences (vLLM only)."""
         engine = self.engine()
         if self.kind != "vllm":
@@ -179,7 +180,8 @@ class Teacher:
             from kdrl.engines.vllm import VLLMTeacherScorer
 
             return VLLMTeacherScorer(self._vllm_engine().llm)
-        return HFTeacherScorer(self._hf_model(), self.tokenizer, max_tokens_per_batch=self.cfg.teacher.max_tokens_per_batch)
+        return HFTeacherScorer(self._hf_model(), self.tokenizer,
+                               max_tokens_per_batch=self.cfg.teacher.max_tokens_per_batch)
 
     def sampler(self) -> RolloutEngine:
         """Samples from the teacher, on the configured engine."""
@@ -213,17 +215,20 @@ def engine_specs(cfg: RunConfig, *, student_path: str, teacher_path: str | None,
                                     cfg.rollout.batch_size, cfg.run.seed, max_logprobs=cfg.teacher.top_k)
 
 
-def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module, teacher_path: str | None) -> tuple[EngineChoice, EngineChoice]:
+def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module,
+                    teacher_path: str | None) -> tuple[EngineChoice, EngineChoice]:
     """The engines of the rollout and teacher stages (see `kdrl.engines.select`)."""
     from kdrl.engines.vllm import VLLMSettings, vllm_available
 
     installed = vllm_available()
-    rollout = choose_engine(cfg.rollout.engine, field="rollout.engine", num_params=sum(p.numel() for p in student.parameters()),
+    rollout = choose_engine(cfg.rollout.engine, field="rollout.engine",
+                            num_params=sum(p.numel() for p in student.parameters()),
                             device=resolve_device(cfg.model.device).type, vllm_installed=installed)
     if teacher_path is None:
         return rollout, EngineChoice("hf", "no teacher")
     sleeps = VLLMSettings.from_config(cfg.teacher.vllm, model_dtype=cfg.teacher.dtype).sleeps
-    teacher = choose_engine(cfg.teacher.engine, field="teacher.engine", num_params=lambda: count_parameters(teacher_path),
+    teacher = choose_engine(cfg.teacher.engine, field="teacher.engine",
+                            num_params=lambda: count_parameters(teacher_path),
                             device=resolve_device(cfg.teacher.device).type, vllm_installed=installed,
                             must_release=cfg.teacher.offload and not sleeps)
     return rollout, teacher

@@ -11,11 +11,12 @@ when it was written: nothing is hashed twice), the run by its folder and config 
 by its model files, plus the step and the task's source. The student and the rollout engine are
 left out: their weights at step k are a pure function of the run's config and k.
 
-| task | cached | why |
-|---|---|---|
-| warm_start, open_run | no | the model cache folder is the cache; open_run loads models into this process |
-| teacher_samples, evaluate, generate, rewards, teacher | stage_key | a stage of a given run and step never changes; a rerun never computes it twice |
-| update, checkpoint | no | they move the resident student; on resume they are replayed from the files after the last checkpoint |
+- warm_start, open_run: not cached (the model cache folder is the cache; open_run loads models
+  into this process);
+- teacher_samples, evaluate, generate, rewards, teacher: `stage_key` (a stage of a given run and
+  step never changes; a rerun never computes it twice);
+- update, checkpoint: not cached (they move the resident student; on resume they are replayed
+  from the files after the last checkpoint).
 
 A cached result whose file was since deleted is recomputed by the flow (`refresh_cache`), so
 Prefect's cache never outlives the run directory, which stays the record. Every task also runs

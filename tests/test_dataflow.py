@@ -86,11 +86,12 @@ def test_each_consumer_reads_a_stage_file_once_and_only_its_writer_hashes_it(cou
     run_dir, _, reads, hashes, _ = counted_run
     paths = RunPaths(run_dir)
     for step in range(STEPS):
-        rollouts, rewards, teacher = (str(p.resolve()) for p in (paths.rollouts(step), paths.rewards(step), paths.teacher(step)))
+        files = (paths.rollouts(step), paths.rewards(step), paths.teacher(step))
+        rollouts, rewards, teacher = (str(p.resolve()) for p in files)
         assert reads[rollouts] == 3, "rewards, teacher and update read the rollouts once each"
         assert reads[rewards] == 2, "teacher (its KD mask) and update"
         assert reads[teacher] == 1, "update"
-        assert hashes[rollouts] == hashes[rewards] == hashes[teacher] == 1, "by the stage that wrote it, for its Artifact"
+        assert hashes[rollouts] == hashes[rewards] == hashes[teacher] == 1, "by the writer, for its Artifact"
 
 
 def test_the_config_is_validated_once_per_process(counted_run):

@@ -49,7 +49,8 @@ from kdrl.storage import RunPaths, read_table
 # and its EOS (13 tokens), so not every response is cut at reward 0.
 RUN = {
     "run.method": "kdrl_anneal", "run.seed": 0, "run.steps": 3, "run.checkpoint_every": 0, "run.eval_every": 0,
-    "run.num_threads": 1, "model.device": "cpu", "teacher.device": "cpu", "rollout.engine": "hf", "teacher.engine": "hf",
+    "run.num_threads": 1, "model.device": "cpu", "teacher.device": "cpu",
+    "rollout.engine": "hf", "teacher.engine": "hf",
     "embedded.teacher_steps": 3, "embedded.student_steps": 30, "embedded.lr": 6e-3, "embedded.batch_size": 16,
     "embedded.num_validation": 8,
     "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 1,
@@ -126,7 +127,8 @@ def test_a_short_kdrl_run_reproduces_its_golden_values(tmp_path, capsys, request
     assert (metrics["pg_loss"] != 0).all() and (metrics["kd_loss"] > 0).all() and (metrics["teacher_tokens"] > 0).all()
     if os.environ.get("KDRL_GOLDEN_PRINT") == "1":
         with capsys.disabled():
-            print("\nGOLDEN = {\n" + "".join(f"    {json.dumps(k)}: {json.dumps(v)},\n" for k, v in values.items()) + "}")
+            lines = "".join(f"    {json.dumps(k)}: {json.dumps(v)},\n" for k, v in values.items())
+            print("\nGOLDEN = {\n" + lines + "}")
         return
     for name in METRICS:
         assert values[name] == pytest.approx(GOLDEN[name], rel=1e-6, abs=1e-12), name
