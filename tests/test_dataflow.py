@@ -14,17 +14,10 @@ import pytest
 from kdrl.storage import RunPaths
 
 STEPS = 2
-OVERRIDES = {
-    "run.method": "kdrl_anneal", "run.steps": STEPS, "run.checkpoint_every": 1, "run.eval_every": 0,
-    "embedded.teacher_steps": 3, "embedded.student_steps": 3,
-    "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
-    "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 12,
-    "optim.lr": 1e-3, "optim.micro_batch_size": 5,
-}
 
 
 @pytest.fixture(scope="module")
-def counted_run(tmp_path_factory, embedded_cache, prefect_harness):
+def counted_run(tmp_path_factory, tiny_run_overrides, embedded_cache, prefect_harness):
     """A 2-step `kdrl-train` flow run in this process, counting Parquet reads and content hashes
     per file and config validations; returns (run dir, flow run id, reads, hashes, validations)."""
     import kdrl.config
@@ -50,8 +43,9 @@ def counted_run(tmp_path_factory, embedded_cache, prefect_harness):
         validations.append(model.__name__)
         return validate(model, *args, **kwargs)
 
-    overrides = [f"{k}={v}" for k, v in {**OVERRIDES, "run.runs_dir": tmp_path_factory.mktemp("dataflow") / "runs",
-                                          "run.cache_dir": embedded_cache}.items()]
+    root = tmp_path_factory.mktemp("dataflow")
+    settings = tiny_run_overrides(root, **{"run.steps": STEPS, "run.cache_dir": embedded_cache})
+    overrides = [f"{k}={v}" for k, v in settings.items()]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pl, "read_parquet", counting_read)
         patch.setattr(kdrl.handoff, "content_hash", counting_hash)
