@@ -3,6 +3,8 @@
 Load order: defaults → a method preset (``run.method``'s values) → YAML file → ``--set`` overrides.
 The resolved config is written to ``runs/<id>/config.yaml`` and its hash into every Parquet file.
 Reading YAML and formatting errors is `kdrl.config_io`'s (its helpers are importable from here).
+`kdrl eval`'s EvalConfig holds the bases of three run sections (Decoding of rollout, Placement of
+model, EvalSampling of run) under the same names, so a setting has one key in both configs.
 
     cfg = load_config("data/configs/default.yaml", overrides=["loss.beta_init=0.01"])
     old = load_config("runs/<id>/config.yaml", check_objective=False)   # a run already made
