@@ -43,6 +43,10 @@ SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_l
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kdrl.config import EVAL_DEFAULTS  # pydantic and yaml only
+
+    k, t = EVAL_DEFAULTS["run"]["eval_samples"], EVAL_DEFAULTS["run"]["eval_temperature"]
+    n = EVAL_DEFAULTS["rollout"]["max_new_tokens"]
     parser = argparse.ArgumentParser(prog="kdrl", description="Post-train reasoning LLMs with KDRL (GRPO + on-policy reverse-KL distillation).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="start or resume a training run")
@@ -69,13 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--question-field", help="column with the question (default: question)")
     ev.add_argument("--answer-field", help="column with the reference answer (default: answer)")
     ev.add_argument("--prompt-template", help='format string around the question, e.g. "Q: {question}\\nA:"')
-    ev.add_argument("--samples", "-k", type=int, help="k samples per prompt for pass@1 (default: 4)")
-    ev.add_argument("--temperature", type=float, help="temperature of the k samples (default: 0.6)")
-    ev.add_argument("--max-new-tokens", type=int, help="longest response (default: the run's, else 512)")
+    ev.add_argument("--samples", "-k", type=int, help=f"k samples per prompt for pass@1, run.eval_samples (default: {k})")
+    ev.add_argument("--temperature", type=float, help=f"temperature of the k samples, run.eval_temperature (default: {t})")
+    ev.add_argument("--max-new-tokens", type=int, help=f"longest response, rollout.max_new_tokens (default: the run's, else {n})")
     ev.add_argument("--limit", type=int, help="evaluate at most this many prompts (default: all)")
-    ev.add_argument("--engine", choices=["auto", "hf", "vllm"], help="who decodes (default: auto, vLLM where installed and faster)")
+    ev.add_argument("--engine", choices=["auto", "hf", "vllm"], help="who decodes, rollout.engine (default: auto, vLLM where "
+                    "installed and faster)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="any other EvalConfig value, e.g. --set greedy=false --set data.seed=7 (repeatable)")
+                    help="any other EvalConfig value, under a run config's key, e.g. --set run.eval_greedy=false "
+                    "--set model.dtype=bfloat16 --set data.seed=7 (repeatable)")
     ev.add_argument("--out", type=Path, default=None, help="output folder (default: evals/<model>--<dataset>-<hash>)")
     ev.add_argument("--no-prefect", action="store_true", help="evaluate without a Prefect flow run")
     cmp_ = sub.add_parser("compare", help="train every method on the same prompts, seeds and step budget; "
@@ -248,8 +254,9 @@ def _eval(args: argparse.Namespace) -> int:
         resolve_checkpoint(args.checkpoint, log=lambda _: None)
     _quiet_libraries()
     flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
-             "data.prompt_template": args.prompt_template, "samples": args.samples, "temperature": args.temperature,
-             "max_new_tokens": args.max_new_tokens, "limit": args.limit, "engine": args.engine}
+             "data.prompt_template": args.prompt_template, "run.eval_samples": args.samples,
+             "run.eval_temperature": args.temperature, "rollout.max_new_tokens": args.max_new_tokens, "limit": args.limit,
+             "rollout.engine": args.engine}
     # Flag values are passed as JSON (valid YAML) so that text like "Q: {question}" stays a string.
     import json
 

@@ -3,6 +3,8 @@
 Load order: defaults → a method preset (``run.method``'s values) → YAML file → ``--set`` overrides.
 The resolved config is written to ``runs/<id>/config.yaml`` and its hash into every Parquet file.
 Reading YAML and formatting errors is `kdrl.config_io`'s (its helpers are importable from here).
+`kdrl eval`'s EvalConfig holds the bases of three run sections (Decoding of rollout, Placement of
+model, EvalSampling of run) under the same names, so a setting has one key in both configs.
 
     cfg = load_config("data/configs/default.yaml", overrides=["loss.beta_init=0.01"])
     old = load_config("runs/<id>/config.yaml", check_objective=False)   # a run already made
@@ -117,14 +119,19 @@ class LoraConfig(_Section):
     the adapter. `kdrl merge-lora` does it later for any checkpoint."""
 
 
-class ModelConfig(_Section):
+class Placement(_Section):
+    """Where a model's weights live and in what dtype: the `model` keys a run and `kdrl eval` share."""
+
+    dtype: Dtype = "float32"
+    """Parameter dtype. Log-probabilities for a training loss are always computed in float32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """"auto" picks cuda when available, else cpu."""
+
+
+class ModelConfig(Placement):
     name_or_path: str = "embedded:student"
     """Hugging Face model name or local path, or "embedded:student" / "embedded:teacher" for
     the tiny built-in Llama models (trained/cached by the embedded warm start)."""
-    dtype: Dtype = "float32"
-    """Parameter dtype. Log-probabilities for the loss are always computed in float32."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """"auto" picks cuda when available, else cpu."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     activation memory per token drops from ~all layers to ~one, for ~25-35% more update time.
@@ -190,14 +197,28 @@ class TeacherConfig(_Section):
     """vLLM settings of the teacher engine (used when the engine resolves to vllm)."""
 
 
-class RolloutConfig(_Section):
+class Decoding(_Section):
+    """How responses are decoded: the `rollout` keys a run and `kdrl eval` share."""
+
     engine: Engine = "auto"
-    """Rollout engine: "hf" (transformers generate on the trainer's own module), "vllm" (a
-    colocated ``vllm.LLM``, weights pushed after every update), or "auto" (vLLM where installed
-    and faster: on CUDA, or on CPU from `kdrl.engines.select.VLLM_MIN_PARAMS_CPU` parameters up).
-    The engine also decodes the student's held-out evaluations."""
+    """Who decodes: "hf" (transformers generate; in a run on the trainer's own module), "vllm" (a
+    ``vllm.LLM``; in a run colocated with the trainer, weights pushed after every update), or
+    "auto" (vLLM where installed and faster: on CUDA, or on CPU from
+    `kdrl.engines.select.VLLM_MIN_PARAMS_CPU` parameters up). A run's engine decodes both the
+    training rollouts and the student's held-out evaluations."""
     vllm: VLLMConfig = VLLMConfig()
-    """vLLM settings of the rollout engine (used when the engine resolves to vllm)."""
+    """vLLM settings of this engine (used when the engine resolves to vllm)."""
+    max_new_tokens: Count = 48
+    """Longest response; longer ones are cut with finish_reason "length" and score 0 (wrong)."""
+    top_p: Fraction = 1.0
+    """Nucleus truncation of sampled responses; 1.0 = none (the default for on-policy RL/KD). A
+    run truncates its training rollouts only (its held-out evaluations never); `kdrl eval` its k
+    samples."""
+    batch_size: Count = 256
+    """Most sequences generated in one call."""
+
+
+class RolloutConfig(Decoding):
     sync_check_every: NonNegInt = 1
     """vLLM only: at every N-th step (0, N, 2N, ...) score `sync_check_samples` of the step's
     rollouts with the freshly synced engine and with the trainer, and record the log-prob gap
@@ -210,15 +231,9 @@ class RolloutConfig(_Section):
     """P: prompts per rollout batch (one optimizer step each)."""
     samples_per_prompt: Count = 8
     """G: responses per prompt (the GRPO group)."""
-    max_new_tokens: Count = 48
-    """Longest completion; longer ones are cut with finish_reason "length" (reward 0)."""
     temperature: PosFloat = 1.0
     """Sampling temperature. Training rollouts should stay at 1 (else the KL is to another
     distribution than π_θ)."""
-    top_p: Fraction = 1.0
-    """Nucleus truncation; 1.0 = none (the default for on-policy RL/KD)."""
-    batch_size: Count = 256
-    """Most sequences generated in one call."""
 
 
 class RewardConfig(_Section):
@@ -326,28 +341,33 @@ class EmbeddedConfig(_Section):
     """Log warm-start progress at least this often (seconds), TTY or not (workers, CI)."""
 
 
-class RunSection(_Section):
+class EvalSampling(_Section):
+    """How evaluated prompts are sampled: the `run` keys a run and `kdrl eval` share."""
+
+    seed: int = 0
+    """Seed of sampling (in a run also of initialisation and prompt order)."""
+    eval_samples: Count = 1
+    """k: samples per evaluated prompt; pass@1 is their mean accuracy, averaged over prompts."""
+    eval_temperature: NonNegFloat = 0.0
+    """Temperature of the k evaluation samples (0 = greedy; `kdrl eval` then needs eval_samples=1)."""
+    eval_greedy: bool = True
+    """When eval_temperature > 0, also decode each evaluated prompt greedily (greedy accuracy
+    beside pass@1; the greedy rows have temperature 0)."""
+
+
+class RunSection(EvalSampling):
     method: Literal[
         "custom", "sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal", "kdrl_mask_response", "kdrl_mask_group"
     ] = "kdrl_anneal"
     """Method preset applied under the YAML/--set values (see PRESETS); "custom" = none."""
     steps: Count = 60
     """Optimizer steps (= rollout batches) to train."""
-    seed: int = 0
-    """Seed of sampling, initialisation and prompt order."""
     runs_dir: str = "runs"
     """Folder holding one directory per run."""
     eval_every: NonNegInt = 20
     """Evaluate on the held-out set every N steps (0 = only before and after)."""
     checkpoint_every: NonNegInt = 20
     """Save a resumable checkpoint every N steps (and always after the last; 0 = only then)."""
-    eval_samples: Count = 1
-    """k: samples per held-out prompt for pass@1 (averaged over k)."""
-    eval_temperature: NonNegFloat = 0.0
-    """Evaluation temperature (0 = greedy)."""
-    eval_greedy: bool = True
-    """When eval_temperature > 0, also decode each held-out prompt greedily (greedy accuracy
-    beside pass@1; the greedy rows have temperature 0)."""
     num_threads: NonNegInt = 0
     """torch CPU threads (0 = leave torch's default)."""
     cache_dir: str = ".cache/kdrl"
@@ -405,7 +425,10 @@ class RunConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """One `kdrl eval`: a model against the question/answer pairs of a dataset."""
+    """One `kdrl eval`: a model against the question/answer pairs of a dataset. Its decoding,
+    placement and sampling keys are a run config's (`rollout.max_new_tokens`, `model.dtype`,
+    `run.eval_samples`, ...), with `EVAL_DEFAULTS` where an evaluation's defaults differ from a
+    run's: build it with `kdrl.evaluation.build_eval_config`, which applies them."""
 
     checkpoint: str
     """What to evaluate: a kdrl run directory (its latest checkpoint), a checkpoint folder
@@ -416,39 +439,40 @@ class EvalConfig(_Section):
     evaluates the rows of data.split (the first `limit` of a seeded shuffle when limit > 0)."""
     limit: NonNegInt = 0
     """Evaluate at most this many prompts (0 = all; ignored for "embedded": data.num_heldout)."""
-    samples: int = 4
-    """k: samples per prompt; pass@1 is their mean accuracy, averaged over prompts."""
-    temperature: NonNegFloat = 0.6
-    """Temperature of the k samples (0 = greedy; then samples must be 1)."""
-    greedy: bool = True
-    """Also decode each prompt greedily (greedy accuracy), when temperature > 0."""
-    max_new_tokens: Count = 512
-    """Longest response; longer ones are cut (finish_reason "length") and scored wrong."""
-    top_p: Fraction = 1.0
-    """Nucleus truncation of the k samples (1.0 = none)."""
-    batch_size: Count = 256
-    """Most sequences generated in one call."""
-    seed: int = 0
-    """Sampling seed."""
-    dtype: Dtype = "float32"
-    """Parameter dtype of the evaluated model."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the model runs."""
-    engine: Engine = "auto"
-    """Who decodes: "hf", "vllm", or "auto" (as for rollout.engine: vLLM where installed and
-    faster)."""
-    vllm: VLLMConfig = VLLMConfig()
-    """vLLM settings when the engine resolves to vllm."""
+    rollout: Decoding = Decoding()
+    """Who decodes, and the longest response (a run's rollout.engine, .vllm, .max_new_tokens,
+    .top_p, .batch_size)."""
+    model: Placement = Placement()
+    """dtype and device of the evaluated model (a run's model.dtype, model.device)."""
+    run: EvalSampling = EvalSampling()
+    """k samples at a temperature, a greedy pass, the seed (a run's run.eval_samples,
+    .eval_temperature, .eval_greedy, run.seed)."""
     reward: RewardConfig = RewardConfig()
     """How answers are extracted and compared (the training reward's rules)."""
 
     @model_validator(mode="after")
     def _sampling(self) -> EvalConfig:
-        if self.samples < 1:
-            raise ValueError("samples must be >= 1")
-        if self.temperature == 0 and self.samples != 1:
-            raise ValueError("temperature 0 is greedy: every sample would be the same; use samples=1")
+        if self.run.eval_temperature == 0 and self.run.eval_samples != 1:
+            raise ValueError("run.eval_temperature=0 is greedy: every sample would be the same; use run.eval_samples=1")
         return self
+
+
+EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rollout": {"max_new_tokens": 512},
+    "run": {"eval_samples": 4, "eval_temperature": 0.6},
+}
+"""`kdrl eval`'s defaults where they differ from a run's: room for a real model's answer, and
+pass@1 over 4 samples at T=0.6 rather than one greedy decode. Applied under what the evaluated
+checkpoint's run fixes and under the overrides (`kdrl.evaluation.build_eval_config`)."""
+
+RENAMED_EVAL_KEYS = {
+    "samples": "run.eval_samples", "temperature": "run.eval_temperature", "greedy": "run.eval_greedy",
+    "seed": "run.seed", "max_new_tokens": "rollout.max_new_tokens", "top_p": "rollout.top_p",
+    "batch_size": "rollout.batch_size", "engine": "rollout.engine", "vllm": "rollout.vllm",
+    "dtype": "model.dtype", "device": "model.device",
+}
+"""EvalConfig keys before they became a run config's (issue 14): given one, `kdrl eval` names
+its new key instead of "unknown key"."""
 
 
 _KD = {"pg_coef": 1.0, "kl_estimator": "k2", "beta_schedule": "constant", "beta_init": 5e-3}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,8 +152,9 @@ def _keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown_key(cls: type[BaseModel], loc: tuple[str, ...]) -> str:
-    """ "unknown key; did you mean `loss.beta_init`?" for a key `cls` does not have at `loc`."""
+def _unknown_key(cls: type[BaseModel], loc: tuple[str, ...], renamed: Mapping[str, str]) -> str:
+    """ "unknown key; did you mean `loss.beta_init`?" for a key `cls` does not have at `loc` (a
+    typo of a `renamed` key is pointed at its new name)."""
     parent = _model_at(cls, loc[:-1])
     names = list(parent.model_fields) if parent else []
     is_section = bool(names) and all(_model_at(parent, (n,)) for n in names)
@@ -160,21 +162,39 @@ def _unknown_key(cls: type[BaseModel], loc: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
     if close:
         return f"{what}; did you mean `{'.'.join((*loc[:-1], close[0]))}`?"
+    close = difflib.get_close_matches(".".join(loc), renamed, n=1, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean `{renamed[close[0]]}`?"
     elsewhere = [k for k in _keys(cls) if k.rsplit(".", 1)[-1] == loc[-1]]
     if elsewhere:
         return f"{what}; did you mean `{elsewhere[0]}`?"
     return f"{what} (known: {', '.join(names)})" if names else what
 
 
-def format_validation_error(cls: type[BaseModel], err: ValidationError) -> list[str]:
+def _renamed(old: str, new: str, value: Any) -> list[str]:
+    """ "samples: renamed to `run.eval_samples`"; a renamed section, a line per key given under it.
+
+    >>> _renamed("vllm", "rollout.vllm", {"dtype": "bfloat16"})
+    ['vllm.dtype: renamed to `rollout.vllm.dtype`, the key a run config uses']
+    """
+    if isinstance(value, dict) and value:
+        return [line for key, sub in value.items() for line in _renamed(f"{old}.{key}", f"{new}.{key}", sub)]
+    return [f"{old}: renamed to `{new}`, the key a run config uses"]
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError, renamed: Mapping[str, str] = {}) -> list[str]:
     """One `<key path>: <message>` line per problem; a model-level problem (whose message names
-    its keys) as it is, without an empty location."""
+    its keys) as it is, without an empty location. A key of `renamed` (old dotted key → new)
+    is reported with its new name."""
     lines = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and ".".join(loc) in renamed:
+            lines.extend(_renamed(".".join(loc), renamed[".".join(loc)], e.get("input")))
+            continue
         if e["type"] == "extra_forbidden":
-            msg = _unknown_key(cls, loc)
+            msg = _unknown_key(cls, loc, renamed)
         elif e["type"] not in ("value_error", "missing"):
             msg += f" (got {reprlib.repr(e.get('input'))})"
         key = ".".join(loc)
@@ -183,12 +203,13 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError) -> list[
 
 
 def validate_config(cls: type[_ModelT], values: dict[str, Any], *, source: str, overrides=(),
-                    context: dict[str, Any] | None = None) -> _ModelT:
+                    context: dict[str, Any] | None = None, renamed: Mapping[str, str] = {}) -> _ModelT:
     """`cls.model_validate(values, context=context)`, with one ValueError that names every bad
-    key, a line each (`source` and `overrides` say where the values came from)."""
+    key, a line each (`source` and `overrides` say where the values came from; `renamed` maps
+    keys `cls` had before to the ones it has now)."""
     try:
         return cls.model_validate(values, context=context)
     except ValidationError as err:
         where = f"{source}, overrides {list(overrides)}" if overrides else source
-        problems = "\n  ".join(format_validation_error(cls, err))
+        problems = "\n  ".join(format_validation_error(cls, err, renamed))
         raise ValueError(f"invalid config ({where}):\n  {problems}") from None

@@ -8,12 +8,13 @@ of a data section) or any `datasets` source with a question and an answer column
 (``data.question_field`` / ``data.answer_field``; the answer may be a worked answer ending in
 ``#### N``).
 
-    cfg = build_eval_config("runs/kdrl_anneal-1a2b3c4d", "embedded", ["samples=8"])
+    cfg = build_eval_config("runs/kdrl_anneal-1a2b3c4d", "embedded", ["run.eval_samples=8"])
     out = run_eval(cfg)          # evals/<name>/samples.parquet, summary.parquet, eval.yaml
 
-A checkpoint inside a run inherits that run's reward rules and max_new_tokens, and, for the
-"embedded" dataset, its data section (so its held-out prompts are the run's); options given
-explicitly win. Reported: pass@1 averaged over k samples at a temperature, greedy accuracy
+The decoding, placement and sampling keys are a run config's (``rollout.max_new_tokens``,
+``model.dtype``, ``run.eval_samples``, ...). A checkpoint inside a run inherits that run's reward
+rules and rollout.max_new_tokens, and, for the "embedded" dataset, its data section (so its
+held-out prompts are the run's); options given explicitly win. Reported: pass@1 averaged over k samples at a temperature, greedy accuracy
 (temperature 0 rows), mean and p90 response length, share of truncated responses.
 """
 
@@ -29,6 +30,8 @@ import polars as pl
 import yaml
 
 from kdrl.config import (
+    EVAL_DEFAULTS,
+    RENAMED_EVAL_KEYS,
     DataConfig,
     EvalConfig,
     RunConfig,
@@ -137,18 +140,21 @@ PROMPT_KEYS = ("prompt_format", "prompt_template", "system_prompt", "chat_templa
 
 
 def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
-    """The EvalConfig of `checkpoint` on `dataset`: defaults ← what the owning run fixes (reward
-    rules, max_new_tokens, how prompts are rendered (`PROMPT_KEYS`), and for "embedded" the run's
-    whole data section: its held-out prompts, also when the run trained on another source) ←
-    `overrides` ("samples=8", "data.answer_field=solution", ...)."""
-    values: dict = {}
+    """The EvalConfig of `checkpoint` on `dataset`: defaults (`EVAL_DEFAULTS` over EvalConfig's) ←
+    what the owning run fixes (reward rules, rollout.max_new_tokens, how prompts are rendered
+    (`PROMPT_KEYS`), and for "embedded" the run's whole data section: its held-out prompts, also
+    when the run trained on another source) ← `overrides` ("run.eval_samples=8",
+    "data.answer_field=solution", ...). A key EvalConfig had before it took a run config's keys
+    is refused with its new name (`RENAMED_EVAL_KEYS`)."""
+    values: dict = EVAL_DEFAULTS
     owner = None
     if not checkpoint.startswith("embedded:") and Path(checkpoint).expanduser().exists():
         owner = _owning_run(Path(checkpoint).expanduser())
     if owner is not None:
         run_cfg = load_config(RunPaths(owner).config, check_objective=False)  # a run already made
-        values = {"max_new_tokens": run_cfg.rollout.max_new_tokens, "reward": run_cfg.reward.model_dump(mode="json"),
-                  "data": {key: getattr(run_cfg.data, key) for key in PROMPT_KEYS}}  # prompted as it was trained
+        fixed = {"rollout": {"max_new_tokens": run_cfg.rollout.max_new_tokens}, "reward": run_cfg.reward.model_dump(mode="json"),
+                 "data": {key: getattr(run_cfg.data, key) for key in PROMPT_KEYS}}  # prompted as it was trained
+        values = merge_dicts(values, fixed)
         if dataset == "embedded":  # the run's own held-out prompts
             values["data"] = run_cfg.data.model_dump(mode="json")
             if run_cfg.data.source != "embedded":  # they come first in the seeded order (see build_prompts)
@@ -157,7 +163,8 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: lis
     values = merge_dicts(values, {"checkpoint": checkpoint, "data": {"source": dataset}})
     for text in overrides:
         values = merge_dicts(values, parse_override(text))
-    return validate_config(EvalConfig, values, source=f"kdrl eval {checkpoint} on {dataset}", overrides=overrides)
+    return validate_config(EvalConfig, values, source=f"kdrl eval {checkpoint} on {dataset}", overrides=overrides,
+                           renamed=RENAMED_EVAL_KEYS)
 
 
 def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | PromptLimit | None = None) -> pl.DataFrame:
@@ -249,30 +256,35 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     warn_if_chat_model(cfg.data, tokenizer, model.path)
     # As in training: vllm.max_model_len binds whenever the engine may be vLLM, so the prompts
     # (and the evaluation's config hash) mean the same on every machine.
-    contexts = {"the model": model.path} | ({"vllm.max_model_len": cfg.vllm.max_model_len} if cfg.engine != "hf" else {})
-    limit = prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.max_new_tokens, field="max_new_tokens")
+    decoding, placement, sampling = cfg.rollout, cfg.model, cfg.run
+    contexts = {"the model": model.path} | ({"rollout.vllm.max_model_len": decoding.vllm.max_model_len}
+                                             if decoding.engine != "hf" else {})
+    limit = prompt_token_limit(contexts, tokenizer, max_new_tokens=decoding.max_new_tokens, field="rollout.max_new_tokens")
     prompts = eval_prompts(cfg, tokenizer, max_prompt_tokens=limit)
     log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
-        f"{cfg.samples} sample(s) at T={cfg.temperature}" + (" + greedy" if cfg.greedy and cfg.temperature > 0 else ""))
-    choice = choose_engine(cfg.engine, field="engine", num_params=lambda: count_parameters(model.path),
-                           device=resolve_device(cfg.device).type, vllm_installed=vllm_available())
+        f"{sampling.eval_samples} sample(s) at T={sampling.eval_temperature}"
+        + (" + greedy" if sampling.eval_greedy and sampling.eval_temperature > 0 else ""))
+    choice = choose_engine(decoding.engine, field="rollout.engine", num_params=lambda: count_parameters(model.path),
+                           device=resolve_device(placement.device).type, vllm_installed=vllm_available())
     log(f"[kdrl] engine: {choice.engine} ({choice.reason})")
     merged = None
     if model.adapter:  # a LoRA checkpoint: its base with the adapter merged in (pushed into vLLM, like a training sync)
         from kdrl.lora import load_merged_model
 
-        merged = load_merged_model(model.adapter, dtype=cfg.dtype, device="cpu" if choice.engine == "vllm" else cfg.device)
-    spec = EngineSpec(choice.engine, model.path, cfg.dtype, cfg.vllm, cfg.batch_size, cfg.seed)
+        merged = load_merged_model(model.adapter, dtype=placement.dtype,
+                                   device="cpu" if choice.engine == "vllm" else placement.device)
+    spec = EngineSpec(choice.engine, model.path, placement.dtype, decoding.vllm, decoding.batch_size, sampling.seed)
     if choice.engine == "vllm":  # a LoRA checkpoint's merged weights are pushed in, like a training sync
         engine = build_engine(spec, tokenizer, module=merged, log=log, name="evaluation")
         if merged is not None:
             engine.sync_weights()
     else:
         engine = build_engine(spec, tokenizer, module=merged if merged is not None else
-                              load_causal_lm(model.path, dtype=cfg.dtype, device=cfg.device))
-    samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=cfg.samples,
-                              temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
-                              reward_cfg=cfg.reward, seed=cfg.seed, top_p=cfg.top_p)
+                              load_causal_lm(model.path, dtype=placement.dtype, device=placement.device))
+    samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=sampling.eval_samples,
+                              temperature=sampling.eval_temperature, greedy=sampling.eval_greedy,
+                              max_new_tokens=decoding.max_new_tokens, reward_cfg=cfg.reward, seed=sampling.seed,
+                              top_p=decoding.top_p)
     metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path, "kdrl.engine": choice.engine,
                 **({"kdrl.adapter": model.adapter} if model.adapter else {})}
     out.mkdir(parents=True, exist_ok=True)

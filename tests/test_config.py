@@ -5,11 +5,14 @@ import re
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from flows.cli import main
 from kdrl.config import (
+    EVAL_DEFAULTS,
     PRESETS,
+    RENAMED_EVAL_KEYS,
+    EvalConfig,
     LossConfig,
     RunConfig,
     dump_config,
@@ -17,6 +20,7 @@ from kdrl.config import (
     merge_dicts,
     parse_override,
 )
+from kdrl.config_io import _keys
 
 
 def test_defaults_are_the_paper_kdrl_annealing():
@@ -93,7 +97,8 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_every_field_has_a_docstring():
-    sections = [RunConfig] + [f.annotation for f in RunConfig.model_fields.values()]
+    sections = [RunConfig, EvalConfig] + [f.annotation for c in (RunConfig, EvalConfig) for f in c.model_fields.values()
+                                          if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
     missing = [f"{s.__name__}.{name}" for s in sections for name, f in s.model_fields.items() if not f.description]
     assert missing == []
 
@@ -106,6 +111,30 @@ def test_shipped_configs_validate():
     for path in configs:
         load_config(path)
     assert load_config(configs[0].with_name("default.yaml")) == load_config()
+
+
+def test_run_config_hashes_are_unchanged_by_the_sections_eval_shares():
+    """Decoding, Placement and EvalSampling were taken out of the run sections (issue 14), which
+    inherit them: the keys, values and so the hash (sorted keys) of every run config must be what
+    they were, or every existing run's files would carry another config's hash. The hashes were
+    computed with the code before that change."""
+    root = Path(__file__).resolve().parents[1] / "data" / "configs"
+    hashes = {name: load_config(root / name).hash() for name in ("default.yaml", "hf_models.yaml", "paper_1p5b.yaml", "smollm2.yaml")}
+    assert load_config().hash() == "6085dd8272f257da"
+    assert hashes == {"default.yaml": "6085dd8272f257da", "hf_models.yaml": "e1ff4587cab1d948",
+                      "paper_1p5b.yaml": "735ca84a6a6cf97f", "smollm2.yaml": "b91dfb09922a030c"}
+
+
+def test_every_eval_setting_is_a_run_config_key():
+    """One door per value: what `kdrl eval` decodes, places and samples with is set with the key a
+    run config has for it; only what a run has no use for is eval's own."""
+    run_keys = set(_keys(RunConfig))
+    assert {k for k in _keys(EvalConfig) if k not in run_keys} == {"checkpoint", "limit"}
+    for old, new in RENAMED_EVAL_KEYS.items():
+        assert old.split(".")[0] not in EvalConfig.model_fields and any(k == new or k.startswith(f"{new}.") for k in run_keys)
+    # EVAL_DEFAULTS holds only what differs from the run's defaults (the rest is not declared twice)
+    defaults = EvalConfig(checkpoint="x").model_dump()
+    assert all(defaults[section][key] != value for section, keys in EVAL_DEFAULTS.items() for key, value in keys.items())
 
 
 # --- every preset × estimator × mask (× G × β) -------------------------------------------------
@@ -353,12 +382,28 @@ def test_typos_get_a_did_you_mean(tmp_path):
 def test_eval_config_errors_are_formatted_the_same_way():
     from kdrl.evaluation import build_eval_config
 
-    with pytest.raises(ValueError, match=r"sampels: unknown key; did you mean `samples`\?"):
-        build_eval_config("embedded:student", overrides=["sampels=3"])
-    with pytest.raises(ValueError, match=r"\n  temperature 0 is greedy"):
-        build_eval_config("embedded:student", overrides=["temperature=0"])
+    with pytest.raises(ValueError, match=r"run\.eval_sampels: unknown key; did you mean `run\.eval_samples`\?"):
+        build_eval_config("embedded:student", overrides=["run.eval_sampels=3"])
+    with pytest.raises(ValueError, match=r"\n  run\.eval_temperature=0 is greedy"):
+        build_eval_config("embedded:student", overrides=["run.eval_temperature=0"])
     with pytest.raises(ValueError, match=r"\n  data\.num_heldout: Input should be greater than or equal to 1"):
         build_eval_config("embedded:student", "embedded", overrides=["data.num_heldout=0"])  # nothing to evaluate
+
+
+def test_an_eval_key_from_before_names_its_new_key():
+    from kdrl.evaluation import build_eval_config
+
+    message = str(pytest.raises(ValueError, build_eval_config, "embedded:student",
+                                overrides=["samples=8", "vllm.dtype=bfloat16", "dtype=bfloat16", "temperatur=1"]).value)
+    assert message.splitlines()[1:] == [
+        "  samples: renamed to `run.eval_samples`, the key a run config uses",
+        "  vllm.dtype: renamed to `rollout.vllm.dtype`, the key a run config uses",
+        "  dtype: renamed to `model.dtype`, the key a run config uses",
+        "  temperatur: unknown key; did you mean `run.eval_temperature`?",  # a typo of an old key
+    ]
+    cfg = build_eval_config("embedded:student", overrides=["run.eval_samples=8", "rollout.vllm.dtype=bfloat16", "model.dtype=bfloat16"])
+    assert (cfg.run.eval_samples, cfg.rollout.vllm.dtype, cfg.model.dtype) == (8, "bfloat16", "bfloat16")
+    assert (cfg.run.eval_temperature, cfg.rollout.max_new_tokens) == (0.6, 512)  # EVAL_DEFAULTS under the overrides
 
 
 # --- through the real `kdrl` entry: exit code 2, the message, no traceback -------------------------
@@ -406,8 +451,8 @@ def test_cli_compare_eval_replay_report_config_errors_cleanly(tmp_path, capsys):
     assert re.search(r"base\.yaml:\d+:\d+: invalid YAML", _clean_error(capsys))
     assert main(["compare", "--no-prefect", "--seeds", "1", "--methods", "grpo", "--set", "loss.beta_int=0.1"]) == 2
     assert "loss.beta_int: unknown key; did you mean `loss.beta_init`?" in _clean_error(capsys)
-    assert main(["eval", "--checkpoint", "embedded:student", "--no-prefect", "--set", "sampels=3"]) == 2
-    assert "sampels: unknown key; did you mean `samples`?" in _clean_error(capsys)
+    assert main(["eval", "--checkpoint", "embedded:student", "--no-prefect", "--set", "run.eval_sampels=3"]) == 2
+    assert "run.eval_sampels: unknown key; did you mean `run.eval_samples`?" in _clean_error(capsys)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(dump_config(load_config()))
@@ -512,7 +557,7 @@ def test_kdrl_eval_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_p
     checkpoint = old / "iter_00002" / "checkpoint"
     cfg = build_eval_config(str(checkpoint), "embedded")  # before: "invalid config (...): run.method='grpo' has no KD"
     run_cfg = load_config(old / "config.yaml", check_objective=False)
-    assert (cfg.data, cfg.max_new_tokens, cfg.reward) == (run_cfg.data, run_cfg.rollout.max_new_tokens, run_cfg.reward)
+    assert (cfg.data, cfg.rollout.max_new_tokens, cfg.reward) == (run_cfg.data, run_cfg.rollout.max_new_tokens, run_cfg.reward)
     argv = ["eval", "--checkpoint", str(checkpoint), "--no-prefect", "--samples", "1", "--temperature", "0", "--out", str(tmp_path / "ev")]
     assert main(argv) == 0, capsys.readouterr().err
     assert "num_prompts" in capsys.readouterr().out and (tmp_path / "ev" / "summary.parquet").exists()

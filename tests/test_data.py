@@ -506,7 +506,8 @@ def long_question_file(tmp_path):
 
 def test_kdrl_eval_drops_a_question_longer_than_the_context(long_question_file, tiny_model_dir, tmp_path, caplog):
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(long_question_file),
-                            ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"])
+                            ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
+                             "rollout.max_new_tokens=4"])
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
         out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
     samples = read_table(out.samples, table="evaluations")
@@ -590,7 +591,8 @@ def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_beca
 
 
 def test_kdrl_eval_prompts_fit_its_vllm_max_model_len(medium_question_file, tiny_model_dir, tmp_path, caplog):
-    flags = ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"]
+    flags = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
+             "rollout.max_new_tokens=4"]
 
     def evaluated(*more):
         cfg = build_eval_config(str(tiny_model_dir / "student"), str(medium_question_file), flags + list(more))
@@ -599,11 +601,11 @@ def test_kdrl_eval_prompts_fit_its_vllm_max_model_len(medium_question_file, tiny
 
     # engine auto may be vLLM (it resolves to hf here): 64 - 4 = 60 tokens leaves out the 143-token prompt.
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        assert evaluated("vllm.max_model_len=64") == 4
-    assert "1 prompt(s) longer than 60 tokens (vllm.max_model_len 64 minus max_new_tokens 4) dropped: rows 2" in caplog.text
+        assert evaluated("rollout.vllm.max_model_len=64") == 4
+    assert "1 prompt(s) longer than 60 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 4) dropped: rows 2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        assert evaluated("vllm.max_model_len=64", "engine=hf") == 5  # HF decodes: only the model's 256 positions count
+        assert evaluated("rollout.vllm.max_model_len=64", "rollout.engine=hf") == 5  # HF decodes: only the model's 256 positions count
     assert "longer than" not in caplog.text
 
 

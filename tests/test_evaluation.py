@@ -119,16 +119,16 @@ def test_a_checkpoint_of_a_run_inherits_its_data_and_lengths_unless_given(traine
 
     run_cfg = load_config(trained_run / "config.yaml")
     cfg = build_eval_config(str(trained_run), "embedded")
-    assert cfg.data == run_cfg.data and cfg.max_new_tokens == 11 and cfg.reward == run_cfg.reward
-    cfg = build_eval_config(str(trained_run), "embedded", ["max_new_tokens=20", "data.num_heldout=3", "samples=2"])
-    assert (cfg.max_new_tokens, cfg.data.num_heldout, cfg.data.num_train, cfg.samples) == (20, 3, 24, 2)
+    assert cfg.data == run_cfg.data and cfg.rollout.max_new_tokens == 11 and cfg.reward == run_cfg.reward
+    cfg = build_eval_config(str(trained_run), "embedded", ["rollout.max_new_tokens=20", "data.num_heldout=3", "run.eval_samples=2"])
+    assert (cfg.rollout.max_new_tokens, cfg.data.num_heldout, cfg.data.num_train, cfg.run.eval_samples) == (20, 3, 24, 2)
     other = build_eval_config(str(trained_run), "some/dataset")
     assert other.data.source == "some/dataset" and other.data.num_train == EvalConfig(checkpoint="x").data.num_train
-    assert build_eval_config("org/model", "embedded").max_new_tokens == 512
-    with pytest.raises(ValueError, match="sampels"):
-        build_eval_config("org/model", "embedded", ["sampels=3"])
-    with pytest.raises(ValueError, match="temperature 0 is greedy"):
-        build_eval_config("org/model", "embedded", ["temperature=0", "samples=4"])
+    assert build_eval_config("org/model", "embedded").rollout.max_new_tokens == 512
+    with pytest.raises(ValueError, match="eval_sampels"):
+        build_eval_config("org/model", "embedded", ["run.eval_sampels=3"])
+    with pytest.raises(ValueError, match="eval_temperature=0 is greedy"):
+        build_eval_config("org/model", "embedded", ["run.eval_temperature=0", "run.eval_samples=4"])
 
 
 def test_embedded_evaluation_uses_exactly_the_runs_heldout_prompts(trained_run, tiny_tokenizer):
@@ -141,8 +141,8 @@ def test_embedded_evaluation_uses_exactly_the_runs_heldout_prompts(trained_run, 
 
 def test_local_file_with_mapped_columns(qa_file, tiny_tokenizer, tiny_model_dir, tmp_path):
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file),
-                            ["data.question_field=problem", "data.answer_field=solution", "limit=4", "samples=3",
-                             "max_new_tokens=6", "data.prompt_template='Q: {question}'"])
+                            ["data.question_field=problem", "data.answer_field=solution", "limit=4", "run.eval_samples=3",
+                             "rollout.max_new_tokens=6", "data.prompt_template='Q: {question}'"])
     prompts = eval_prompts(cfg, tiny_tokenizer)
     source = {json.loads(line)["problem"]: json.loads(line)["solution"] for line in qa_file.read_text().splitlines()}
     assert prompts.height == 4 and prompts["split"].unique().to_list() == ["heldout"]
@@ -166,14 +166,15 @@ def test_local_file_with_mapped_columns(qa_file, tiny_tokenizer, tiny_model_dir,
 
 
 def test_the_output_folder_is_a_record(qa_file, tiny_model_dir, tmp_path):
-    overrides = ["data.question_field=problem", "data.answer_field=solution", "samples=1", "temperature=0", "max_new_tokens=4"]
+    overrides = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
+                 "rollout.max_new_tokens=4"]
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), overrides)
     out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
     stamp = Path(out.summary).stat().st_mtime_ns
     messages = []
     assert run_eval(cfg, tmp_path / "ev", log=messages.append) == out
     assert Path(out.summary).stat().st_mtime_ns == stamp and "already holds this evaluation" in messages[0]
-    changed = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), [*overrides, "max_new_tokens=5"])
+    changed = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), [*overrides, "rollout.max_new_tokens=5"])
     with pytest.raises(FileExistsError, match="holds another evaluation"):
         run_eval(changed, tmp_path / "ev", log=lambda _: None)
     assert Path(out.summary).stat().st_mtime_ns == stamp
@@ -206,7 +207,7 @@ def test_the_eval_flow_writes_the_summary_and_an_artifact(trained_run, tmp_path,
 
     from flows.evaluate import kdrl_eval
 
-    summary = kdrl_eval(str(trained_run), "embedded", ["samples=2"], str(tmp_path / "flow-ev"))
+    summary = kdrl_eval(str(trained_run), "embedded", ["run.eval_samples=2"], str(tmp_path / "flow-ev"))
     table = read_table(summary, table="eval_summary")
     assert table["num_prompts"].to_list() == [4, 4] and table["step"].to_list() == [1, 1]
 

@@ -242,9 +242,10 @@ def test_eval_replay_and_listing_read_a_lora_run(lora_and_full_runs, tmp_path):
     resolved = resolve_checkpoint(str(run))
     assert resolved.adapter == str(RunPaths(run).checkpoint(1) / "adapter") and resolved.step == 1
     # kdrl eval of the run = the run's own evaluation of its last step (same prompts, k, T, seed)
-    ev = build_eval_config(str(run), "embedded", [f"samples={cfg.run.eval_samples}", f"temperature={cfg.run.eval_temperature}",
-                                                  f"greedy={str(cfg.run.eval_greedy).lower()}", f"seed={cfg.run.seed * 1_000_003 - 1}",
-                                                  "engine=hf", "device=cpu"])
+    ev = build_eval_config(str(run), "embedded", [f"run.eval_samples={cfg.run.eval_samples}",
+                                                  f"run.eval_temperature={cfg.run.eval_temperature}",
+                                                  f"run.eval_greedy={str(cfg.run.eval_greedy).lower()}",
+                                                  f"run.seed={cfg.run.seed * 1_000_003 - 1}", "rollout.engine=hf", "model.device=cpu"])
     out = run_eval(ev, tmp_path / "eval", log=lambda _: None)
     assert read_summary(out).height >= 1
 

@@ -164,7 +164,7 @@ def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_mode
                                 "--samples", "1", "--temperature", "0", "--max-new-tokens", "10", "--set", "data.num_heldout=6",
                                 "--set", "data.num_train=6", "--out", str(tmp_path / engine)])
         assert done.returncode == 0, done.stdout[-4000:]
-        assert f"engine: {engine} (engine={engine})" in done.stdout
+        assert f"engine: {engine} (rollout.engine={engine})" in done.stdout
         path = tmp_path / engine / "samples.parquet"
         assert pq.read_schema(path).metadata[b"kdrl.engine"] == engine.encode()
         frames[engine] = read_table(path, table="evaluations")
