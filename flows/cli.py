@@ -43,7 +43,7 @@ SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_l
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kdrl.config import EVAL_DEFAULTS  # pydantic and yaml only
+    from kdrl.config import COMPARE_PROTOCOL, EVAL_DEFAULTS  # pydantic and yaml only
 
     k, t = EVAL_DEFAULTS["run"]["eval_samples"], EVAL_DEFAULTS["run"]["eval_temperature"]
     n = EVAL_DEFAULTS["rollout"]["max_new_tokens"]
@@ -93,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's run.steps)")
     cmp_.add_argument("--methods", default=None, help="comma-separated arms (default: sft,grpo,kd_rkl,kdrl,kdrl_anneal,"
                       "kdrl_mask_response,kdrl_mask_group,kdrl_k3; also kdrl_topk)")
-    cmp_.add_argument("--eval-samples", type=int, default=4, help="k samples per held-out prompt for pass@1 (default 4)")
-    cmp_.add_argument("--eval-temperature", type=float, default=0.6, help="temperature of those samples (default 0.6)")
-    cmp_.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (default 10)")
+    cmp_.add_argument("--eval-samples", type=int, help="k samples per held-out prompt for pass@1, run.eval_samples "
+                      f"(default {COMPARE_PROTOCOL['run.eval_samples']})")
+    cmp_.add_argument("--eval-temperature", type=float, help="temperature of those samples, run.eval_temperature "
+                      f"(default {COMPARE_PROTOCOL['run.eval_temperature']})")
+    cmp_.add_argument("--eval-every", type=int, help="held-out evaluation every N steps, run.eval_every "
+                      f"(default {COMPARE_PROTOCOL['run.eval_every']})")
     cmp_.add_argument("--name", default=None, help="comparison folder name under run.runs_dir (default: compare-<hash>)")
     cmp_.add_argument("--no-prefect", action="store_true", help="run the arms in a plain Python loop")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
@@ -276,27 +279,27 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kdrl.compare import DEFAULT_ARMS, plan_compare
+    from kdrl.compare import DEFAULT_ARMS, plan_compare, protocol_overrides
     from kdrl.runs import format_table
     from kdrl.storage import read_table
 
     _quiet_libraries()
-    protocol = {"steps": args.steps, "eval_samples": args.eval_samples, "eval_temperature": args.eval_temperature,
-                "eval_every": args.eval_every}
-    overrides = list(args.overrides)
+    overrides = protocol_overrides(args.overrides, steps=args.steps, eval_samples=args.eval_samples,
+                                   eval_temperature=args.eval_temperature, eval_every=args.eval_every)
     arms = [a.strip() for a in args.methods.split(",") if a.strip()] if args.methods else list(DEFAULT_ARMS)
     config_path = None if args.config is None else str(args.config)
-    plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name, **protocol)
+    plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=args.seeds, name=args.name)
     print(f"[kdrl] compare {plan.root}: {len(plan.arms)} arms × {len(plan.seeds)} seed(s)")
     if args.no_prefect:  # an arm that diverges stops here: the runs before it are complete, rerun to resume
         from flows.compare import run_comparison
         from flows.runner import PlainStages
 
-        run_comparison(config_path, overrides, arms, args.seeds, args.name, protocol, PlainStages())
+        run_comparison(config_path, overrides, arms, args.seeds, args.name, PlainStages())
     else:
         from flows.compare import kdrl_compare
 
-        _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds, name=args.name, **protocol)
+        _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds,
+                    name=args.name)
     table = read_table(plan.root / "comparison.parquet", table="comparison")
     print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")

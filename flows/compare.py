@@ -16,7 +16,7 @@ from prefect import flow
 
 from flows.runner import PlainStages, PrefectStages
 from flows.train import kdrl_train, run_training
-from kdrl.compare import DEFAULT_ARMS, load_plan
+from kdrl.compare import DEFAULT_ARMS, load_plan, protocol_overrides
 from kdrl.runlock import hold_run_lock
 from kdrl.runs import is_complete
 from tasks import compare as c
@@ -24,10 +24,9 @@ from tasks.logs import info
 
 
 def run_comparison(config_path: str | None, overrides: list[str], arms: list[str], seeds: int, name: str | None,
-                   protocol: dict, stages: PrefectStages | PlainStages) -> str:
-    """Train every arm for every seed; returns the comparison folder. protocol: the steps and
-    evaluation keywords of `kdrl.compare.plan_compare`."""
-    root = stages(c.open_compare, config_path, overrides, arms, seeds, name, protocol)
+                   stages: PrefectStages | PlainStages) -> str:
+    """Train every arm for every seed; returns the comparison folder (see `kdrl.compare.plan_compare`)."""
+    root = stages(c.open_compare, config_path, overrides, arms, seeds, name)
     plan = load_plan(root)
     with hold_run_lock(root):
         wall: list[tuple[str, int, float]] = []
@@ -50,11 +49,11 @@ def run_comparison(config_path: str | None, overrides: list[str], arms: list[str
 
 @flow(name="kdrl-compare")
 def kdrl_compare(config_path: str | None = None, overrides: list[str] | None = None, arms: list[str] | None = None,
-                 seeds: int = 3, steps: int | None = None, eval_samples: int = 4, eval_temperature: float = 0.6,
-                 eval_every: int = 10, name: str | None = None) -> str:
-    """Train every arm for every seed on the same config (held-out pass@1 over `eval_samples`
-    samples at `eval_temperature`, every `eval_every` steps); returns the comparison folder."""
-    protocol = {"steps": steps, "eval_samples": eval_samples, "eval_temperature": eval_temperature,
-                "eval_every": eval_every}
-    return run_comparison(config_path, list(overrides or []), list(arms or DEFAULT_ARMS), seeds, name, protocol,
-                          PrefectStages())
+                 seeds: int = 3, steps: int | None = None, eval_samples: int | None = None,
+                 eval_temperature: float | None = None, eval_every: int | None = None, name: str | None = None) -> str:
+    """Train every arm for every seed on the same config; returns the comparison folder. steps and
+    eval_*: the run config keys run.steps and run.eval_* (default: kdrl.config.COMPARE_PROTOCOL, held-out
+    pass@1 over 4 samples at T=0.6 every 10 steps), the same as `--set run.eval_samples=...`."""
+    overrides = protocol_overrides(overrides or [], steps=steps, eval_samples=eval_samples,
+                                   eval_temperature=eval_temperature, eval_every=eval_every)
+    return run_comparison(config_path, overrides, list(arms or DEFAULT_ARMS), seeds, name, PrefectStages())

@@ -31,7 +31,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from kdrl.config import PRESETS, RunConfig, load_config
+from kdrl.config import COMPARE_PROTOCOL, PRESETS, RunConfig, load_config
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import COMPARE_CURVES, COMPARE_RUNS, COMPARISON, RunPaths, read_table, write_table
 
@@ -103,16 +103,26 @@ class ComparePlan:
                                "arms": list(self.arms), "seeds": list(self.seeds)}, sort_keys=False)
 
 
+def protocol_overrides(overrides: list[str] | tuple[str, ...] = (), *, steps: int | None = None,
+                       eval_samples: int | None = None, eval_temperature: float | None = None,
+                       eval_every: int | None = None) -> list[str]:
+    """`kdrl compare`'s flags (and the kdrl-compare flow's parameters) as the run config keys they
+    set: the evaluation flags before `overrides` (a `--set` of the same key wins), `steps` last.
+
+    >>> protocol_overrides(["loss.beta_init=0.1"], steps=5, eval_every=2)
+    ['run.eval_every=2', 'loss.beta_init=0.1', 'run.steps=5']
+    """
+    flags = {"run.eval_samples": eval_samples, "run.eval_temperature": eval_temperature, "run.eval_every": eval_every}
+    return [*(f"{key}={value}" for key, value in flags.items() if value is not None), *overrides,
+            *([f"run.steps={steps}"] if steps is not None else [])]
+
+
 def plan_compare(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, arms=DEFAULT_ARMS,
-                 seeds: int = 3, name: str | None = None, steps: int | None = None, eval_samples: int = 4,
-                 eval_temperature: float = 0.6, eval_every: int = 10) -> ComparePlan:
+                 seeds: int = 3, name: str | None = None) -> ComparePlan:
     """Validate every (arm, seed) config now — a typo fails before the first run, not the tenth —
     and place the comparison under run.runs_dir (default name: compare-<hash of the configs>).
-
-    The evaluation protocol (k samples at a temperature, every N steps) is set for every arm;
-    `overrides` come after it and win; `steps` (if given) sets run.steps last."""
-    overrides = [f"run.eval_samples={eval_samples}", f"run.eval_temperature={eval_temperature}", f"run.eval_every={eval_every}",
-                 *overrides, *([f"run.steps={steps}"] if steps is not None else [])]
+    Every arm gets `COMPARE_PROTOCOL`, then `overrides`."""
+    overrides = [*(f"{key}={value}" for key, value in COMPARE_PROTOCOL.items()), *overrides]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")

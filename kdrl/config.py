@@ -457,6 +457,11 @@ class EvalConfig(_Section):
         return self
 
 
+COMPARE_PROTOCOL: dict[str, int | float] = {"run.eval_samples": 4, "run.eval_temperature": 0.6, "run.eval_every": 10}
+"""`kdrl compare`'s evaluation protocol of every arm (k samples at a temperature, every N steps),
+as run config keys; the comparison's own overrides come after it and win."""
+
+
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "rollout": {"max_new_tokens": 512},
     "run": {"eval_samples": 4, "eval_temperature": 0.6},

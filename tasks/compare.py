@@ -24,11 +24,10 @@ from tasks.report import artifact_key
 
 
 @task(cache_policy=NO_CACHE)
-def open_compare(config_path: str | None, overrides: list[str], arms: list[str], seeds: int, name: str | None,
-                 protocol: dict) -> str:
+def open_compare(config_path: str | None, overrides: list[str], arms: list[str], seeds: int, name: str | None) -> str:
     """Validate every run's config, create the comparison folder (or check it holds this same
-    comparison); returns the folder. protocol: steps and evaluation keywords of plan_compare."""
-    plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=seeds, name=name, **protocol)
+    comparison); returns the folder."""
+    plan = plan_compare(config_path, overrides, arms=tuple(arms), seeds=seeds, name=name)
     prepare(plan)
     return str(plan.root)
 
