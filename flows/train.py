@@ -17,16 +17,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import polars as pl
 from prefect import flow
 
 from flows.runner import PlainStages, PrefectStages
 from kdrl.config import RunConfig, load_config
 from kdrl.embedded import missing_embedded_models
-from kdrl.metrics import before_after
 from kdrl.pipeline import checkpoint_due, evaluation_due
 from kdrl.runlock import hold_run_lock
-from kdrl.storage import RunPaths
 from tasks import report
 from tasks import train as t
 from tasks.logs import info
@@ -93,11 +90,10 @@ def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStag
     return run_dir
 
 
-def train_without_prefect(cfg: RunConfig, run_dir: str | Path) -> pl.DataFrame:
+def train_without_prefect(cfg: RunConfig, run_dir: str | Path) -> str:
     """`run_training` as plain function calls (notebooks, debugging, `--no-prefect`); returns the
-    held-out summary before and after training."""
-    run_training(cfg, str(run_dir), PlainStages())
-    return before_after(RunPaths(Path(run_dir)), cfg.run.steps - 1)
+    run directory (`kdrl.metrics.before_after` reads its held-out summary)."""
+    return run_training(cfg, str(run_dir), PlainStages())
 
 
 @flow(name="kdrl-train", flow_run_name=_flow_run_name)

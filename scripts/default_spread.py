@@ -26,12 +26,15 @@ def main() -> None:
     from kdrl.config import load_config
     from kdrl.embedded import embedded_dir
     from flows.train import train_without_prefect
+    from kdrl.metrics import before_after
+    from kdrl.storage import RunPaths
 
     rows = []
     for seed in args.seeds:
         cfg = load_config(None, [*args.overrides, f"embedded.seed={seed}"])
         run_dir = Path(cfg.run.runs_dir) / f"spread-s{seed}"
-        table = train_without_prefect(cfg, run_dir)  # holds the run's lock
+        train_without_prefect(cfg, run_dir)  # holds the run's lock
+        table = before_after(RunPaths(run_dir), cfg.run.steps - 1)
         get = {(r["model"], r["when"]): r for r in table.iter_rows(named=True)}
         warm = json.loads((embedded_dir(cfg) / "teacher" / "warm_start.json").read_text())
         student_warm = json.loads((embedded_dir(cfg) / "student" / "warm_start.json").read_text())

@@ -263,6 +263,7 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
         import polars as pl, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from flows.train import train_without_prefect
+        from kdrl.config import load_config
         from kdrl.storage import RunPaths
         tmp = {str(tmp_path)!r}
         cfg = load_config(overrides={[f"{k}={v}" for k, v in overrides.items()]!r})
