@@ -185,8 +185,8 @@ class MemoryEstimate:
         width = max(len(r.item) for _, rows in (("", self.resident), *self.phases) for r in rows) + 2
         line = lambda r: f"  {r.item:<{width}}{r.bytes / GiB:8.2f} GiB  {r.arithmetic}"
         resident, peak = sum(r.bytes for r in self.resident), self.peak_phase
-        out = [f"[kdrl] memory estimate on {self.device.type} ({self.device.name}, "
-               f"{self.device.total_bytes / GiB:.1f} GiB):",
+        out = [(f"[kdrl] memory estimate on {self.device.type} ({self.device.name}, "
+                f"{self.device.total_bytes / GiB:.1f} GiB):"),
                *(f"  {note}" for note in self.notes), f" resident ({resident / GiB:.2f} GiB):",
                *map(line, self.resident)]
         for name, rows in self.phases:
