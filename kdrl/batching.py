@@ -75,7 +75,8 @@ class StepBatch:
 
     def to(self, device: torch.device) -> StepBatch:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+                     else getattr(self, f.name))
             for f in fields(self)
         }
         return StepBatch(**moved)
@@ -161,7 +162,8 @@ def collate(joined: pl.DataFrame, *, pad_token_id: int) -> StepBatch:
     )
 
 
-def micro_batches(prompt_lens: list[int], completion_lens: list[int], *, max_rows: int, max_tokens: int = 0) -> list[tuple[int, int]]:
+def micro_batches(prompt_lens: list[int], completion_lens: list[int], *, max_rows: int,
+                  max_tokens: int = 0) -> list[tuple[int, int]]:
     """Split rows 0..B-1, in order, into [start, stop) micro-batches of at most `max_rows` rows
     whose padded size once trimmed, rows × (longest prompt + longest completion among them), stays within
     `max_tokens` (0 = no token budget). A row longer than the budget alone gets a micro-batch of

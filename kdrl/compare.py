@@ -130,7 +130,8 @@ def plan_compare(config_path: str | None = None, overrides: list[str] | tuple[st
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     base = load_config(config_path, overrides)
     first_seed = base.run.seed
-    probe = ComparePlan(Path("."), config_path, tuple(overrides), tuple(arms), tuple(range(first_seed, first_seed + seeds)))
+    probe = ComparePlan(Path("."), config_path, tuple(overrides), tuple(arms),
+                        tuple(range(first_seed, first_seed + seeds)))
     hashes = [probe.config(arm, seed).hash() for arm, seed in probe.runs()]  # validates each
     digest = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:8]
     root = Path(base.run.runs_dir) / (name or f"compare-{digest}")
@@ -152,7 +153,8 @@ def load_plan(root: str | Path) -> ComparePlan:
     """The plan of an existing comparison folder."""
     root = Path(root)
     saved = yaml.safe_load((root / "compare.yaml").read_text())
-    return ComparePlan(root, saved["config_path"], tuple(saved["overrides"]), tuple(saved["arms"]), tuple(saved["seeds"]))
+    return ComparePlan(root, saved["config_path"], tuple(saved["overrides"]), tuple(saved["arms"]),
+                       tuple(saved["seeds"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def load_plan(root: str | Path) -> ComparePlan:
 def _run_row(plan: ComparePlan, arm: str, seed: int, wall_s: float | None) -> dict:
     root = plan.run_dir(arm, seed)
     frames = [read_table(p, table="step_metrics") for p in sorted(root.glob("iter_*/metrics.parquet"))]
-    metrics = pl.concat(frames) if frames else pl.DataFrame(schema={"num_tokens": pl.Int64, "teacher_tokens": pl.Int64, "time_total_s": pl.Float64})
+    metrics = pl.concat(frames) if frames else pl.DataFrame(
+        schema={"num_tokens": pl.Int64, "teacher_tokens": pl.Int64, "time_total_s": pl.Float64})
     return {"method": arm, "seed": seed, "run_id": plan.run_id(arm, seed), "steps_done": len(frames),
             "rollout_tokens": int(metrics["num_tokens"].sum()), "teacher_tokens": int(metrics["teacher_tokens"].sum()),
             "train_time_s": float(metrics["time_total_s"].sum()), "wall_s": wall_s}
@@ -236,7 +239,8 @@ def comparison_table(plan: ComparePlan, runs: pl.DataFrame, curves: pl.DataFrame
         rows.append({"method": label, "seeds": sampled.height if seeds_col else None, "steps": 0,
                      "pass_at_1": sampled["pass_at_1"].mean(), "pass_at_1_ci95": None,
                      "greedy": greedy["pass_at_1"].mean() if greedy.height else None, "greedy_ci95": None,
-                     "mean_len": sampled["mean_len"].mean(), "mean_len_ci95": None, "teacher_tokens": None, "wall_s": None})
+                     "mean_len": sampled["mean_len"].mean(), "mean_len_ci95": None, "teacher_tokens": None,
+                     "wall_s": None})
     final = curves.filter(pl.col("steps_trained") == steps)
     for arm in plan.arms:
         mine = final.filter(pl.col("method") == arm)
@@ -284,8 +288,9 @@ def comparison_markdown(plan: ComparePlan, table: pl.DataFrame, *, image: str | 
     for r in table.iter_rows(named=True):
         tokens = "–" if r["teacher_tokens"] is None else f"{r['teacher_tokens']:,.0f}"
         wall = "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
-        lines.append(f"| {r['method']} | {r['seeds'] if r['seeds'] is not None else '–'} | {_fmt(r['pass_at_1'], r['pass_at_1_ci95'])} | "
-                     f"{_fmt(r['greedy'], r['greedy_ci95'])} | {_fmt(r['mean_len'], r['mean_len_ci95'], 1)} | {tokens} | {wall} |")
+        lines.append(f"| {r['method']} | {r['seeds'] if r['seeds'] is not None else '–'} | "
+                     f"{_fmt(r['pass_at_1'], r['pass_at_1_ci95'])} | {_fmt(r['greedy'], r['greedy_ci95'])} | "
+                     f"{_fmt(r['mean_len'], r['mean_len_ci95'], 1)} | {tokens} | {wall} |")
     if image:
         lines += ["", f"![held-out pass@1 and response length against step]({image})"]
     return "\n".join(lines) + "\n"
@@ -344,7 +349,8 @@ class CompareOutput:
     plot: str | None
 
 
-def write_comparison(plan: ComparePlan, wall_s: dict[tuple[str, int], float] | None = None, *, plot: bool = True) -> CompareOutput:
+def write_comparison(plan: ComparePlan, wall_s: dict[tuple[str, int], float] | None = None, *,
+                     plot: bool = True) -> CompareOutput:
     """Read every run of the comparison and (re)write its tables, markdown and plot."""
     runs, curves = collect(plan, wall_s)
     table = comparison_table(plan, runs, curves)

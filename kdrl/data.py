@@ -75,7 +75,8 @@ def embedded_arithmetic(n: int, *, seed: int, min_digits: int = 1, max_digits: i
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     capacity = sum(9 * 10 ** (d - 1) for d in range(min_digits, max_digits + 1)) ** 2
     if n > capacity // 2:
-        raise ValueError(f"{n} distinct problems requested; digits {min_digits}..{max_digits} support at most {capacity // 2} (half the {capacity} pairs, so sampling stays fast)")
+        raise ValueError(f"{n} distinct problems requested; digits {min_digits}..{max_digits} support at most "
+                         f"{capacity // 2} (half the {capacity} pairs, so sampling stays fast)")
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
     rows: dict[str, list[str]] = {"question": [], "answer": []}
@@ -339,7 +340,8 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         raise DatasetError(f"{cfg.source}: every prompt is longer than {limit.tokens} tokens ({limit.why}); "
                            f"shorten the questions or data.prompt_template, or {limit.fix}")
     if len(taken) < need and not (fewer_ok and taken):
-        dropped = [f"{len(duplicates)} duplicate(s)"] * bool(duplicates) + [f"{len(too_long)} too long"] * bool(too_long)
+        dropped = ([f"{len(duplicates)} duplicate(s)"] * bool(duplicates)
+                   + [f"{len(too_long)} too long"] * bool(too_long))
         detail = f" ({', '.join(dropped)}: {len(taken)} usable)" if dropped else ""
         raise DatasetError(f"{cfg.source}: {len(ds)} rows{detail}, but num_train + num_heldout = {need}")
     not_numeric = [row_index for row_index, _, gold, _, _ in taken if not is_numeric_answer(gold)]
@@ -389,7 +391,8 @@ class PromptLimit:
     """What raises it, e.g. "lower rollout.max_new_tokens or raise rollout.vllm.max_model_len"."""
 
 
-def prompt_token_limit(contexts: Mapping[str, Any], tokenizer, *, max_new_tokens: int, field: str) -> PromptLimit | None:
+def prompt_token_limit(contexts: Mapping[str, Any], tokenizer, *, max_new_tokens: int,
+                       field: str) -> PromptLimit | None:
     """The longest prompt that leaves `max_new_tokens` for the response in every context the
     sequence must fit (`max_prompt_tokens` of `build_prompts`): the smallest of `contexts`, each
     named as messages should name it ("the student", "rollout.vllm.max_model_len") and given as a
@@ -442,7 +445,8 @@ def run_prompt_limit(cfg: RunConfig, student_config, tokenizer, *, teacher: Any)
             contexts["the teacher"] = teacher
         if cfg.teacher.engine != "hf":
             contexts["teacher.vllm.max_model_len"] = cfg.teacher.vllm.max_model_len
-    return prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens, field="rollout.max_new_tokens")
+    return prompt_token_limit(contexts, tokenizer, max_new_tokens=cfg.rollout.max_new_tokens,
+                              field="rollout.max_new_tokens")
 
 
 def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int) -> list[int]:
@@ -450,9 +454,11 @@ def sample_prompt_ids(train_ids: list[int], *, step: int, count: int, seed: int)
     steps with the remainder of each epoch dropped (so a step never straddles two epochs and never
     repeats a prompt). A pure function of (seed, step): any iteration can be replayed alone.
 
-    >>> sample_prompt_ids([10, 11, 12, 13], step=0, count=2, seed=0) != sample_prompt_ids([10, 11, 12, 13], step=1, count=2, seed=0)
+    >>> first = sample_prompt_ids([10, 11, 12, 13], step=0, count=2, seed=0)
+    >>> second = sample_prompt_ids([10, 11, 12, 13], step=1, count=2, seed=0)
+    >>> first != second
     True
-    >>> sorted(sample_prompt_ids([10, 11, 12, 13], step=0, count=2, seed=0) + sample_prompt_ids([10, 11, 12, 13], step=1, count=2, seed=0))
+    >>> sorted(first + second)
     [10, 11, 12, 13]
     """
     n = len(train_ids)

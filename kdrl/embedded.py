@@ -265,7 +265,8 @@ def train_embedded_model(role: str, cfg: RunConfig, path: Path, *, log=print,
     (tmp / "warm_start.json").write_text(json.dumps(
         {"role": role, "steps_run": result.evaluations[-1][0] if result.evaluations else steps,
          "kept_step": result.kept_step, "final_loss": result.loss, "validation": result.evaluations,
-         "target": emb.teacher_target if teacher else None, "stop_at": stop_at or None, "seconds": round(time.perf_counter() - started, 1)},
+         "target": emb.teacher_target if teacher else None, "stop_at": stop_at or None,
+         "seconds": round(time.perf_counter() - started, 1)},
         indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(path)

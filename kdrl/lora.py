@@ -141,7 +141,8 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         merged = tensor.detach().float()
         with torch.no_grad():
             for adapter in layer.active_adapters:
-                if adapter in layer.scaling and adapter not in layer.merged_adapters:  # a peft merge put it in W already
+                # merged_adapters are skipped: a peft merge put them in W already
+                if adapter in layer.scaling and adapter not in layer.merged_adapters:
                     merged = merged + layer.get_delta_weight(adapter).float()
         yield f"{owner}.{leaf}", merged.to(tensor.dtype)
 
@@ -180,7 +181,8 @@ def load_adapter_weights(model: torch.nn.Module, directory: Path) -> None:
 
     file = Path(directory) / "adapter_model.safetensors"
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no adapter weights there (a LoRA checkpoint holds adapter/adapter_model.safetensors)")
+        raise FileNotFoundError(f"{file}: no adapter weights there "
+                                "(a LoRA checkpoint holds adapter/adapter_model.safetensors)")
     device = next(p.device for p in model.parameters() if p.requires_grad)
     result = set_peft_model_state_dict(model, load_file(file, device=str(device)))
     missing = [k for k in result.missing_keys if ".lora_" in k]
@@ -214,8 +216,8 @@ def find_adapter(path: str | Path) -> Path:
     for candidate in (path / ADAPTER_DIR, path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    what = "a full-weights checkpoint: its model/ folder is already a plain HF model" if (path / "model").is_dir() else \
-        "not a LoRA checkpoint (adapter/adapter_config.json) or adapter folder"
+    what = ("a full-weights checkpoint: its model/ folder is already a plain HF model" if (path / "model").is_dir()
+            else "not a LoRA checkpoint (adapter/adapter_config.json) or adapter folder")
     raise LoraError(f"{path}: {what}")
 
 

@@ -13,9 +13,9 @@ expected gradient as a loss, so it only exists in *reward* form: Â_{i,t} ← Â
 the on-policy distillation of TRL/Tinker; the N/N_kd factor puts it on the KD term's scale
 (β/N_kd per distilled token), so `kd_denominator` means the same for every estimator. N is the
 batch's completion-token count and N_kd the KD denominator (all tokens, or only the KD-unmasked
-ones); both are passed in, so micro-batches sum to the full-batch loss. Departures from the paper, all options: the std in Â, the KD
-denominator, the clipping bounds, the sg(ρ) weight on KD (=1 in value when on-policy, needed for
-an unbiased gradient over several PPO epochs).
+ones); both are passed in, so micro-batches sum to the full-batch loss. Departures from the
+paper, all options: the std in Â, the KD denominator, the clipping bounds, the sg(ρ) weight on
+KD (=1 in value when on-policy, needed for an unbiased gradient over several PPO epochs).
 
 "Unbiased" for k2 means per prefix, with the visited prefixes held fixed: the gradient carries
 no reward-to-go credit from later tokens to earlier ones.
@@ -187,10 +187,10 @@ def kdrl_loss(
 
     kd_BT is the per-token KD loss (k2, k3 or top-k) or None; kd_reward_BT is k1 in reward
     form (detached here) or None. Both must be finite wherever kd_mask_B·mask_BT is 0 (0·inf is
-    NaN): `kdrl.train` sets R = 0 there before any exponential. kd_mask_B is the reward-guided mask per response. num_tokens
-    and num_kd_tokens are the *global* denominators over the whole rollout batch; a fully masked
-    batch (zero denominators) gives a zero loss, never NaN. Presets: GRPO = (kd None, β 0),
-    KD-RKL = (pg_coef 0), SFT = (pg_coef 0, β 0, nll_coef 1).
+    NaN): `kdrl.train` sets R = 0 there before any exponential. kd_mask_B is the reward-guided
+    mask per response. num_tokens and num_kd_tokens are the *global* denominators over the whole
+    rollout batch; a fully masked batch (zero denominators) gives a zero loss, never NaN.
+    Presets: GRPO = (kd None, β 0), KD-RKL = (pg_coef 0), SFT = (pg_coef 0, β 0, nll_coef 1).
     """
     dtype = logp_BT.dtype
     mask_BT = mask_BT.to(dtype)

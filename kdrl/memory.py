@@ -168,7 +168,8 @@ class MemoryEstimate:
         base = sum(r.bytes for r in self.resident) + self.phase_bytes(self.peak_phase)
         context = CUDA_CONTEXT_BYTES if self.device.type == "cuda" else 0
         what = f"{MARGIN_FRACTION:.0%} of {base / GiB:.2f} GiB" + (" + CUDA context 0.5 GiB" if context else "")
-        return MemoryRow("margin", what + " (fragmentation, caching, not modelled)", int(MARGIN_FRACTION * base) + context)
+        return MemoryRow("margin", what + " (fragmentation, caching, not modelled)",
+                         int(MARGIN_FRACTION * base) + context)
 
     @property
     def total_bytes(self) -> int:
@@ -184,8 +185,10 @@ class MemoryEstimate:
         width = max(len(r.item) for _, rows in (("", self.resident), *self.phases) for r in rows) + 2
         line = lambda r: f"  {r.item:<{width}}{r.bytes / GiB:8.2f} GiB  {r.arithmetic}"
         resident, peak = sum(r.bytes for r in self.resident), self.peak_phase
-        out = [f"[kdrl] memory estimate on {self.device.type} ({self.device.name}, {self.device.total_bytes / GiB:.1f} GiB):",
-               *(f"  {note}" for note in self.notes), f" resident ({resident / GiB:.2f} GiB):", *map(line, self.resident)]
+        out = [(f"[kdrl] memory estimate on {self.device.type} ({self.device.name}, "
+                f"{self.device.total_bytes / GiB:.1f} GiB):"),
+               *(f"  {note}" for note in self.notes), f" resident ({resident / GiB:.2f} GiB):",
+               *map(line, self.resident)]
         for name, rows in self.phases:
             mark = ", the peak" if name == peak else ""
             out += [f" {name} ({self.phase_bytes(name) / GiB:.2f} GiB{mark}):", *map(line, rows)]
@@ -205,21 +208,26 @@ def update_rows(shape: ModelShape, *, d: int, tokens: int, row_tokens: int, chec
     gradients of the `trainable` parameters, activations, the padding mask, the LM head chunk."""
     L, h = shape.layers, shape.hidden
     layer = shape.layer_bytes_per_token(d, row_tokens)
-    terms = f"norms 2·(4+4+2·{d})·{h} + attention 4·{d}·{shape.heads * shape.head_dim} + MLP 4·{d}·{shape.intermediate} + mask {d}·{row_tokens}"
+    terms = (f"norms 2·(4+4+2·{d})·{h} + attention 4·{d}·{shape.heads * shape.head_dim} "
+             f"+ MLP 4·{d}·{shape.intermediate} + mask {d}·{row_tokens}")
     if checkpointing:
         acts = [MemoryRow("checkpointed inputs", f"{tokens:,} tok × {L} layers × {h} × {d} B", tokens * L * h * d),
-                MemoryRow("recomputed layer ×2", f"{tokens:,} tok × 2 × {layer:,} B ({terms}; its gradients)", tokens * 2 * layer)]
+                MemoryRow("recomputed layer ×2", f"{tokens:,} tok × 2 × {layer:,} B ({terms}; its gradients)",
+                          tokens * 2 * layer)]
     else:
-        acts = [MemoryRow("layer activations", f"{tokens:,} tok × ({L} + 1) layers × {layer:,} B ({terms}; +1: gradients)",
+        acts = [MemoryRow("layer activations",
+                          f"{tokens:,} tok × ({L} + 1) layers × {layer:,} B ({terms}; +1: gradients)",
                           tokens * (L + 1) * layer)]
     chunk = min(chunk_tokens, tokens)
     return (
         MemoryRow("gradients", f"{trainable:,} × {trainable_d} B", trainable * trainable_d),
         *acts,
-        MemoryRow("boolean mask", f"{tokens:,} tok × {row_tokens:,} × 1 B (B × S × S, shared by the layers)", tokens * row_tokens),
+        MemoryRow("boolean mask", f"{tokens:,} tok × {row_tokens:,} × 1 B (B × S × S, shared by the layers)",
+                  tokens * row_tokens),
         MemoryRow("final norm, head, rotary", f"{tokens:,} tok × (4·{h} + 3·{d}·{h} + 2·{d}·{shape.head_dim} + 12) B",
                   tokens * (4 * h + 3 * d * h + 2 * d * shape.head_dim + 12)),
-        MemoryRow("log-prob chunk", f"{chunk:,} × {shape.vocab:,} vocab × 4 B × 3 (float32 logits, exp, gradient)", chunk * shape.vocab * 12),
+        MemoryRow("log-prob chunk", f"{chunk:,} × {shape.vocab:,} vocab × 4 B × 3 (float32 logits, exp, gradient)",
+                  chunk * shape.vocab * 12),
     )
 
 
@@ -233,20 +241,24 @@ def kv_cache_row(shape: ModelShape, *, d: int, seqs: int, row_tokens: int) -> Me
 def teacher_logits_row(shape: ModelShape, *, d: int, tokens: int, completion_tokens: int) -> MemoryRow:
     """`HFTeacherScorer`: logits of a packed batch of `tokens` positions in the teacher's dtype,
     then one row's float32 copy and log-softmax at a time."""
-    return MemoryRow("teacher logits", f"{tokens:,} tok × {shape.vocab:,} vocab × {d} B + one row {completion_tokens + 1:,} × "
-                     f"{shape.vocab:,} × 4 B × 2 (float32 log-softmax)", tokens * shape.vocab * d + (completion_tokens + 1) * shape.vocab * 8)
+    return MemoryRow("teacher logits", f"{tokens:,} tok × {shape.vocab:,} vocab × {d} B + one row "
+                     f"{completion_tokens + 1:,} × {shape.vocab:,} × 4 B × 2 (float32 log-softmax)",
+                     tokens * shape.vocab * d + (completion_tokens + 1) * shape.vocab * 8)
 
 
 def micro_batch_tokens(cfg: RunConfig, row_tokens: int) -> tuple[int, str]:
     """The largest micro-batch in padded tokens (rows × longest row) and how it follows from the config."""
-    optim, rows = cfg.optim, min(cfg.optim.micro_batch_size, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
+    optim, rows = cfg.optim, min(cfg.optim.micro_batch_size,
+                                 cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
     by_rows = rows * row_tokens
     if optim.max_tokens_per_microbatch > 0 and optim.max_tokens_per_microbatch < by_rows:
-        return max(optim.max_tokens_per_microbatch, row_tokens), f"optim.max_tokens_per_microbatch={optim.max_tokens_per_microbatch}"
+        return (max(optim.max_tokens_per_microbatch, row_tokens),
+                f"optim.max_tokens_per_microbatch={optim.max_tokens_per_microbatch}")
     return by_rows, f"{rows} rows (optim.micro_batch_size) × {row_tokens} tokens"
 
 
-def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None, *, prompt_tokens: int | None = None) -> tuple[int, str]:
+def row_tokens(cfg: RunConfig, student_config: Any, teacher_config: Any | None, *,
+               prompt_tokens: int | None = None) -> tuple[int, str]:
     """The longest prompt + response: the longest prompt (`prompt_tokens`, from a run's prompts
     table; else `ASSUMED_PROMPT_TOKENS`, since prompts are tokenized after this check), capped by
     the run's prompt limit (`kdrl.data.run_prompt_limit`; `teacher_config` None: the teacher's
@@ -277,9 +289,12 @@ def estimate_memory(cfg: RunConfig, student: ModelShape, teacher: ModelShape | N
     trainable, trainable_d = student.params, d
     if cfg.model.lora is not None:
         trainable, trainable_d = student.lora_params(cfg.model.lora.r, cfg.model.lora.target_modules), 4
-        resident.append(MemoryRow("LoRA adapter", f"{trainable:,} × 4 B (r={cfg.model.lora.r}; float32: peft upcasts adapters)", trainable * 4))
+        resident.append(MemoryRow("LoRA adapter",
+                                  f"{trainable:,} × 4 B (r={cfg.model.lora.r}; float32: peft upcasts adapters)",
+                                  trainable * 4))
     note = "; no float32 master copy" if trainable_d < 4 else ""
-    resident.append(MemoryRow("AdamW moments", f"2 × {trainable:,} × {trainable_d} B (the parameters' dtype{note})", 2 * trainable * trainable_d))
+    resident.append(MemoryRow("AdamW moments", f"2 × {trainable:,} × {trainable_d} B (the parameters' dtype{note})",
+                              2 * trainable * trainable_d))
 
     rows, why_row = row
     tokens, why_tokens = micro_batch_tokens(cfg, rows)
@@ -291,7 +306,9 @@ def estimate_memory(cfg: RunConfig, student: ModelShape, teacher: ModelShape | N
     rollout_vllm = _is_vllm(cfg.rollout.engine, device, vllm_installed)
     if rollout_vllm:
         frac = cfg.rollout.vllm.gpu_memory_utilization
-        r = MemoryRow("vLLM rollout engine", f"{frac:g} × {_gib(device.total_bytes)} (rollout.vllm.gpu_memory_utilization)", int(frac * device.total_bytes))
+        r = MemoryRow("vLLM rollout engine",
+                      f"{frac:g} × {_gib(device.total_bytes)} (rollout.vllm.gpu_memory_utilization)",
+                      int(frac * device.total_bytes))
         (generate if cfg.rollout.vllm.enable_sleep_mode else resident).append(r)
     else:
         seqs = min(cfg.rollout.batch_size, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
@@ -302,20 +319,26 @@ def estimate_memory(cfg: RunConfig, student: ModelShape, teacher: ModelShape | N
     if cfg.uses_teacher and teacher is not None:
         td = DTYPE_BYTES[cfg.teacher.dtype]
         offload = cfg.teacher.offload
-        if _is_vllm(cfg.teacher.engine, device, vllm_installed, must_release=offload and not cfg.teacher.vllm.enable_sleep_mode):
+        if _is_vllm(cfg.teacher.engine, device, vllm_installed,
+                    must_release=offload and not cfg.teacher.vllm.enable_sleep_mode):
             frac = cfg.teacher.vllm.gpu_memory_utilization
-            r = MemoryRow("vLLM teacher engine", f"{frac:g} × {_gib(device.total_bytes)} (teacher.vllm.gpu_memory_utilization)", int(frac * device.total_bytes))
+            r = MemoryRow("vLLM teacher engine",
+                          f"{frac:g} × {_gib(device.total_bytes)} (teacher.vllm.gpu_memory_utilization)",
+                          int(frac * device.total_bytes))
             (scoring if offload else resident).append(r)
         elif resolve_device(cfg.teacher.device).type == device.type:
             r = MemoryRow("teacher params", f"{teacher.params:,} × {td} B ({cfg.teacher.dtype})", teacher.params * td)
             (scoring if offload else resident).append(r)
-            batch = min(cfg.teacher.max_tokens_per_batch, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt * rows)
-            scoring.append(teacher_logits_row(teacher, d=td, tokens=batch, completion_tokens=cfg.rollout.max_new_tokens))
+            batch = min(cfg.teacher.max_tokens_per_batch,
+                        cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt * rows)
+            scoring.append(teacher_logits_row(teacher, d=td, tokens=batch,
+                                              completion_tokens=cfg.rollout.max_new_tokens))
     largest = max([n_in * n_out for _, n_in, n_out in student.linears] + [student.vocab * student.hidden])
     scratch = trainable if device.type == "cuda" else min(trainable, largest)
-    step = (update[0], MemoryRow("AdamW scratch", f"{scratch:,} × {trainable_d} B ({'foreach: one moment-sized temporary' if device.type == 'cuda' else 'one tensor at a time'})",
-                                 scratch * trainable_d))
-    phases = [("generate", tuple(generate)), ("teacher scoring", tuple(scoring)), ("update", update), ("optimizer step", step)]
+    how = "foreach: one moment-sized temporary" if device.type == "cuda" else "one tensor at a time"
+    step = (update[0], MemoryRow("AdamW scratch", f"{scratch:,} × {trainable_d} B ({how})", scratch * trainable_d))
+    phases = [("generate", tuple(generate)), ("teacher scoring", tuple(scoring)), ("update", update),
+              ("optimizer step", step)]
     return MemoryEstimate(device, tuple(resident), tuple((name, rows_) for name, rows_ in phases if rows_), notes)
 
 
@@ -327,21 +350,25 @@ def _fixes(cfg: RunConfig, estimate: Callable[[RunConfig], MemoryEstimate]) -> l
     budget = cfg.optim.max_tokens_per_microbatch
     if budget == 0 or budget > 4096:
         target = max(2048, budget // 4) if budget else 16384
-        candidates.append((f"optim.max_tokens_per_microbatch={target}", {"optim": {"max_tokens_per_microbatch": target}}))
+        candidates.append((f"optim.max_tokens_per_microbatch={target}",
+                           {"optim": {"max_tokens_per_microbatch": target}}))
     if cfg.uses_teacher and not cfg.teacher.offload:
         candidates.append(("teacher.offload=true (+ teacher.vllm.enable_sleep_mode=true for a vLLM teacher)",
-                           {"teacher": {"offload": True, "vllm": cfg.teacher.vllm.model_copy(update={"enable_sleep_mode": True})}}))
+                           {"teacher": {"offload": True,
+                                        "vllm": cfg.teacher.vllm.model_copy(update={"enable_sleep_mode": True})}}))
     if not cfg.rollout.vllm.enable_sleep_mode:
         candidates.append(("rollout.vllm.enable_sleep_mode=true (vLLM on CUDA)",
                            {"rollout": {"vllm": cfg.rollout.vllm.model_copy(update={"enable_sleep_mode": True})}}))
     if cfg.model.lora is None:
         from kdrl.config import LoraConfig
 
-        candidates.append(("model.lora={r: 16} (adapter-only gradients and AdamW state)", {"model": {"lora": LoraConfig()}}))
+        candidates.append(("model.lora={r: 16} (adapter-only gradients and AdamW state)",
+                           {"model": {"lora": LoraConfig()}}))
     now = estimate(cfg).total_bytes
     lines = []
     for text, change in candidates:
-        changed = cfg.model_copy(update={sec: getattr(cfg, sec).model_copy(update=vals) for sec, vals in change.items()})
+        changed = cfg.model_copy(update={sec: getattr(cfg, sec).model_copy(update=vals)
+                                         for sec, vals in change.items()})
         after = estimate(changed)
         if after.total_bytes < now:
             lines.append(f"  {text}: {_gib(after.total_bytes)}{' (fits)' if after.fits else ''}")
@@ -359,8 +386,9 @@ def _longest_prompt(run_dir: str | os.PathLike | None) -> int | None:
     return int(read_table(paths.prompts, table="prompts")["prompt_token_ids"].list.len().max() or 0)
 
 
-def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *, run_dir: str | os.PathLike | None = None,
-                 log: Callable[[str], None] = print, device: DeviceMemory | None = None) -> MemoryEstimate | None:
+def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *,
+                 run_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+                 device: DeviceMemory | None = None) -> MemoryEstimate | None:
     """Estimate the run on its training device, print the table, and with run.memory_check=refuse
     raise `MemoryEstimateError` when it does not fit ("warn": print only; "off": nothing). A
     `run_dir` that already has its prompts table gives the real longest prompt."""
@@ -383,15 +411,16 @@ def check_memory(cfg: RunConfig, student_path: str, teacher_path: str | None, *,
     installed = vllm_available()
 
     def estimate(c: RunConfig) -> MemoryEstimate:
-        return estimate_memory(c, shapes["student"], shapes.get("teacher"), device=device, row=row, vllm_installed=installed)
+        return estimate_memory(c, shapes["student"], shapes.get("teacher"), device=device, row=row,
+                               vllm_installed=installed)
 
     result = estimate(cfg)
     log(result.format())
     if not result.fits:
         fixes = _fixes(cfg, estimate)
         advice = ("\nWhat lowers it (estimated total):\n" + "\n".join(fixes)) if fixes else ""
-        message = (f"run.memory_check: the estimated peak, {_gib(result.total_bytes)}, exceeds the {device.type} device's "
-                   f"{_gib(device.total_bytes)}:\n{result.format()}{advice}\n"
+        message = (f"run.memory_check: the estimated peak, {_gib(result.total_bytes)}, exceeds the "
+                   f"{device.type} device's {_gib(device.total_bytes)}:\n{result.format()}{advice}\n"
                    "or run.memory_check=warn to start anyway (the estimate is rough: docs/benchmarks.md).")
         if cfg.run.memory_check == "refuse":
             raise MemoryEstimateError(message)

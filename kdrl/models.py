@@ -234,7 +234,8 @@ def new_model_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty: choose another output folder, or remove it first")
+        raise FileExistsError(f"{out} already exists and is not empty: choose another output folder, "
+                              "or remove it first")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

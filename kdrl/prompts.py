@@ -38,7 +38,8 @@ def chat_messages(cfg: DataConfig, question: str) -> list[dict[str, str]]:
     """The conversation of one prompt: [system,] user.
 
     >>> from kdrl.config import DataConfig
-    >>> chat_messages(DataConfig(prompt_format="chat", system_prompt="Be brief.", prompt_template="Q: {question}"), "1+1?")
+    >>> cfg = DataConfig(prompt_format="chat", system_prompt="Be brief.", prompt_template="Q: {question}")
+    >>> chat_messages(cfg, "1+1?")
     [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Q: 1+1?'}]
     """
     user = {"role": "user", "content": cfg.prompt_template.format(question=question)}
@@ -79,7 +80,8 @@ def _token(tokenizer: PreTrainedTokenizerBase, ids: list[int], position: int) ->
 
 
 def rendering_difference(cfg: DataConfig, questions: list[str], student_ids: list[list[int]],
-                         student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> str | None:
+                         student_tokenizer: PreTrainedTokenizerBase,
+                         teacher_tokenizer: PreTrainedTokenizerBase) -> str | None:
     """None when the teacher's tokenizer renders every question to the ids the student's prompts
     hold (`student_ids`, row for row); else the first differing token, in words, with the text
     around it in both renderings.
@@ -108,7 +110,8 @@ def rendering_difference(cfg: DataConfig, questions: list[str], student_ids: lis
 
 
 def check_same_rendering(cfg: DataConfig, questions: list[str], student_ids: list[list[int]],
-                         student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
+                         student_tokenizer: PreTrainedTokenizerBase,
+                         teacher_tokenizer: PreTrainedTokenizerBase) -> None:
     """Raise `PromptFormatError` unless the teacher renders the prompts to the student's ids."""
     difference = rendering_difference(cfg, questions, student_ids, student_tokenizer, teacher_tokenizer)
     if difference is not None:
@@ -116,12 +119,14 @@ def check_same_rendering(cfg: DataConfig, questions: list[str], student_ids: lis
         raise PromptFormatError(
             f"the teacher would see other prompt tokens than the student: {difference}. The teacher scores the "
             f"student's token ids, so its {what} must render the same prompts; give both models the same "
-            "tokenizer files (tokenizer_config.json / chat_template.jinja), or train a student of the teacher's family")
+            "tokenizer files (tokenizer_config.json / chat_template.jinja), or train a student of the teacher's "
+            "family")
 
 
 def warn_if_chat_model(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
     """One WARNING when a model that has a chat template is prompted in the plain format (an
     instruct or reasoning model prompted that way sees text unlike anything it was tuned on)."""
     if cfg.prompt_format == "plain" and getattr(tokenizer, "chat_template", None):
-        logger.warning("%s: the tokenizer has a chat template, but data.prompt_format=plain: an instruct or reasoning "
-                       "model is prompted without its template; set data.prompt_format=chat (see docs/models.md)", where)
+        logger.warning("%s: the tokenizer has a chat template, but data.prompt_format=plain: an instruct or "
+                       "reasoning model is prompted without its template; set data.prompt_format=chat "
+                       "(see docs/models.md)", where)

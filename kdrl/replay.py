@@ -37,7 +37,8 @@ def _check_overrides(old: RunConfig, new: RunConfig) -> None:
                if before[section][key] != after[section][key] and section not in REPLAYABLE
                and f"{section}.{key}" not in {"teacher.offload", "run.method"}]
     if changed:
-        raise ValueError(f"replay can only change {sorted(REPLAYABLE)} (the rollouts are fixed); these differ: {changed}")
+        raise ValueError(f"replay can only change {sorted(REPLAYABLE)} (the rollouts are fixed); "
+                         f"these differ: {changed}")
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -58,8 +59,9 @@ def _check_teacher_inputs(source: RunPaths, step: int, cfg: RunConfig, needed: b
     scores = read_table(source.teacher(step), table="teacher_logprobs")
     missing = scores.filter(wanted & pl.col("teacher_logprobs").is_null())
     if len(missing):
-        raise ValueError(f"{source.teacher(step)}: {len(missing)} responses the new KD mask keeps were never scored "
-                         f"(first {missing.select('prompt_id', 'sample_idx').row(0)}); replay with the original kd_mask")
+        raise ValueError(f"{source.teacher(step)}: {len(missing)} responses the new KD mask keeps were never "
+                         f"scored (first {missing.select('prompt_id', 'sample_idx').row(0)}); replay with the "
+                         "original kd_mask")
     if cfg.loss.kl_estimator == "topk" and scores["topk_ids"].null_count() == len(scores):
         raise ValueError(f"{source.teacher(step)}: no top-k teacher scores stored (teacher.top_k was 0)")
 
@@ -88,10 +90,12 @@ def replay_update(source_dir: Path, step: int, overrides: list[str] | tuple[str,
             raise FileNotFoundError(f"{source.root}: iteration {step} has no {table} (was it generated?)")
     start = None if step == 0 else source.checkpoint(step - 1)
     if start is not None and not (start / "trainer_state.pt").exists():
-        have = sorted(int(p.parent.parent.name.split("_")[1]) for p in source.root.glob("iter_*/checkpoint/trainer_state.pt"))
+        have = sorted(int(p.parent.parent.name.split("_")[1])
+                      for p in source.root.glob("iter_*/checkpoint/trainer_state.pt"))
         raise FileNotFoundError(f"{source.root}: replaying step {step} needs the checkpoint of step {step - 1}; "
                                 f"checkpoints exist for steps {have} (set run.checkpoint_every=1 to replay any step)")
-    dest = RunPaths(Path(dest_dir) if dest_dir else source.root.with_name(f"{source.root.name}-replay{step}-{cfg.hash()[:8]}"))
+    dest = RunPaths(Path(dest_dir) if dest_dir
+                    else source.root.with_name(f"{source.root.name}-replay{step}-{cfg.hash()[:8]}"))
     if latest_checkpoint(dest) is not None:
         raise FileExistsError(f"{dest.root} already holds a replay; remove it or pass another destination")
     created = dest.root  # the topmost folder this call creates; removed again if the replay fails
@@ -120,11 +124,13 @@ def _replay_into(source: RunPaths, dest: RunPaths, step: int, cfg: RunConfig, st
     if start is not None:
         student.restore(start)
         _apply_optim(student.optimizer, student.scheduler, cfg.optim)
-    _check_teacher_inputs(source, step, cfg, teacher_needed(cfg, student.optimizer_step, has_teacher=opened.teacher is not None))
+    _check_teacher_inputs(source, step, cfg,
+                          teacher_needed(cfg, student.optimizer_step, has_teacher=opened.teacher is not None))
     for table in ("rollouts", "rewards", "teacher"):
         if getattr(source, table)(step).exists():
             _link(getattr(source, table)(step), getattr(dest, table)(step))
-    original = read_table(source.metrics(step), table="step_metrics").row(0, named=True) if source.metrics(step).exists() else {}
+    original = (read_table(source.metrics(step), table="step_metrics").row(0, named=True)
+                if source.metrics(step).exists() else {})
     seconds = {k: original.get(f"time_{k}_s", 0.0) for k in ("generate", "reward", "teacher")}
     teacher = Artifact.of(dest.teacher(step), seconds["teacher"]) if dest.teacher(step).exists() else None
     try:

@@ -55,7 +55,8 @@ def generate_rollouts(
 
 def score_rewards(rollouts: pl.DataFrame, prompts: pl.DataFrame, cfg: RewardConfig) -> pl.DataFrame:
     """Binary rule-based reward of every rollout against its prompt's reference answer."""
-    golds = rollouts.select("prompt_id").join(prompts.select("prompt_id", "answer"), on="prompt_id", how="left", maintain_order="left")
+    golds = rollouts.select("prompt_id").join(prompts.select("prompt_id", "answer"), on="prompt_id", how="left",
+                                              maintain_order="left")
     if golds["answer"].null_count():
         bad = golds.filter(pl.col("answer").is_null())["prompt_id"][0]
         raise ValueError(f"rollouts reference prompt_id {bad}, which is not in the prompts table")
@@ -117,7 +118,8 @@ def score_teacher(scorer: TeacherScorer, rollouts: pl.DataFrame, needed: pl.Seri
     )
 
 
-def batch_table(keys: pl.DataFrame, result: UpdateResult, rewards_PG: torch.Tensor, mask_BT: torch.Tensor) -> pl.DataFrame:
+def batch_table(keys: pl.DataFrame, result: UpdateResult, rewards_PG: torch.Tensor,
+                mask_BT: torch.Tensor) -> pl.DataFrame:
     """The ADVANTAGES table: what the update used and saw, per sample (rows in batch order)."""
     lengths = mask_BT.sum(dim=1).long().tolist()
     trim = lambda x_BT: [row[:n] for row, n in zip(x_BT.tolist(), lengths)]  # noqa: E731
@@ -188,7 +190,7 @@ def evaluate_passes(
     `greedy` and temperature > 0 (its rows have temperature 0): pass@1 and greedy accuracy."""
     passes = [(k, temperature)] + ([(1, 0.0)] if greedy and temperature > 0 else [])
     return pl.concat([
-        grade_samples(engine, prompts, step=step, model_name=model_name, k=n, temperature=t, max_new_tokens=max_new_tokens,
-                 reward_cfg=reward_cfg, seed=seed, top_p=top_p if t > 0 else 1.0)
+        grade_samples(engine, prompts, step=step, model_name=model_name, k=n, temperature=t,
+                      max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, top_p=top_p if t > 0 else 1.0)
         for n, t in passes
     ])

@@ -124,8 +124,10 @@ def completion_logprobs_BT(
     logp_parts, topk_parts = [], []
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        args = (hidden_NH[sl], head.weight, head.bias, targets_N[sl], None if topk_NK is None else topk_NK[sl], temperature)
-        logp_N, topk_NK_out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs(*args)
+        args = (hidden_NH[sl], head.weight, head.bias, targets_N[sl], None if topk_NK is None else topk_NK[sl],
+                temperature)
+        logp_N, topk_NK_out = (checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                               else _chunk_logprobs(*args))
         logp_parts.append(logp_N)
         topk_parts.append(topk_NK_out)
     logp_BT = torch.cat(logp_parts).view(B, T)
@@ -169,14 +171,16 @@ def _pad_columns(x_BT: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _non_finite_grads(model: torch.nn.Module, limit: int = 10) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
+    return [name for name, p in model.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
 
 
 def _diverged(what: str, *, model, optimizer, diagnostics: dict) -> TrainingDiverged:
     """Drop the step's gradients and describe it; the caller raises."""
     diagnostics["non_finite_grads"] = _non_finite_grads(model)
     optimizer.zero_grad(set_to_none=True)
-    return TrainingDiverged(f"optimizer step {diagnostics['optimizer_step']}: {what}; the update was not applied", diagnostics)
+    return TrainingDiverged(f"optimizer step {diagnostics['optimizer_step']}: {what}; the update was not applied",
+                            diagnostics)
 
 
 def update_step(
@@ -198,7 +202,8 @@ def update_step(
 
     Raises `TrainingDiverged` (gradients dropped, weights untouched by that optimizer step) at the
     first loss term (pg, kd, nll) or gradient norm that is not finite."""
-    advantages_B = group_advantages_PG(batch.rewards_PG, std_normalize=loss_cfg.std_normalize, unbiased=loss_cfg.unbiased_std).reshape(-1)
+    advantages_B = group_advantages_PG(batch.rewards_PG, std_normalize=loss_cfg.std_normalize,
+                                       unbiased=loss_cfg.unbiased_std).reshape(-1)
     kd_mask = kd_mask_B(batch.rewards_PG, batch.truncated_B, loss_cfg)
     mask_BT = batch.completion_mask_BT
     if loss_cfg.sft_only_correct:
@@ -207,7 +212,8 @@ def update_step(
     num_kd_tokens = token_count(kd_mask[:, None] * mask_BT) if loss_cfg.kd_denominator == "unmasked" else num_tokens
     model.train()
     T = batch.completion_ids_BT.shape[1]
-    bounds = micro_batches(batch.attention_mask_BS[:, :-T].sum(dim=1).tolist(), batch.completion_mask_BT.sum(dim=1).int().tolist(),
+    bounds = micro_batches(batch.attention_mask_BS[:, :-T].sum(dim=1).tolist(),
+                           batch.completion_mask_BT.sum(dim=1).int().tolist(),
                            max_rows=optim_cfg.micro_batch_size, max_tokens=optim_cfg.max_tokens_per_microbatch)
     old_logp_BT = student_logp_BT = kd_per_token_BT = None
     totals: dict[str, float] = {}
@@ -219,28 +225,33 @@ def update_step(
             mb = batch.rows(start, stop).trimmed()
             t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
             mb_mask_BT = mask_BT[start:stop, :t]
-            logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature, topk_ids_BTK=mb.teacher_topk_ids_BTK)
-            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb, kd_mask[start:stop, None] * mb_mask_BT)
+            logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature,
+                                                            topk_ids_BTK=mb.teacher_topk_ids_BTK)
+            kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb,
+                                            kd_mask[start:stop, None] * mb_mask_BT)
             old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop, :t]
             loss, metrics = kdrl_loss(
                 logp_BT=logp_BT, old_logp_BT=old, mask_BT=mb_mask_BT, advantages_B=advantages_B[start:stop],
                 kd_BT=kd_BT, kd_reward_BT=kd_reward_BT, kd_mask_B=kd_mask[start:stop], beta=beta,
-                num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef, nll_coef=loss_cfg.nll_coef,
-                clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
+                num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef,
+                nll_coef=loss_cfg.nll_coef, clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
             )
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             if not math.isfinite(float(metrics["loss"])):
                 bad = [term for key, term in LOSS_TERMS.items() if not math.isfinite(float(metrics[key]))] or ["loss"]
-                diagnostics = {"optimizer_step": optimizer_step + epoch, "epoch": epoch, "rows": [start, stop], "beta": beta,
-                               "lr": scheduler.get_last_lr()[0], **{k: float(v) for k, v in metrics.items()},
-                               "non_finite_terms": bad, "non_finite_student_logp": int((~torch.isfinite(logp_BT)).sum())}
+                diagnostics = {"optimizer_step": optimizer_step + epoch, "epoch": epoch, "rows": [start, stop],
+                               "beta": beta, "lr": scheduler.get_last_lr()[0],
+                               **{k: float(v) for k, v in metrics.items()}, "non_finite_terms": bad,
+                               "non_finite_student_logp": int((~torch.isfinite(logp_BT)).sum())}
                 raise _diverged(f"the {', '.join(bad)} loss term{'s are' if len(bad) > 1 else ' is'} not finite "
-                                f"(rows {start}-{stop - 1} of the batch)", model=model, optimizer=optimizer, diagnostics=diagnostics)
+                                f"(rows {start}-{stop - 1} of the batch)", model=model, optimizer=optimizer,
+                                diagnostics=diagnostics)
             loss.backward()
             logp_parts.append(_pad_columns(logp_BT.detach(), T))
             kd_source = kd_BT if kd_BT is not None else kd_reward_BT
-            kd_parts.append(torch.zeros_like(logp_parts[-1]) if kd_source is None else _pad_columns(kd_source.detach(), T))
+            kd_parts.append(torch.zeros_like(logp_parts[-1]) if kd_source is None
+                            else _pad_columns(kd_source.detach(), T))
         if old_logp_BT is None:
             old_logp_BT = student_logp_BT = torch.cat(logp_parts)
             kd_per_token_BT = torch.cat(kd_parts)
@@ -277,7 +288,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.schedule]
+        return {"constant": 1.0, "linear": 1.0 - progress,
+                "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[cfg.schedule]
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -290,7 +302,8 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
     Refuses non-finite weights (`TrainingDiverged`); a failed write (disk full, quota, permissions)
     removes the temp dir and raises `CheckpointWriteError` naming the folder and the free space."""
     path = Path(path)
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]  # frozen ones cannot change
+    # requires_grad only: frozen ones cannot change
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise TrainingDiverged(f"refusing to write {path}: {len(bad)} weight tensors are not finite (e.g. {bad[0]})",
                                {"optimizer_step": optimizer_step, "non_finite_weights": bad[:10]})
@@ -314,7 +327,8 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
             model.save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")
-    except Exception as err:  # a full disk: OSError (HF files), RuntimeError "[enforce fail at inline_container.cc" (torch), SafetensorError
+    except Exception as err:  # a full disk: OSError (HF files), SafetensorError,
+        # RuntimeError "[enforce fail at inline_container.cc" (torch)
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"checkpoint {describe_write_failure(path, err)}") from err
     shutil.rmtree(path, ignore_errors=True)
@@ -327,7 +341,8 @@ def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
     path = Path(path)
     if is_lora(model) != (path / ADAPTER_DIR).is_dir():
         held = "a LoRA adapter (adapter/)" if (path / ADAPTER_DIR).is_dir() else "full weights (model/)"
-        raise ValueError(f"checkpoint {path} holds {held}, but the student is {'a LoRA' if is_lora(model) else 'a full-weights'} "
+        raise ValueError(f"checkpoint {path} holds {held}, but the student is "
+                         f"{'a LoRA' if is_lora(model) else 'a full-weights'} "
                          "model; resume it with the model.lora setting it was trained with")
     if is_lora(model):
         load_adapter_weights(model, path / ADAPTER_DIR)

@@ -48,8 +48,8 @@ def main() -> None:
     tokenizer = build_char_tokenizer()
     questions = embedded_arithmetic(args.prompts, seed=0)["question"]
     prompts = tokenizer(list(questions), add_special_tokens=True)["input_ids"]
-    print(f"torch threads {torch.get_num_threads()}; {args.prompts} prompts x n={args.n} x <= {args.max_new_tokens} new tokens, fp32, "
-          f"median of {args.repeats}")
+    print(f"torch threads {torch.get_num_threads()}; {args.prompts} prompts x n={args.n} x "
+          f"<= {args.max_new_tokens} new tokens, fp32, median of {args.repeats}")
     print("| model | params | stage | HF tokens/s | vLLM tokens/s | vLLM / HF |")
     print("|---|---|---|---|---|---|")
     extras, keep = [], []
@@ -62,7 +62,8 @@ def main() -> None:
         started = time.perf_counter()
         llm = build_llm(str(path), seed=0)
         startup = time.perf_counter() - started
-        hf_engine, vllm_engine = HFRolloutEngine(model, tokenizer), VLLMRolloutEngine(llm, tokenizer, trainer_model=model)
+        hf_engine, vllm_engine = (HFRolloutEngine(model, tokenizer),
+                                  VLLMRolloutEngine(llm, tokenizer, trainer_model=model))
         vllm_engine.generate(prompts[:4], n=2, max_new_tokens=4)  # warm-up
         rates = {"hf": [], "vllm": []}
         rollouts = None
@@ -83,7 +84,8 @@ def main() -> None:
                 scorer.score(rollouts.prompt_token_ids, rollouts.completion_token_ids)
                 scoring[key].append(n_tokens / (time.perf_counter() - t0))
         row = [statistics.median(scoring["hf"]), statistics.median(scoring["vllm"])]
-        print(f"| {name} | {params / 1e6:.1f}M | teacher scoring | {row[0]:,.0f} | {row[1]:,.0f} | {row[1] / row[0]:.2f} |")
+        print(f"| {name} | {params / 1e6:.1f}M | teacher scoring | {row[0]:,.0f} | {row[1]:,.0f} "
+              f"| {row[1] / row[0]:.2f} |")
         syncs = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()

@@ -43,7 +43,8 @@ def _models(size: str, scratch: Path) -> list[str]:
     for role, seed, (hidden, layers, heads, ffn) in zip(("student", "teacher"), (0, 1), RANDOM_SIZES[size]):
         path = scratch / size / role
         if not (path / "config.json").exists():
-            model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn, seed=seed)
+            model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                     intermediate_size=ffn, seed=seed)
             save_model(model, tokenizer, path)
         key = "model" if role == "student" else "teacher"
         flags += ["--set", f"{key}.name_or_path={path}"]
@@ -54,9 +55,11 @@ def _run(run_id: str, flags: list[str], runs_dir: Path) -> tuple[float, "object"
     import polars as pl
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, "-m", "flows.cli", "train", "--no-prefect", "--run-id", run_id, "--set", f"run.runs_dir={runs_dir}", *flags]
+    argv = [sys.executable, "-m", "flows.cli", "train", "--no-prefect", "--run-id", run_id,
+            "--set", f"run.runs_dir={runs_dir}", *flags]
     started = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    done = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{run_id} failed:\n{done.stdout[-4000:]}")
@@ -72,23 +75,26 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="kdrl-bench-step-"))
     common = ["--set", "run.method=kdrl", "--set", f"run.steps={args.steps}", "--set", "run.eval_every=0",
               "--set", "run.checkpoint_every=0"]  # the default data section, so the embedded cache hits
-    print(f"{args.steps} KDRL steps per run (P=16 prompts x G=8, <= 48 new tokens), medians over steps 1..{args.steps - 1}")
-    print("| model | engines | generate s | teacher s | update s | sync s | step s | vLLM / HF step | tokens/step | sync gap (max) | run wall s |")
+    print(f"{args.steps} KDRL steps per run (P=16 prompts x G=8, <= 48 new tokens), "
+          f"medians over steps 1..{args.steps - 1}")
+    print("| model | engines | generate s | teacher s | update s | sync s | step s | vLLM / HF step | tokens/step "
+          "| sync gap (max) | run wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         flags = common + _models(size, scratch)
         medians = {}
         for engine in ("hf", "vllm"):
-            wall, m = _run(f"{size}-{engine}", flags + ["--set", f"rollout.engine={engine}", "--set", f"teacher.engine={engine}"],
+            wall, m = _run(f"{size}-{engine}",
+                           flags + ["--set", f"rollout.engine={engine}", "--set", f"teacher.engine={engine}"],
                            scratch / "runs")
             steady = m.filter(m["step"] > 0)
             medians[engine] = {c: steady[c].median() for c in STAGES}
             row = medians[engine]
             ratio = f"{row['time_total_s'] / medians['hf']['time_total_s']:.2f}" if engine == "vllm" else "1"
             gap = steady["sync_logp_gap_max"].max()
-            print(f"| {size} | {engine} | {row['time_generate_s']:.2f} | {row['time_teacher_s']:.2f} | {row['time_update_s']:.2f} | "
-                  f"{row['time_sync_s']:.3f} | {row['time_total_s']:.2f} | {ratio} | {steady['num_tokens'].median():,.0f} | "
-                  f"{'-' if gap != gap else f'{gap:.1e}'} | {wall:.0f} |")
+            print(f"| {size} | {engine} | {row['time_generate_s']:.2f} | {row['time_teacher_s']:.2f} "
+                  f"| {row['time_update_s']:.2f} | {row['time_sync_s']:.3f} | {row['time_total_s']:.2f} | {ratio} "
+                  f"| {steady['num_tokens'].median():,.0f} | {'-' if gap != gap else f'{gap:.1e}'} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

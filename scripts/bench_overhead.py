@@ -7,8 +7,9 @@ models from run.cache_dir, trained there on first use: several minutes; add e.g.
 `--set embedded.teacher_steps=50` to shorten that, model quality does not matter here) for
 `--iters` iterations four times in this one process, in the order plain loop, flow, flow, plain
 loop (ABBA, so slow drift of a shared machine cancels). The plain loop is the flow body run
-without Prefect (`flows.train.train_without_prefect`); the flow is `flows.train.kdrl_train` run as `kdrl train` runs it (the server PREFECT_API_URL names, else
-a local server at lower priority, see flows/server.py; `--ephemeral`: Prefect's ephemeral mode).
+without Prefect (`flows.train.train_without_prefect`); the flow is `flows.train.kdrl_train` run
+as `kdrl train` runs it (the server PREFECT_API_URL names, else a local server at lower
+priority, see flows/server.py; `--ephemeral`: Prefect's ephemeral mode).
 
 An iteration's wall time is the time between two consecutive metrics.parquet writes (so the
 flow's task orchestration, cache keys, result records and artifacts between two updates all
@@ -27,7 +28,8 @@ import tempfile
 
 # Prefect reads its settings at import time. A fresh PREFECT_HOME and result storage (unless
 # given) make the one-off start-up cost that of a new machine and keep old cache records out.
-for _name, _prefix in (("PREFECT_HOME", "bench-prefect-home-"), ("PREFECT_LOCAL_STORAGE_PATH", "bench-prefect-storage-")):
+for _name, _prefix in (("PREFECT_HOME", "bench-prefect-home-"),
+                       ("PREFECT_LOCAL_STORAGE_PATH", "bench-prefect-storage-")):
     if _name not in os.environ:
         os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
         # registered before prefect is imported, so it runs after prefect stops its ephemeral server
@@ -173,31 +175,38 @@ def report(runs: list[RunTiming], *, iters: int, mode: str, load: tuple[float, f
     extra, extra_outside = wall["flow"] - wall["plain"], outside["flow"] - outside["plain"]
     flows = by["flow"]
     lines = [
-        (f"{iters} iterations per run, runs in the order {', '.join(r.driver for r in runs)}; medians over steps 1..{iters - 1} "
+        (f"{iters} iterations per run, runs in the order {', '.join(r.driver for r in runs)}; "
+         f"medians over steps 1..{iters - 1} "
          f"of both runs of a driver ({2 * (iters - 1)} iterations each). Flow mode: {mode}."),
         "",
         "| per iteration | plain loop | flow | flow − plain |",
         "|---|---|---|---|",
-        f"| wall time (s) | {wall['plain']:.3f} | {wall['flow']:.3f} | {extra:+.3f} ({100 * extra / wall['plain']:+.1f}%) |",
-        f"| inside the stages (time_total_s) | {stages['plain']:.3f} | {stages['flow']:.3f} | {stages['flow'] - stages['plain']:+.3f} |",
+        (f"| wall time (s) | {wall['plain']:.3f} | {wall['flow']:.3f} | "
+         f"{extra:+.3f} ({100 * extra / wall['plain']:+.1f}%) |"),
+        (f"| inside the stages (time_total_s) | {stages['plain']:.3f} | {stages['flow']:.3f} | "
+         f"{stages['flow'] - stages['plain']:+.3f} |"),
         *(f"| · {stage} | {per_stage['plain'][stage]:.3f} | {per_stage['flow'][stage]:.3f} | "
           f"{per_stage['flow'][stage] - per_stage['plain'][stage]:+.3f} |" for stage in STAGES),
         (f"| outside the stages (wall − stages) | {outside['plain']:.3f} | {outside['flow']:.3f} | "
          f"{extra_outside:+.3f} ({100 * extra_outside / wall['plain']:+.1f}%) |"),
-        (f"| Parquet I/O (write_table + read_table) | {parquet['plain']:.3f} ({100 * parquet['plain'] / wall['plain']:.1f}%) | "
-         f"{parquet['flow']:.3f} ({100 * parquet['flow'] / wall['flow']:.1f}%) | {parquet['flow'] - parquet['plain']:+.3f} |"),
+        (f"| Parquet I/O (write_table + read_table) | "
+         f"{parquet['plain']:.3f} ({100 * parquet['plain'] / wall['plain']:.1f}%) | "
+         f"{parquet['flow']:.3f} ({100 * parquet['flow'] / wall['flow']:.1f}%) | "
+         f"{parquet['flow'] - parquet['plain']:+.3f} |"),
         f"| Parquet calls | {calls['plain']:.0f} | {calls['flow']:.0f} | {calls['flow'] - calls['plain']:+.0f} |",
         "",
-        "| run | driver | start-up before the first model load (s) | median iteration (s) | after the last update (s) | whole run (s) |",
+        ("| run | driver | start-up before the first model load (s) | median iteration (s) | "
+         "after the last update (s) | whole run (s) |"),
         "|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(runs):
-        lines.append(f"| {i + 1} | {r.driver} | {r.startup:.2f} | {_median(r.intervals):.3f} | {r.tail:.2f} | {r.total:.1f} |")
+        lines.append(f"| {i + 1} | {r.driver} | {r.startup:.2f} | {_median(r.intervals):.3f} | {r.tail:.2f} "
+                     f"| {r.total:.1f} |")
     plain_startup = _median([r.startup for r in by["plain"]])
     lines += [
         "",
-        (f"One-off flow start-up (first flow in the process, {mode}): {flows[0].startup - plain_startup:.2f} s more than the "
-         f"plain loop's; a later flow in the same process: {flows[1].startup - plain_startup:.2f} s."),
+        (f"One-off flow start-up (first flow in the process, {mode}): {flows[0].startup - plain_startup:.2f} s "
+         f"more than the plain loop's; a later flow in the same process: {flows[1].startup - plain_startup:.2f} s."),
         f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}.",
         f"Machine: {_machine()}.",
     ]
@@ -232,7 +241,8 @@ def main() -> None:
         for role in ("student", "teacher"):  # train/cache the embedded models outside any timing
             resolve_model_path(getattr(cfg, "model" if role == "student" else "teacher").name_or_path, cfg)
         load_before = os.getloadavg()[0]
-        runs = [run_once(driver, i, overrides, runs_dir, probe) for i, driver in enumerate(["plain", "flow", "flow", "plain"])]
+        runs = [run_once(driver, i, overrides, runs_dir, probe)
+                for i, driver in enumerate(["plain", "flow", "flow", "plain"])]
         load_after = os.getloadavg()[0]
         same = _same_metrics(runs_dir / "plain-0", runs_dir / "flow-1")
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt

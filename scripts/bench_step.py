@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(overrides=[f"run.steps={args.steps}", "run.eval_every=0", f"run.runs_dir={tmp}", *args.overrides])
+        cfg = load_config(overrides=[f"run.steps={args.steps}", "run.eval_every=0", f"run.runs_dir={tmp}",
+                                     *args.overrides])
         train_without_prefect(cfg, Path(tmp) / "bench")
         metrics = pl.read_parquet(str(Path(tmp) / "bench" / "iter_*" / "metrics.parquet")).filter(pl.col("step") > 0)
     stages = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s"]
-    summary = metrics.select([pl.col(c).median() for c in stages] + [pl.col("num_tokens").median(), pl.col("tokens_per_s").median()])
+    summary = metrics.select([pl.col(c).median() for c in stages]
+                             + [pl.col("num_tokens").median(), pl.col("tokens_per_s").median()])
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
     print(f"method {cfg.run.method}, P={P} G={G} (B={P * G}), max_new_tokens {cfg.rollout.max_new_tokens}, "
           f"torch threads {__import__('torch').get_num_threads()}, median of steps 1..{args.steps - 1}")

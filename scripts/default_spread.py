@@ -52,7 +52,8 @@ def main() -> None:
         print(pl.DataFrame(rows), flush=True)
     frame = pl.DataFrame(rows)
     print("\nrange over seeds (min – max):")
-    for column in ("teacher", "student_before", "student_after", "len_before", "len_after", "teacher_kept_step", "warm_start_s"):
+    for column in ("teacher", "student_before", "student_after", "len_before", "len_after", "teacher_kept_step",
+                   "warm_start_s"):
         print(f"  {column:18s} {frame[column].min():.3f} – {frame[column].max():.3f}")
 
 

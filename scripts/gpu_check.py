@@ -70,9 +70,12 @@ def full_plan() -> Plan:
 
 def tiny_plan() -> Plan:
     small = {"vocab_size": 512, "max_position_embeddings": 256, "tie_word_embeddings": False, "num_key_value_heads": 2}
-    return Plan(student=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **small),
-                teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, **small),
-                device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64, dtype=torch.bfloat16)
+    return Plan(student=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    **small),
+                teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                                    **small),
+                device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64,
+                dtype=torch.bfloat16)
 
 
 class IdsOnly:
@@ -113,7 +116,8 @@ def measured(fn):
 def prompt_ids(plan: Plan, vocab: int, count: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     step = max(1, plan.prompt_tokens // 16)  # a little padding between prompts, as real ones have
-    return [torch.randint(3, vocab - 1, (plan.prompt_tokens - step * (i % 4),), generator=g).tolist() for i in range(count)]
+    return [torch.randint(3, vocab - 1, (plan.prompt_tokens - step * (i % 4),), generator=g).tolist()
+            for i in range(count)]
 
 
 def section_generate(plan: Plan) -> list[Result]:
@@ -124,11 +128,13 @@ def section_generate(plan: Plan) -> list[Result]:
     engine = HFRolloutEngine(model, IdsOnly(eos=plan.student.vocab_size - 1), batch_size=plan.prompts * plan.samples)
     prompts = prompt_ids(plan, plan.student.vocab_size, plan.prompts)
     engine.generate(prompts, n=1, max_new_tokens=4, seed=0)  # warm-up
-    rollouts, seconds, peak = measured(lambda: engine.generate(prompts, n=plan.samples, max_new_tokens=plan.new_tokens, seed=0))
+    rollouts, seconds, peak = measured(lambda: engine.generate(prompts, n=plan.samples, max_new_tokens=plan.new_tokens,
+                                                               seed=0))
     tokens = sum(len(c) for c in rollouts.completion_token_ids)
     d = plan.dtype.itemsize
     kv = kv_cache_row(shape, d=d, seqs=plan.prompts * plan.samples, row_tokens=plan.prompt_tokens + plan.new_tokens)
-    return [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes, f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}")]
+    return [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes,
+                   f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}")]
 
 
 def section_teacher(plan: Plan) -> list[Result]:
@@ -139,7 +145,8 @@ def section_teacher(plan: Plan) -> list[Result]:
     rows = plan.prompts * plan.samples
     prompts = prompt_ids(plan, plan.teacher.vocab_size, rows)
     g = torch.Generator().manual_seed(2)
-    completions = [torch.randint(3, plan.student.vocab_size - 1, (plan.new_tokens - 8 * i,), generator=g).tolist() for i in range(rows)]
+    completions = [torch.randint(3, plan.student.vocab_size - 1, (plan.new_tokens - 8 * i,), generator=g).tolist()
+                   for i in range(rows)]
     budget = plan.token_budget
     scorer = HFTeacherScorer(model, IdsOnly(eos=2), max_tokens_per_batch=budget)
     scorer.score(prompts[:1], [completions[0][:8]])  # warm-up
@@ -163,7 +170,8 @@ def step_batch(plan: Plan, vocab: int):
     g = torch.Generator().manual_seed(3)
     lengths = [plan.new_tokens - (plan.new_tokens // (2 * rows)) * i for i in range(rows)]
     completions = [torch.randint(3, vocab - 1, (n,), generator=g).tolist() for n in lengths]
-    key = {"step": [0] * rows, "prompt_id": [i // plan.samples for i in range(rows)], "sample_idx": [i % plan.samples for i in range(rows)]}
+    key = {"step": [0] * rows, "prompt_id": [i // plan.samples for i in range(rows)],
+           "sample_idx": [i % plan.samples for i in range(rows)]}
     rollouts = pl.DataFrame({**key, "prompt_token_ids": [prompts[i // plan.samples] for i in range(rows)],
                              "completion_token_ids": completions, "sampler_logprobs": [[-1.0] * n for n in lengths],
                              "finish_reason": ["stop"] * rows, "completion_text": [""] * rows}, schema=ROLLOUTS)
@@ -187,14 +195,16 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
             return [Result(name, 0, 0.0, None, 0, f"skipped: {err}")]
     shape = ModelShape.from_config(plan.student)
     model = build(plan.student, plan, dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as kdrl.workers.load_run does
+    # as kdrl.workers.load_run does
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = apply_lora(model, LoraConfig(r=16), seed=0).to(plan.device)
     batch = step_batch(plan, plan.student.vocab_size).to(torch.device(plan.device))
     optim_cfg = OptimConfig(lr=1e-6, micro_batch_size=64, max_tokens_per_microbatch=plan.token_budget)
     optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=4)
     loss_cfg = LossConfig(beta_init=5e-3)
-    step = lambda i: update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)
+    step = lambda i: update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg,
+                                 optimizer_step=i)
     step(0)  # warm-up, and AdamW's moments exist from here on, as in a run's later steps
     _, seconds, peak = measured(lambda: step(1))
     T = batch.completion_ids_BT.shape[1]
@@ -206,7 +216,8 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     d = dtype.itemsize
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable_d = 4 if lora else d
-    phase = update_rows(shape, d=d, tokens=rows * width, row_tokens=width, checkpointing=True, trainable=trainable, trainable_d=trainable_d)
+    phase = update_rows(shape, d=d, tokens=rows * width, row_tokens=width, checkpointing=True, trainable=trainable,
+                        trainable_d=trainable_d)
     adapter = trainable * 4 if lora else 0
     resident = shape.params * d + adapter + 2 * trainable * trainable_d
     on_cuda = plan.device == "cuda"
@@ -227,7 +238,8 @@ def summary(results: list[Result]) -> str:
     for r in results:
         ratio = "" if r.peak_bytes is None or not r.estimate_bytes else f"{r.peak_bytes / r.estimate_bytes:.2f}"
         rate = f"{r.tokens / r.seconds:,.0f}" if r.seconds else ""
-        lines.append(f"| {r.section} | {r.tokens:,} | {r.seconds:.2f} | {rate} | {size(r.peak_bytes)} | {size(r.estimate_bytes)} | {ratio} | {r.note} |")
+        lines.append(f"| {r.section} | {r.tokens:,} | {r.seconds:.2f} | {rate} | {size(r.peak_bytes)} "
+                     f"| {size(r.estimate_bytes)} | {ratio} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -252,7 +264,8 @@ def main() -> None:
         print(f"== {title}", flush=True)
         for r in run():
             results.append(r)
-            print(f"   {r.tokens:,} tokens in {r.seconds:.2f} s; peak {size(r.peak_bytes)}, estimate {size(r.estimate_bytes)}; {r.note}", flush=True)
+            print(f"   {r.tokens:,} tokens in {r.seconds:.2f} s; peak {size(r.peak_bytes)}, "
+                  f"estimate {size(r.estimate_bytes)}; {r.note}", flush=True)
     print("== summary\n" + summary(results), flush=True)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))

@@ -43,5 +43,6 @@ def summarize(root: str, wall_s: list[tuple[str, int, float]], plot: bool = True
 def publish(root: str) -> str:
     """A markdown artifact with the comparison table and the plot inlined."""
     markdown = markdown_with_inline_plot(load_plan(root))
-    create_markdown_artifact(markdown, key=artifact_key(root, "comparison"), description=f"kdrl compare {Path(root).name}")
+    create_markdown_artifact(markdown, key=artifact_key(root, "comparison"),
+                             description=f"kdrl compare {Path(root).name}")
     return markdown

@@ -41,7 +41,8 @@ def crash_stale_flow_runs(run_dir: str | Path) -> int:
             client.update_flow_run(current, tags=sorted({*client.read_flow_run(current).tags, tag}))
         stale = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
                      tags=FlowRunFilterTags(all_=[tag]),
-                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
+                     state=FlowRunFilterState(
+                         type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
                  if str(r.id) != str(current)]
         for run in stale:
             client.set_flow_run_state(run.id, Crashed(message=(

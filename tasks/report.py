@@ -66,11 +66,13 @@ def final_report(run_dir: str, last_step: int) -> str:
             for r in summarize_evaluation(read_table(path, table="evaluations")).iter_rows(named=True):
                 lines.append(f"| {when} | {r['model']} | {r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']} |")
     metrics = run_metrics(paths.root)
-    lines += ["", "## Learning curve", "", "| step | reward | KL (k1) | β | held-out pass@1 | s/iter |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Learning curve", "", "| step | reward | KL (k1) | β | held-out pass@1 | s/iter |",
+              "|---|---|---|---|---|---|"]
     stride = max(1, metrics.height // 20)
     for r in metrics.gather_every(stride).iter_rows(named=True):
         heldout = "" if r["heldout_pass_at_1"] is None else f"{r['heldout_pass_at_1']:.3f}"
-        lines.append(f"| {r['step']} | {r['reward_mean']:.3f} | {r['kl_k1_mean']:+.4f} | {r['beta']:.4f} | {heldout} | {r['time_total_s']:.2f} |")
+        lines.append(f"| {r['step']} | {r['reward_mean']:.3f} | {r['kl_k1_mean']:+.4f} | {r['beta']:.4f} | {heldout} "
+                     f"| {r['time_total_s']:.2f} |")
     markdown = "\n".join(lines)
     create_markdown_artifact(markdown, key=artifact_key(run_dir, "report"), description=f"{paths.root.name} summary")
     return markdown

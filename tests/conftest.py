@@ -97,7 +97,8 @@ def prefect_harness(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("prefect_storage")
     # server_startup_timeout=None: wait PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (90 above)
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=None):
+    with (temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}),
+          prefect_test_harness(server_startup_timeout=None)):
         yield PREFECT_API_URL.value()
 
 
@@ -107,7 +108,8 @@ def tiny_prompts(tiny_tokenizer):
     import polars as pl
 
     ids = tiny_tokenizer(["12+34=", "5+7=", "123+9="])["input_ids"]
-    return pl.DataFrame({"prompt_id": [10, 11, 12], "prompt_token_ids": ids}, schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
+    return pl.DataFrame({"prompt_id": [10, 11, 12], "prompt_token_ids": ids},
+                        schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +139,8 @@ def step_tables(tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts, reward
     engine = HFRolloutEngine(tiny_student, tiny_tokenizer)
     rollouts = generate_rollouts(engine, tiny_prompts, step=0, n=4, max_new_tokens=12, seed=3)
     rewards = rewards_for(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, kd_needed(rollouts, rewards, LossConfig()))
+    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts,
+                            kd_needed(rollouts, rewards, LossConfig()))
     return rollouts, rewards, teacher
 
 
@@ -207,7 +210,8 @@ def server_pids():
 
     def server_pids(url: str) -> list[int]:
         port = url.split(":")[-1].split("/")[0]
-        out = subprocess.run(["pgrep", "-f", f"prefect server start --host 127.0.0.1 --port {port}"], capture_output=True, text=True)
+        out = subprocess.run(["pgrep", "-f", f"prefect server start --host 127.0.0.1 --port {port}"],
+                             capture_output=True, text=True)
         return [int(pid) for pid in out.stdout.split()]
 
     return server_pids

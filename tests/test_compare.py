@@ -68,8 +68,10 @@ def test_every_arm_shares_data_and_budget_and_differs_only_in_its_method(tmp_pat
     assert configs[("kdrl_mask_group", 1)].loss.kd_mask == "group"
     assert configs[("kdrl_topk", 0)].teacher.top_k == 16
     # the same command plans the same folder; another budget another one
-    assert plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 7}), arms=tuple(ARMS), seeds=2).root == plan.root
-    assert plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 8}), arms=tuple(ARMS), seeds=2).root != plan.root
+    same_budget = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 7}), arms=tuple(ARMS), seeds=2)
+    assert same_budget.root == plan.root
+    other_budget = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 8}), arms=tuple(ARMS), seeds=2)
+    assert other_budget.root != plan.root
 
 
 # The arms as they were written before they were derived from PRESETS (issue 14): the overrides
@@ -131,10 +133,12 @@ def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: i
                     for sample in range(k):
                         rows.append({"step": step, "prompt_id": prompt, "sample_idx": sample, "model": model,
                                      "temperature": temperature, "completion_text": "x", "completion_len": length,
-                                     "finish_reason": "stop", "extracted_answer": "1", "correct": prompt < round(p * 10)})
+                                     "finish_reason": "stop", "extracted_answer": "1",
+                                     "correct": prompt < round(p * 10)})
         return pl.DataFrame(rows)
 
-    write_table(evaluations(-1, 0.1, 0.2, ("student", "teacher")), paths.offline / "eval_baseline.parquet", table="evaluations")
+    write_table(evaluations(-1, 0.1, 0.2, ("student", "teacher")), paths.offline / "eval_baseline.parquet",
+                table="evaluations")
     write_table(evaluations(steps - 1, final_acc, greedy_acc), paths.evaluation(steps - 1), table="evaluations")
     for step in range(steps):
         row = {name: 0.0 for name in STEP_METRICS}
@@ -171,7 +175,8 @@ def test_the_table_is_mean_and_interval_over_seeds_at_the_final_step(tmp_path):
     assert "| grpo | 3 | 0.600 ± 0.248 | 0.700 ± 0.430 | 20.0 ± 0.0 | 0 | 12 |" in markdown
     assert Path(out.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # wall times measured earlier survive a rewrite that measured nothing new
-    assert read_table(write_comparison(plan, plot=False).runs, table="compare_runs").filter(method="grpo", seed=0)["wall_s"][0] == 12.0
+    runs = read_table(write_comparison(plan, plot=False).runs, table="compare_runs")
+    assert runs.filter(method="grpo", seed=0)["wall_s"][0] == 12.0
 
 
 def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_harness, embedded_cache):

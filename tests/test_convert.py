@@ -28,7 +28,8 @@ from kdrl.convert import (
 from kdrl.models import load_causal_lm, load_tokenizer, tokenizers_match
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
@@ -130,10 +131,11 @@ def test_train_with_missing_smollm2_folders_prints_the_commands_that_make_them(t
     monkeypatch.chdir(tmp_path)  # the config's .cache/kdrl/smollm2/... folders are relative to here
     assert main(["train", "--no-prefect", "--config", str(ROOT / "data/configs/smollm2.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "model.name_or_path '.cache/kdrl/smollm2/student': no such folder yet; make it with: kdrl import-gguf smollm2 " \
-           ".cache/kdrl/smollm2/teacher (if not done yet), then kdrl prune-layers .cache/kdrl/smollm2/teacher " \
-           ".cache/kdrl/smollm2/student --keep" in err
-    assert "teacher.name_or_path '.cache/kdrl/smollm2/teacher': no such folder yet; make it with: kdrl import-gguf smollm2 .cache/kdrl/smollm2/teacher" in err
+    assert ("model.name_or_path '.cache/kdrl/smollm2/student': no such folder yet; make it with: "
+            "kdrl import-gguf smollm2 .cache/kdrl/smollm2/teacher (if not done yet), then kdrl prune-layers "
+            ".cache/kdrl/smollm2/teacher .cache/kdrl/smollm2/student --keep") in err
+    assert ("teacher.name_or_path '.cache/kdrl/smollm2/teacher': no such folder yet; make it with: "
+            "kdrl import-gguf smollm2 .cache/kdrl/smollm2/teacher") in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -141,8 +143,10 @@ def test_missing_model_folder_is_only_about_local_paths(tiny_model_dir):
     assert missing_model_folder("Qwen/Qwen2.5-0.5B-Instruct", "model.name_or_path") is None  # a hub name
     assert missing_model_folder("embedded:student", "model.name_or_path") is None
     assert missing_model_folder(str(tiny_model_dir / "student"), "model.name_or_path") is None
-    assert missing_model_folder("./nowhere/model", "teacher.name_or_path") == "teacher.name_or_path './nowhere/model': no such local folder"
+    assert (missing_model_folder("./nowhere/model", "teacher.name_or_path")
+            == "teacher.name_or_path './nowhere/model': no such local folder")
     from kdrl.config import load_config
 
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir / 'student'}", f"teacher.name_or_path={tiny_model_dir / 'teacher'}"])
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir / 'student'}",
+                             f"teacher.name_or_path={tiny_model_dir / 'teacher'}"])
     check_model_folders(cfg)  # both exist: nothing raised

@@ -102,16 +102,17 @@ def test_only_settings_that_shape_the_models_change_the_cache_key():
 
 @pytest.mark.slow
 def test_a_teacher_below_its_target_is_kept_with_a_warning_and_a_record(tmp_path):
-    cfg = load_config(None, [*SMALL, "embedded.teacher_steps=4", "embedded.eval_every=2", "embedded.teacher_target=0.99",
-                             "rollout.max_new_tokens=12", f"run.cache_dir={tmp_path}"])
+    cfg = load_config(None, [*SMALL, "embedded.teacher_steps=4", "embedded.eval_every=2",
+                             "embedded.teacher_target=0.99", "rollout.max_new_tokens=12", f"run.cache_dir={tmp_path}"])
     lines = []
     assert E.missing_embedded_models(cfg) == ["student", "teacher"]
     path = E.resolve_model_path("embedded:teacher", cfg, log=lines.append)
     assert E.missing_embedded_models(cfg) == ["student"]
-    assert E.missing_embedded_models(load_config(None, [*SMALL, "run.method=grpo", f"run.cache_dir={tmp_path}/other"])) \
-        == ["student"]  # GRPO never loads the teacher
+    grpo = load_config(None, [*SMALL, "run.method=grpo", f"run.cache_dir={tmp_path}/other"])
+    assert E.missing_embedded_models(grpo) == ["student"]  # GRPO never loads the teacher
     record = json.loads((E.embedded_dir(cfg) / "teacher" / "warm_start.json").read_text())
     assert path == str(E.embedded_dir(cfg) / "teacher")
     assert record["target"] == 0.99 and [step for step, _ in record["validation"]] == [2, 4]
     warning = [line for line in lines if "WARNING" in line]
-    assert len(warning) == 1 and "embedded.teacher_target=0.99" in warning[0] and "embedded.teacher_steps=4" in warning[0]
+    assert len(warning) == 1
+    assert "embedded.teacher_target=0.99" in warning[0] and "embedded.teacher_steps=4" in warning[0]

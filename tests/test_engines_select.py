@@ -10,8 +10,8 @@ from kdrl.engines.select import VLLM_MIN_PARAMS_CPU, choose_engine, count_parame
 
 
 def _choose(requested, *, num_params=1_000_000, device="cpu", installed=True, must_release=False):
-    return choose_engine(requested, field="rollout.engine", num_params=num_params, device=device, vllm_installed=installed,
-                         must_release=must_release)
+    return choose_engine(requested, field="rollout.engine", num_params=num_params, device=device,
+                         vllm_installed=installed, must_release=must_release)
 
 
 def test_configured_engines_are_taken_as_they_are():
@@ -58,7 +58,8 @@ def test_parameter_count_from_config_matches_the_loaded_model(tiny_model_dir, ti
 
 
 def test_config_refuses_a_vllm_teacher_offload_without_sleep_mode():
-    with pytest.raises(ValueError, match="teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode"):
+    with pytest.raises(ValueError,
+                       match="teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode"):
         load_config(overrides=["teacher.engine=vllm", "teacher.offload=true"])
     load_config(overrides=["teacher.engine=vllm", "teacher.offload=true", "teacher.vllm.enable_sleep_mode=true"])
 

@@ -72,7 +72,8 @@ def test_rollouts_carry_the_policys_logprobs(llms, tiny_tokenizer, tiny_student)
     eos = tiny_tokenizer.eos_token_id
     for tokens, logps, reason in zip(out.completion_token_ids, out.sampler_logprobs, out.finish_reason):
         assert len(tokens) == len(logps) > 0
-        assert (reason == "stop") == (tokens[-1] == eos) and (reason == "length") == (len(tokens) == 12 and tokens[-1] != eos)
+        assert (reason == "stop") == (tokens[-1] == eos)
+        assert (reason == "length") == (len(tokens) == 12 and tokens[-1] != eos)
     # the sampler's log-probs are the student's own (HF scoring of the same tokens)
     hf = HFTeacherScorer(tiny_student, tiny_tokenizer).score(out.prompt_token_ids, out.completion_token_ids)
     gap = max(abs(a - b) for row_a, row_b in zip(hf.logprobs, out.sampler_logprobs) for a, b in zip(row_a, row_b))

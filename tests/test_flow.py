@@ -86,7 +86,8 @@ def _kdrl_train(flow_env, run_id: str, *, fault: str | None = None, plain: bool 
     env = flow_env.env if fault is None else {**flow_env.env, "KDRL_FAULT": fault}
     argv = ["train", "--run-id", run_id, *flow_env.flags, *(["--no-prefect"] if plain else [])]
     return subprocess.run([sys.executable, "-m", "flows.cli", *argv],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,8 @@ def reference(flow_env) -> Path:
 
 def _task_states(log: str) -> dict[str, str]:
     """{task run name: final state} of the per-step tasks in a flow's log ("generate-3": "Cached")."""
-    return {name: state for name, state in TASK_STATE.findall(log) if re.match(r"(generate|rewards|teacher|update|evaluate)-", name)}
+    return {name: state for name, state in TASK_STATE.findall(log)
+            if re.match(r"(generate|rewards|teacher|update|evaluate)-", name)}
 
 
 def _expected_states_after_kill(stage: str) -> dict[str, str]:
@@ -127,7 +129,8 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
             timing = [c for c in fa.columns if TIMING.match(c)]
             assert fb.drop(timing).equals(fa.drop(timing)), f"{name} of step {step}"
     for path in (Path("offline") / "eval_baseline.parquet", b.evaluation(LAST).relative_to(b.root)):
-        assert read_table(b.root / path, table="evaluations").equals(read_table(a.root / path, table="evaluations")), path
+        assert read_table(b.root / path, table="evaluations").equals(
+            read_table(a.root / path, table="evaluations")), path
 
 
 @pytest.mark.slow
@@ -203,11 +206,13 @@ def test_kdrl_warnings_reach_the_flow_runs_log_in_the_ui(flow_env, prefect_serve
     # a local dataset with repeated questions: the count of dropped rows is a kdrl.data WARNING
     rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(8) for b in range(8)]
     (tmp_path / "dups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))
-    settings = {**TINY, **SUBPROCESS, "run.steps": 1, "run.runs_dir": flow_env.runs_dir, "data.source": tmp_path / "dups.jsonl",
-                "data.num_train": 40, "model.name_or_path": tiny_model_dir / "student", "teacher.name_or_path": tiny_model_dir / "teacher"}
+    settings = {**TINY, **SUBPROCESS, "run.steps": 1, "run.runs_dir": flow_env.runs_dir,
+                "data.source": tmp_path / "dups.jsonl", "data.num_train": 40,
+                "model.name_or_path": tiny_model_dir / "student", "teacher.name_or_path": tiny_model_dir / "teacher"}
     del settings["data.max_digits"]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "dups", *_flags(settings)], cwd=ROOT, env=flow_env.env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "dups", *_flags(settings)],
+                          cwd=ROOT, env=flow_env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-4000:]
     [run] = _flow_runs(prefect_server, "dups")
     assert any("5 duplicate row(s) dropped" in message for message in _flow_run_logs(prefect_server, run.id))
@@ -232,7 +237,8 @@ def test_a_killed_runs_flow_run_is_marked_crashed_when_the_run_starts_again(flow
     assert elsewhere.returncode == 137, elsewhere.stdout[-4000:]
     again = _kdrl_train(flow_env, "ghost")
     assert again.returncode == 0 and "earlier flow run" not in again.stdout, again.stdout[-4000:]
-    assert [r.state.type.value for r in _flow_runs(prefect_server, "ghost")] == ["CRASHED", "COMPLETED", "RUNNING", "COMPLETED"]
+    assert [r.state.type.value for r in _flow_runs(prefect_server, "ghost")] == [
+        "CRASHED", "COMPLETED", "RUNNING", "COMPLETED"]
 
 
 @pytest.mark.slow
@@ -298,7 +304,8 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
     out = "".join(lines)
     assert sent is not None, out[-4000:]
     took = time.monotonic() - sent
-    assert (code, took < 30) == (143, True), f"exit code {code} {took:.0f} s after SIGTERM; output before:\n{out[-3000:]}"
+    assert (code, took < 30) == (143, True), (f"exit code {code} {took:.0f} s after SIGTERM; "
+                                              f"output before:\n{out[-3000:]}")
     assert "kdrl train: stopped by SIGTERM while running the kdrl-train flow" in out, out[-4000:]
     assert url is not None and server_pids(url) == []
     with local_server(env=env) as api_url:
@@ -310,15 +317,18 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["flow", "no-prefect"])
-def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, prefect_harness, embedded_cache, locked_by_subprocess):
+def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, prefect_harness, embedded_cache,
+                                                    locked_by_subprocess):
     run_dir = tmp_path / "runs" / "busy"
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("written before the refused attempt\n")
-    argv = ["train", "--run-id", "busy", *_flags({**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache})]
+    argv = ["train", "--run-id", "busy",
+            *_flags({**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache})]
     with locked_by_subprocess(run_dir) as holder:
         before = _snapshot(run_dir)
         code = main(argv + (["--no-prefect"] if plain else []))
@@ -355,7 +365,8 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness
         assert deployment.global_concurrency_limit.limit == 1
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert nightly.parameters == {"config_path": "data/configs/default.yaml", "overrides": [], "run_id": "nightly-{date}"}
+    assert nightly.parameters == {"config_path": "data/configs/default.yaml", "overrides": [],
+                                  "run_id": "nightly-{date}"}
     assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"  # a late night run never overlaps the next
     assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
     assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
@@ -365,7 +376,8 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness
     assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"
     # the deployed flows' parameters are the functions' (a renamed argument breaks the deployment)
     assert "checkpoint" in evaluate.parameter_openapi_schema["required"]
-    assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples", "eval_temperature", "arms"}
+    assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples",
+                                                                   "eval_temperature", "arms"}
 
     from flows.train import resolve_run_dir
     from kdrl.config import load_config
@@ -380,7 +392,8 @@ def test_tasks_run_without_the_engine(tmp_path, embedded_cache):
     from tasks import train as t
 
     # no run.num_threads here: it would change torch's thread count for the rest of this process
-    cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}.items()])
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in
+                                 {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}.items()])
     run_dir = str(tmp_path / "runs" / "fn")
     paths = RunPaths(Path(run_dir))
     opened = t.open_run.fn(run_dir, cfg)
@@ -402,7 +415,8 @@ def test_tasks_run_without_the_engine(tmp_path, embedded_cache):
         gen_inputs = {"run": run, "rollout": opened.rollout, "prompts": prompts, "teacher_samples": None}
         assert t.stage_key(gen, {**gen_inputs, "step": 0}) != t.stage_key(gen, {**gen_inputs, "step": 1})
         rollouts = read_table(paths.rollouts(0), table="rollouts")
-        changed = rollouts.with_columns(pl.when(pl.col("sample_idx") == 0).then(pl.lit("x")).otherwise("completion_text").alias("completion_text"))
+        changed = rollouts.with_columns(
+            pl.when(pl.col("sample_idx") == 0).then(pl.lit("x")).otherwise("completion_text").alias("completion_text"))
         write_table(changed, paths.rollouts(0), table="rollouts")
         assert t.stage_key(ctx, {**inputs, "rollouts": Artifact.of(paths.rollouts(0))}) != key
     finally:

@@ -50,13 +50,15 @@ def test_k1_reward_honours_the_unmasked_denominator_by_hand():
     k1_sum = 1.0 + math.sqrt(3.0)
     for num_kd_tokens, expected in ((4.0, k1_sum / 4), (2.0, k1_sum / 2)):
         logp = torch.zeros(2, 2, requires_grad=True)
-        loss, metrics = kdrl_loss(logp_BT=logp, old_logp_BT=logp.detach(), mask_BT=torch.ones(2, 2), advantages_B=torch.zeros(2),
-                                  kd_BT=None, kd_reward_BT=reverse_kl_k1_BT(logp, teacher), kd_mask_B=torch.tensor([0.0, 1.0]),
-                                  beta=1.0, num_tokens=4.0, num_kd_tokens=num_kd_tokens)
+        loss, metrics = kdrl_loss(logp_BT=logp, old_logp_BT=logp.detach(), mask_BT=torch.ones(2, 2),
+                                  advantages_B=torch.zeros(2), kd_BT=None, kd_reward_BT=reverse_kl_k1_BT(logp, teacher),
+                                  kd_mask_B=torch.tensor([0.0, 1.0]), beta=1.0, num_tokens=4.0,
+                                  num_kd_tokens=num_kd_tokens)
         assert metrics["pg_loss"].item() == pytest.approx(expected)
         loss.backward()
         # ∇ = β·k1/N_kd on the distilled tokens, 0 elsewhere: the same scale as the k2 loss term
-        assert logp.grad.flatten().tolist() == pytest.approx([0.0, 0.0, 1.0 / num_kd_tokens, math.sqrt(3.0) / num_kd_tokens])
+        assert logp.grad.flatten().tolist() == pytest.approx([0.0, 0.0, 1.0 / num_kd_tokens,
+                                                              math.sqrt(3.0) / num_kd_tokens])
 
 
 # ---------------------------------------------------------------- k3 through masked positions
@@ -73,7 +75,8 @@ def test_k3_is_finite_when_masked_positions_have_huge_log_ratios(step_tables, ti
     # the teacher agrees with the student on every real token (R = 0 there); padding keeps collate's fill, 0
     batch = dataclasses.replace(batch, teacher_logp_BT=torch.where(mask_BT > 0, logp_BT, torch.zeros_like(logp_BT)))
     model = copy.deepcopy(tiny_student)
-    result = _update(model, batch, loss_cfg=LossConfig(kl_estimator="k3", beta_init=1.0, pg_coef=0.0), temperature=temperature)
+    result = _update(model, batch, loss_cfg=LossConfig(kl_estimator="k3", beta_init=1.0, pg_coef=0.0),
+                     temperature=temperature)
     assert result.metrics["kd_loss"] == pytest.approx(0.0, abs=1e-6)
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["grad_norm"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -157,7 +160,8 @@ def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp
         scores = write_teacher_logprobs(s.info, s.teacher, rollouts, rewards, 0)
         before = copy.deepcopy(s.student.model.state_dict())
         next(s.student.model.parameters()).register_hook(lambda grad: grad * float("nan"))
-        with pytest.raises(TrainingDiverged, match=r"step 0, optimizer step 0: the gradient norm is nan.*diverged\.json"):
+        with pytest.raises(TrainingDiverged,
+                           match=r"step 0, optimizer step 0: the gradient norm is nan.*diverged\.json"):
             write_update(s.info, s.student, s.rollout, rollouts, rewards, scores, 0)
         report = json.loads((paths.iter_dir(0) / DIVERGED_FILE).read_text())
         assert report["step"] == 0 and report["non_finite_terms"] == ["grad_norm"] and report["non_finite_grads"]
@@ -182,7 +186,8 @@ def small_disk(tmp_path):
     """A real 6 MiB filesystem (tmpfs): room for one tiny-student checkpoint (≈4 MiB), not two."""
     mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the RLIMIT_FSIZE test covers write failures")
     try:
@@ -195,12 +200,15 @@ def test_a_full_disk_loses_nothing_and_says_so(small_disk, tiny_tokenizer, tiny_
     model, optimizer, scheduler = _small_checkpoint_parts(tiny_student)
     first = small_disk / "iter_00000" / "checkpoint"
     first.parent.mkdir()
-    save_checkpoint(first, model=model, tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler, step=0, optimizer_step=1)
+    save_checkpoint(first, model=model, tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler, step=0,
+                    optimizer_step=1)
     first_bytes = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
     second = small_disk / "iter_00001" / "checkpoint"
     second.parent.mkdir()
-    with pytest.raises(CheckpointWriteError, match=rf"no space left under {second.parent}.*earlier files and checkpoints are intact"):
-        save_checkpoint(second, model=model, tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler, step=1, optimizer_step=2)
+    with pytest.raises(CheckpointWriteError,
+                       match=rf"no space left under {second.parent}.*earlier files and checkpoints are intact"):
+        save_checkpoint(second, model=model, tokenizer=tiny_tokenizer, optimizer=optimizer, scheduler=scheduler,
+                        step=1, optimizer_step=2)
     assert list(second.parent.iterdir()) == []  # no .checkpoint.tmp left to fill the disk further
     assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == first_bytes
     restored = _small_checkpoint_parts(tiny_student)
@@ -215,8 +223,10 @@ def test_a_table_the_disk_cannot_hold_is_a_clear_error_and_leaves_no_temp_file(s
                        "extracted_answer": ["1"] * 4, "reward": [1.0] * 4, "truncated": [False] * 4})
     kept = write_table(df, small_disk / "iter_00000" / "rewards.parquet", table="rewards")
     big = pl.DataFrame({"step": [0] * rows, "prompt_id": list(range(rows)), "sample_idx": [0] * rows,
-                        "extracted_answer": [uuid.uuid4().hex * 2 for _ in range(rows)], "reward": [1.0] * rows, "truncated": [False] * rows})
-    with pytest.raises(StorageWriteError, match=rf"rewards.parquet not written: no space left under {small_disk / 'iter_00001'}"):
+                        "extracted_answer": [uuid.uuid4().hex * 2 for _ in range(rows)], "reward": [1.0] * rows,
+                        "truncated": [False] * rows})
+    with pytest.raises(StorageWriteError,
+                       match=rf"rewards.parquet not written: no space left under {small_disk / 'iter_00001'}"):
         write_table(big, small_disk / "iter_00001" / "rewards.parquet", table="rewards")
     assert list((small_disk / "iter_00001").iterdir()) == []
     assert read_table(kept, table="rewards").equals(df)
@@ -235,8 +245,8 @@ def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_m
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
         try:
-            save_checkpoint({str(tmp_path / "checkpoint")!r}, model=model, tokenizer=tokenizer, optimizer=opt, scheduler=sched,
-                            step=0, optimizer_step=1)
+            save_checkpoint({str(tmp_path / "checkpoint")!r}, model=model, tokenizer=tokenizer, optimizer=opt,
+                            scheduler=sched, step=0, optimizer_step=1)
         except CheckpointWriteError as err:
             print("ERROR:", err)
             sys.exit(0)
@@ -257,7 +267,8 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
     """Run in a fresh process: pytest's own process holds other tests' vLLM engines, whose
     background threads may draw from the global `random` while a run trains (seen once in the
     full suite), which says nothing about kdrl."""
-    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 2, "loss.ppo_epochs": 2, "optim.schedule": "linear", "optim.lr": 1e-3})
+    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 2, "loss.ppo_epochs": 2, "optim.schedule": "linear",
+                                                "optim.lr": 1e-3})
     script = textwrap.dedent(f"""
         import json, random, sys, uuid
         import polars as pl, torch
@@ -271,9 +282,11 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
         for name in ("a", "b"):
             random.seed(uuid.uuid4().int)  # whatever the process did before the run
             train_without_prefect(cfg, f"{{tmp}}/runs/{{name}}")
-            states.append(torch.load(RunPaths(f"{{tmp}}/runs/{{name}}").checkpoint(1) / "trainer_state.pt", weights_only=False))
+            states.append(torch.load(RunPaths(f"{{tmp}}/runs/{{name}}").checkpoint(1) / "trainer_state.pt",
+                                     weights_only=False))
         metrics = pl.scan_parquet(f"{{tmp}}/runs/a/iter_*/metrics.parquet").collect().sort("step")
-        print(json.dumps({{"lr": metrics["lr"].to_list(), "same_python_rng": states[0]["rng"]["python"] == states[1]["rng"]["python"],
+        print(json.dumps({{"lr": metrics["lr"].to_list(),
+                          "same_python_rng": states[0]["rng"]["python"] == states[1]["rng"]["python"],
                           "optimizer_step": states[0]["optimizer_step"]}}))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
@@ -291,7 +304,8 @@ def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path
 
     # step 0 throws the weights far; step 1's gradient is NaN
     overrides = tiny_run_overrides(tmp_path, **{"run.steps": 4, "optim.lr": 1000})
-    argv = ["train", "--no-prefect", "--run-id", "lr1000"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    argv = ["train", "--no-prefect", "--run-id", "lr1000"] + [a for k, v in overrides.items()
+                                                              for a in ("--set", f"{k}={v}")]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "kdrl: step 1, optimizer step 1: the gradient norm is nan" in err and "Traceback" not in err

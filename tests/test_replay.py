@@ -102,7 +102,8 @@ def test_a_refused_replay_keeps_a_destination_that_was_there(finished_run, tmp_p
 
 
 def test_replay_command(finished_run, capsys):
-    code = main(["replay", str(finished_run), "--iter", "2", "--set", "loss.beta_init=0.02", "--set", "loss.beta_schedule=constant"])
+    code = main(["replay", str(finished_run), "--iter", "2", "--set", "loss.beta_init=0.02",
+                 "--set", "loss.beta_schedule=constant"])
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "original" in out and "replayed" in out

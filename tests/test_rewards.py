@@ -532,7 +532,8 @@ def test_the_reward_config_chooses_the_thinking_mode():
     from kdrl.stages import score_rewards
 
     text = "<think>Is it\n#### 12\n</think> No: 3*5 = 15, so the answer is 15."
-    rollouts = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "completion_text": [text], "finish_reason": ["stop"]})
+    rollouts = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "completion_text": [text],
+                             "finish_reason": ["stop"]})
     prompts = pl.DataFrame({"prompt_id": [0], "answer": ["15"]})
     assert score_rewards(rollouts, prompts, RewardConfig())["reward"].to_list() == [1.0]
     assert score_rewards(rollouts, prompts, RewardConfig(thinking="keep"))["reward"].to_list() == [0.0]

@@ -235,8 +235,8 @@ def test_list_runs_marks_a_damaged_run_and_lists_the_others(runs_dir):
     assert "not a Parquet file" in by_id["bad-metrics"]["reason"] and "truncated" in by_id["bad-eval"]["reason"]
     assert "not UTF-8 text" in by_id["bad-config"]["reason"]
     # what can still be read is filled in
-    assert (by_id["bad-metrics"]["method"], by_id["bad-metrics"]["steps_total"], by_id["bad-metrics"]["steps_done"]) == (
-        "grpo", 3, 2)
+    bad_metrics = by_id["bad-metrics"]
+    assert (bad_metrics["method"], bad_metrics["steps_total"], bad_metrics["steps_done"]) == ("grpo", 3, 2)
     assert by_id["bad-config"]["method"] is None and by_id["bad-config"]["steps_done"] == 1
 
 

@@ -57,7 +57,8 @@ def test_the_nightly_deployment_gets_scheduled_flow_runs_from_a_real_server(tmp_
 
     home = tmp_path / "prefect_home"
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
-    server_env = {**base, "PREFECT_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(LOOP_SECONDS)}
+    server_env = {**base, "PREFECT_HOME": str(home),
+                  "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(LOOP_SECONDS)}
     with local_server(env=server_env, log_path=str(tmp_path / "server.log")) as url:
         # "{{ $PWD }}" in prefect.yaml is the PWD variable, which a shell's `cd` sets and cwd= does not
         client_env = {**base, "PREFECT_API_URL": url, "PREFECT_HOME": str(home), "PWD": str(ROOT)}

@@ -78,7 +78,8 @@ def test_ctrl_c_while_the_local_server_starts_ends_promptly_and_says_so(tmp_path
     home = str(tmp_path / "unique-prefect-home")
     env = {**os.environ, "PREFECT_HOME": home, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
-    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", "interrupted", "--set", f"run.runs_dir={tmp_path}/runs"]
+    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", "interrupted",
+            "--set", f"run.runs_dir={tmp_path}/runs"]
     # a session of its own: killpg reaches what a terminal's Ctrl-C reaches, nothing of ours
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

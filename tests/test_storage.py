@@ -111,8 +111,9 @@ def _frames(step: int = 0) -> dict[str, pl.DataFrame]:
         ),
         "comparison": pl.DataFrame(
             {"method": ["teacher", "grpo"], "seeds": [None, 3], "steps": [0, 60], "pass_at_1": [0.9, 0.5],
-             "pass_at_1_ci95": [None, 0.05], "greedy": [0.95, 0.55], "greedy_ci95": [None, 0.04], "mean_len": [25.0, 26.0],
-             "mean_len_ci95": [None, 1.0], "teacher_tokens": [None, 0.0], "wall_s": [None, 80.0]}
+             "pass_at_1_ci95": [None, 0.05], "greedy": [0.95, 0.55], "greedy_ci95": [None, 0.04],
+             "mean_len": [25.0, 26.0], "mean_len_ci95": [None, 1.0], "teacher_tokens": [None, 0.0],
+             "wall_s": [None, 80.0]}
         ),
     }
 
@@ -375,7 +376,8 @@ def test_a_damaged_file_is_a_storage_error_naming_it_and_the_remedy(tmp_path, ho
 def test_a_damaged_file_outside_a_step_says_to_rerun_what_wrote_it(tmp_path):
     path = write_table(_frames()["prompts"], RunPaths(tmp_path / "run").prompts, table="prompts")
     _damage(path, "truncated")
-    with pytest.raises(StorageError, match=r"prompts\.parquet is damaged: truncated .* rerun the command that wrote it"):
+    with pytest.raises(StorageError,
+                       match=r"prompts\.parquet is damaged: truncated .* rerun the command that wrote it"):
         read_table(path, table="prompts")
 
 
@@ -390,7 +392,8 @@ def test_a_damaged_file_hashes_and_a_missing_one_is_not_found(tmp_path):
 def test_is_readable_tells_a_whole_file_from_a_missing_or_truncated_one(tmp_path):
     from kdrl.storage import is_readable
 
-    df = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "extracted_answer": ["1"], "reward": [1.0], "truncated": [False]})
+    df = pl.DataFrame({"step": [0], "prompt_id": [0], "sample_idx": [0], "extracted_answer": ["1"], "reward": [1.0],
+                       "truncated": [False]})
     path = write_table(df, tmp_path / "rewards.parquet", table="rewards")
     assert is_readable(path) and not is_readable(tmp_path / "missing.parquet")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -409,6 +412,7 @@ def test_step_metrics_from_before_the_response_stats_read_as_null(tmp_path):
     kept = read.drop(storage.RESPONSE_STATS)
     assert kept.to_dicts() == old.select(kept.columns).to_dicts()
     # a column no version ever had is still refused
-    pq.write_table(old.drop("loss").to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics"}), tmp_path / "bad.parquet")
+    pq.write_table(old.drop("loss").to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics"}),
+                   tmp_path / "bad.parquet")
     with pytest.raises(StorageError, match=r"missing: \['loss'\]"):
         read_table(tmp_path / "bad.parquet", table="step_metrics")

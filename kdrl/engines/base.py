@@ -10,7 +10,8 @@ from kdrl.types import Rollouts, TeacherScores
 def check_generate_args(prompt_token_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float) -> None:
     """The arguments every `RolloutEngine.generate` refuses."""
     if n < 1 or max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0 (got {n}, {max_new_tokens}, {temperature})")
+        raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature >= 0 "
+                         f"(got {n}, {max_new_tokens}, {temperature})")
     if any(len(p) == 0 for p in prompt_token_ids):
         raise ValueError("empty prompt: every prompt needs at least one token (e.g. <bos>)")
 
@@ -56,7 +57,8 @@ class RolloutEngine(Protocol):
 class SyncedEngine(RolloutEngine, Protocol):
     """An engine holding its own copy of the trainer's weights (vLLM), which can drift."""
 
-    def logprob_gap(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> tuple[float, float]:
+    def logprob_gap(self, prompt_token_ids: list[list[int]],
+                    completion_token_ids: list[list[int]]) -> tuple[float, float]:
         """(max, mean) |log π_engine − log π_trainer| over the completion tokens given."""
         ...
 

@@ -60,7 +60,8 @@ def choose_engine(
     if not vllm_installed:
         return EngineChoice("hf", "auto: vllm is not installed")
     if must_release:
-        return EngineChoice("hf", "auto: teacher.offload needs an engine that can be unloaded (vLLM only sleeps on CUDA)")
+        return EngineChoice("hf", "auto: teacher.offload needs an engine that can be unloaded "
+                                  "(vLLM only sleeps on CUDA)")
     if device == "cuda":
         return EngineChoice("vllm", "auto: CUDA")
     if callable(num_params):

@@ -105,7 +105,8 @@ def build_llm(model_path: str, *, settings: VLLMSettings = VLLMSettings(), seed:
         tensor_parallel_size=settings.tensor_parallel_size, max_logprobs=max(20, max_logprobs),
     )
     if torch.cuda.is_available():
-        kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.enable_sleep_mode)
+        kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization,
+                      enable_sleep_mode=settings.enable_sleep_mode)
     if settings.max_model_len:
         kwargs["max_model_len"] = settings.max_model_len
     return LLM(**kwargs)
@@ -120,7 +121,8 @@ def _tokens_prompt(ids: list[int]):
 class VLLMRolloutEngine:
     """Samples with a colocated ``vllm.LLM``; `sync_weights` pushes `trainer_model`'s weights."""
 
-    def __init__(self, llm, tokenizer, *, trainer_model: torch.nn.Module | None = None, sleep_mode: bool = False) -> None:
+    def __init__(self, llm, tokenizer, *, trainer_model: torch.nn.Module | None = None,
+                 sleep_mode: bool = False) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.trainer_model = trainer_model
@@ -171,7 +173,8 @@ class VLLMRolloutEngine:
                 rows.sample_index.append(g)
                 rows.prompt_token_ids.append(list(prompt_token_ids[p]))
                 rows.completion_token_ids.append(tokens)
-                rows.sampler_logprobs.append([float(step[t].logprob) for t, step in zip(tokens, completion.logprobs or [])])
+                rows.sampler_logprobs.append([float(step[t].logprob)
+                                              for t, step in zip(tokens, completion.logprobs or [])])
                 rows.finish_reason.append(_finish_reason(completion.finish_reason))
                 rows.completion_text.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
         return rows
@@ -186,7 +189,8 @@ class VLLMRolloutEngine:
         self.last_sync_s = time.perf_counter() - started
         return self.last_sync_s
 
-    def logprob_gap(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> tuple[float, float]:
+    def logprob_gap(self, prompt_token_ids: list[list[int]],
+                    completion_token_ids: list[list[int]]) -> tuple[float, float]:
         """(max, mean) over completion tokens of |log π_vLLM − log π_trainer| for the given
         sequences: the train/inference mismatch right now (≈ 0 after a sync in fp32)."""
         from kdrl.engines.hf import HFTeacherScorer
@@ -209,7 +213,8 @@ def push_weights(llm, model: torch.nn.Module) -> None:
     from kdrl.lora import merged_weights
 
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    weights = ((name, tensor.detach()) for name, tensor in merged_weights(model) if not (tied and name == "lm_head.weight"))
+    weights = ((name, tensor.detach()) for name, tensor in merged_weights(model)
+               if not (tied and name == "lm_head.weight"))
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     if tied:
         llm.collective_rpc(_retie)
