@@ -42,25 +42,19 @@ def test_flows_touch_no_tensors():
     assert offenders == {}
 
 
-def test_import_kdrl_is_light_and_fast():
+def test_import_kdrl_is_light():
+    """What makes `import kdrl` fast is what it does not import; that is checked here, not seconds
+    (a timed unit test fails on a busy shared box: seconds belong in benchmarks)."""
     code = (
-        "import sys, time; t = time.perf_counter(); import kdrl, kdrl.config, kdrl.losses, kdrl.advantages; "
-        "dt = time.perf_counter() - t; "
-        "heavy = sorted(m for m in ('vllm', 'prefect', 'transformers') if m in sys.modules); "
-        "print(repr((dt, heavy)))"
+        "import sys; import kdrl, kdrl.config, kdrl.losses, kdrl.advantages; "
+        "print(repr(sorted(m for m in ('vllm', 'prefect', 'transformers', 'polars') if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    seconds, heavy = eval(out.stdout.strip())
-    assert heavy == []
+    assert eval(out.stdout.strip()) == []
     # `import kdrl` alone: must not pull torch either.
-    bare = subprocess.run(
-        [sys.executable, "-c", "import sys, time; t = time.perf_counter(); import kdrl; "
-         "print(repr((time.perf_counter() - t, 'torch' in sys.modules)))"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    )
-    bare_seconds, torch_loaded = eval(bare.stdout.strip())
-    assert not torch_loaded and bare_seconds < 1.0
-    assert seconds < 5.0  # generous: the math modules import torch (~1 s cold on 2 cores)
+    bare = subprocess.run([sys.executable, "-c", "import sys; import kdrl; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    assert bare.stdout.strip() == "False"
 
 
 def test_test_modules_share_helpers_through_conftest_not_imports():
