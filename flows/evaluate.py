@@ -9,7 +9,8 @@ from tasks import evaluate as e
 
 
 @flow(name="kdrl-eval")
-def kdrl_eval(checkpoint: str, dataset: str = "embedded", overrides: list[str] | None = None, out_dir: str | None = None) -> str:
+def kdrl_eval(checkpoint: str, dataset: str = "embedded", overrides: list[str] | None = None,
+              out_dir: str | None = None) -> str:
     """pass@1 over k samples, greedy accuracy and response lengths of `checkpoint` on `dataset`;
     returns the summary Parquet path."""
     cfg = build_eval_config(checkpoint, dataset, overrides or [])

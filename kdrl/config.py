@@ -86,10 +86,12 @@ class DataConfig(_Section):
         if "{question}" not in v:
             raise ValueError("prompt_template must contain '{question}'")
         try:
+            # "\\boxed{}" is a positional field to str.format
             v.format(question="")
-        except (IndexError, KeyError, ValueError) as err:  # "\\boxed{}" is a positional field to str.format
-            raise ValueError(f"prompt_template is a str.format string with a field other than {{question}} ({type(err).__name__}: "
-                             f"{err}); write literal braces twice, e.g. \\boxed{{{{}}}}") from None
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"prompt_template is a str.format string with a field other than {{question}} "
+                             f"({type(err).__name__}: {err}); "
+                             "write literal braces twice, e.g. \\boxed{{}}") from None
         return v
 
     @model_validator(mode="after")
@@ -98,7 +100,8 @@ class DataConfig(_Section):
             for key in ("system_prompt", "chat_template_kwargs"):
                 if getattr(self, key):
                     raise ValueError(f"data.{key} is used only with data.prompt_format=chat "
-                                     "(the tokenizer's chat template renders it); set data.prompt_format=chat or drop it")
+                                     "(the tokenizer's chat template renders it); "
+                                     "set data.prompt_format=chat or drop it")
         return self
 
 
@@ -494,7 +497,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "kdrl_mask_response": {"loss": {**_KD, "kd_mask": "response"}},
     "kdrl_mask_group": {"loss": {**_KD, "kd_mask": "group"}},
 }
-"""Method presets: the paper's baselines (docs/paper.md). Values are applied under the user's YAML and --set overrides."""
+"""Method presets: the paper's baselines (docs/paper.md). Values are applied under the user's YAML
+and --set overrides."""
 
 
 def kd_on(loss: LossConfig) -> bool:
@@ -563,7 +567,8 @@ def objective_problems(cfg: RunConfig) -> list[str]:
                             "the policy gradient needs the student's own samples")
         if kd:
             problems.append(f"rollout.source='teacher' (SFT) needs β = 0 (loss.beta_init=0, loss.beta_min=0), not "
-                            f"loss.beta_init={loss.beta_init:g}: the reverse-KL estimators need the student's own samples")
+                            f"loss.beta_init={loss.beta_init:g}: "
+                            "the reverse-KL estimators need the student's own samples")
     elif method == "sft":
         problems.append("run.method='sft' trains on teacher samples, but rollout.source='student': "
                         "use run.method=custom for NLL on the student's own samples")
@@ -589,9 +594,11 @@ def requirement_problems(cfg: RunConfig) -> list[str]:
     reading back a run already made (`load_config(check_objective=False)`)."""
     problems = []
     if cfg.uses_teacher and cfg.loss.kl_estimator == "topk" and cfg.teacher.top_k <= 0:
-        problems.append("loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)")
+        problems.append("loss.kl_estimator='topk' needs teacher.top_k > 0 "
+                        "(the teacher's top-k log-probs are its input)")
     if cfg.rollout.prompts_per_step > cfg.data.num_train:
-        problems.append(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} > data.num_train={cfg.data.num_train}: "
+        problems.append(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} > "
+                        f"data.num_train={cfg.data.num_train}: "
                         "each step draws rollout.prompts_per_step distinct training prompts; lower "
                         "rollout.prompts_per_step or raise data.num_train")
     if cfg.teacher.engine == "vllm" and cfg.teacher.offload and not cfg.teacher.vllm.enable_sleep_mode:

@@ -14,8 +14,9 @@ of a data section) or any `datasets` source with a question and an answer column
 The decoding, placement and sampling keys are a run config's (``rollout.max_new_tokens``,
 ``model.dtype``, ``run.eval_samples``, ...). A checkpoint inside a run inherits that run's reward
 rules and rollout.max_new_tokens, and, for the "embedded" dataset, its data section (so its
-held-out prompts are the run's); options given explicitly win. Reported: pass@1 averaged over k samples at a temperature, greedy accuracy
-(temperature 0 rows), mean and p90 response length, share of truncated responses.
+held-out prompts are the run's); options given explicitly win. Reported: pass@1 averaged over k
+samples at a temperature, greedy accuracy (temperature 0 rows), mean and p90 response length, share
+of truncated responses.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _owning_run(path: Path) -> Path | None:
     return None
 
 
-def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log: Callable[[str], None] = print) -> ResolvedModel:
+def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None,
+                       log: Callable[[str], None] = print) -> ResolvedModel:
     """Where the weights of `checkpoint` are. Local paths are recognised by what they hold; a
     missing one fails at once, without asking the hub. Only a name that can be a hub model id
     ("name" or "owner/name", not a file name like "model.safetensors") and whose "owner/" is not
@@ -94,12 +96,13 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
         file_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".yaml", ".yml", ".parquet")
         hub_id = re.fullmatch(r"(\w[\w.-]{0,95}/)?\w[\w.-]{0,95}", checkpoint) and ".." not in checkpoint
         if checkpoint.startswith((".", "/", "~")) or not hub_id or checkpoint.lower().endswith(file_suffixes):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder (looked for {path.absolute()}); "
-                                    "a hub model is named like owner/name")
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder "
+                                    f"(looked for {path.absolute()}); a hub model is named like owner/name")
         if "/" in checkpoint and path.parent.is_dir():  # runs/<typo>: the hub would answer only after its retries
             close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1)
             hint = f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
-            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder (looked for {path.absolute()}{hint}); "
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file or folder "
+                                    f"(looked for {path.absolute()}{hint}); "
                                     f"{path.parent.as_posix()}/ is a local folder, so this is not a hub model name")
         return ResolvedModel(checkpoint)
     if RunPaths(path).config.is_file():  # a run directory: its latest checkpoint
@@ -107,19 +110,22 @@ def resolve_checkpoint(checkpoint: str, *, run_cfg: RunConfig | None = None, log
 
         step = require_checkpoint(RunPaths(path))
         return _checkpoint_model(RunPaths(path).checkpoint(step), step, path)
-    if (path / "model" / "config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():  # iter_*/checkpoint
+    # iter_*/checkpoint
+    if (path / "model" / "config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():
         return _checkpoint_model(path, _iter_step(path.parent), _owning_run(path))
     if (path / "adapter_config.json").is_file():  # a LoRA adapter folder (possibly iter_*/checkpoint/adapter)
         from kdrl.lora import adapter_base_model
 
         step = _iter_step(path.parent.parent) if path.parent.name == "checkpoint" else -1
-        return ResolvedModel(adapter_base_model(path), step, _owning_run(path) if step >= 0 else None, adapter=str(path))
+        return ResolvedModel(adapter_base_model(path), step, _owning_run(path) if step >= 0 else None,
+                             adapter=str(path))
     if (path / "config.json").is_file():  # an HF model folder (possibly iter_*/checkpoint/model)
         step = _iter_step(path.parent.parent) if path.parent.name == "checkpoint" else -1
         return ResolvedModel(str(path), step, _owning_run(path) if step >= 0 else None)
     raise FileNotFoundError(
         f"checkpoint {checkpoint!r}: not a kdrl run directory (config.yaml), a checkpoint folder "
-        "(model/config.json, or adapter/ of a LoRA run), a Hugging Face model folder (config.json) or a LoRA adapter folder"
+        "(model/config.json, or adapter/ of a LoRA run), a Hugging Face model folder (config.json) "
+        "or a LoRA adapter folder"
     )
 
 
@@ -132,14 +138,16 @@ def _checkpoint_model(checkpoint: Path, step: int, run_dir: Path | None) -> Reso
         return ResolvedModel(str(checkpoint / "model"), step, run_dir)
     if (checkpoint / MERGED_DIR / "config.json").is_file():
         return ResolvedModel(str(checkpoint / MERGED_DIR), step, run_dir)
-    return ResolvedModel(adapter_base_model(checkpoint / ADAPTER_DIR), step, run_dir, adapter=str(checkpoint / ADAPTER_DIR))
+    return ResolvedModel(adapter_base_model(checkpoint / ADAPTER_DIR), step, run_dir,
+                         adapter=str(checkpoint / ADAPTER_DIR))
 
 
 PROMPT_KEYS = ("prompt_format", "prompt_template", "system_prompt", "chat_template_kwargs")
 """The data keys that say how a question becomes a prompt: a run's checkpoint is evaluated with its run's."""
 
 
-def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+def build_eval_config(checkpoint: str, dataset: str = "embedded",
+                      overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     """The EvalConfig of `checkpoint` on `dataset`: defaults (`EVAL_DEFAULTS` over EvalConfig's) ←
     what the owning run fixes (reward rules, rollout.max_new_tokens, how prompts are rendered
     (`PROMPT_KEYS`), and for "embedded" the run's whole data section: its held-out prompts, also
@@ -152,7 +160,8 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded", overrides: lis
         owner = _owning_run(Path(checkpoint).expanduser())
     if owner is not None:
         run_cfg = load_config(RunPaths(owner).config, check_objective=False)  # a run already made
-        fixed = {"rollout": {"max_new_tokens": run_cfg.rollout.max_new_tokens}, "reward": run_cfg.reward.model_dump(mode="json"),
+        fixed = {"rollout": {"max_new_tokens": run_cfg.rollout.max_new_tokens},
+                 "reward": run_cfg.reward.model_dump(mode="json"),
                  "data": {key: getattr(run_cfg.data, key) for key in PROMPT_KEYS}}  # prompted as it was trained
         values = merge_dicts(values, fixed)
         if dataset == "embedded":  # the run's own held-out prompts
@@ -175,7 +184,8 @@ def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | PromptL
     from kdrl.data import build_prompts, load_source
 
     if cfg.data.source == "embedded":
-        return build_prompts(cfg.data, tokenizer, max_prompt_tokens=max_prompt_tokens).filter(pl.col("split") == "heldout")
+        return build_prompts(cfg.data, tokenizer, max_prompt_tokens=max_prompt_tokens).filter(
+            pl.col("split") == "heldout")
     ds = load_source(cfg.data)
     n = len(ds) if cfg.limit <= 0 else min(cfg.limit, len(ds))
     if n == 0:
@@ -245,7 +255,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     if Path(result.summary).exists():
         found = read_metadata(result.summary).get("kdrl.config_hash")
         if found != cfg.hash():
-            raise FileExistsError(f"{out} holds another evaluation (config hash {found}, this one {cfg.hash()}); choose another --out")
+            raise FileExistsError(f"{out} holds another evaluation (config hash {found}, this one {cfg.hash()}); "
+                                  "choose another --out")
         log(f"[kdrl] {out} already holds this evaluation")
         return result
     # Only carries the data settings that key the embedded models' cache: not a run, so not
@@ -259,7 +270,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     decoding, placement, sampling = cfg.rollout, cfg.model, cfg.run
     contexts = {"the model": model.path} | ({"rollout.vllm.max_model_len": decoding.vllm.max_model_len}
                                              if decoding.engine != "hf" else {})
-    limit = prompt_token_limit(contexts, tokenizer, max_new_tokens=decoding.max_new_tokens, field="rollout.max_new_tokens")
+    limit = prompt_token_limit(contexts, tokenizer, max_new_tokens=decoding.max_new_tokens,
+                               field="rollout.max_new_tokens")
     prompts = eval_prompts(cfg, tokenizer, max_prompt_tokens=limit)
     log(f"[kdrl] evaluating {cfg.checkpoint} on {len(prompts)} prompts of {cfg.data.source}: "
         f"{sampling.eval_samples} sample(s) at T={sampling.eval_temperature}"
@@ -290,7 +302,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     write_table(samples, result.samples, table="evaluations", metadata=metadata)
-    write_table(summarize_samples(samples, dataset=cfg.data.source), result.summary, table="eval_summary", metadata=metadata)
+    write_table(summarize_samples(samples, dataset=cfg.data.source), result.summary, table="eval_summary",
+                metadata=metadata)
     return result
 
 

@@ -11,7 +11,8 @@ API's graph ourselves would show what we think Prefect records; the UI shows wha
 Requirements (a dev script, not run in CI, not a project dependency):
 - a Prefect server started with its UI (`prefect server start`, not flows/server.py, which passes
   `--no-ui`) holding the flow run, with PREFECT_UI_API_URL=http://<host>:<port>/api in its
-  environment when it does not listen on the default port (else the UI asks port 4200); its id from `prefect flow-run ls` or the UI;
+  environment when it does not listen on the default port (else the UI asks port 4200); its id
+  from `prefect flow-run ls` or the UI;
 - Debian's Chromium (`apt-get install chromium`, /usr/bin/chromium) and the `playwright` package
   in a venv of its own (`pip install playwright`; never `playwright install`: it downloads a
   browser, and we drive the system one through `executable_path`).

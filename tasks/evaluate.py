@@ -25,10 +25,12 @@ def evaluate_model(config: dict, out_dir: str | None = None) -> EvalOutput:
 def publish_eval(out: EvalOutput) -> str:
     """A markdown artifact with the summary table."""
     summary = read_summary(out)
-    lines = ["| model | dataset | T | k | prompts | pass@1 | mean len | p90 len | truncated |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | dataset | T | k | prompts | pass@1 | mean len | p90 len | truncated |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.iter_rows(named=True):
         lines.append(f"| {r['model']} | {r['dataset']} | {r['temperature']:g} | {r['samples']} | {r['num_prompts']} | "
                      f"{r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']:.0f} | {r['truncated_frac']:.3f} |")
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=artifact_key(summary["model"][0], "eval"), description=f"kdrl eval → {out.summary}")
+    create_markdown_artifact(markdown, key=artifact_key(summary["model"][0], "eval"),
+                             description=f"kdrl eval → {out.summary}")
     return markdown

@@ -119,7 +119,8 @@ def test_run_config_hashes_are_unchanged_by_the_sections_eval_shares():
     they were, or every existing run's files would carry another config's hash. The hashes were
     computed with the code before that change."""
     root = Path(__file__).resolve().parents[1] / "data" / "configs"
-    hashes = {name: load_config(root / name).hash() for name in ("default.yaml", "hf_models.yaml", "paper_1p5b.yaml", "smollm2.yaml")}
+    hashes = {name: load_config(root / name).hash()
+              for name in ("default.yaml", "hf_models.yaml", "paper_1p5b.yaml", "smollm2.yaml")}
     assert load_config().hash() == "6085dd8272f257da"
     assert hashes == {"default.yaml": "6085dd8272f257da", "hf_models.yaml": "e1ff4587cab1d948",
                       "paper_1p5b.yaml": "735ca84a6a6cf97f", "smollm2.yaml": "b91dfb09922a030c"}
@@ -131,10 +132,12 @@ def test_every_eval_setting_is_a_run_config_key():
     run_keys = set(_keys(RunConfig))
     assert {k for k in _keys(EvalConfig) if k not in run_keys} == {"checkpoint", "limit"}
     for old, new in RENAMED_EVAL_KEYS.items():
-        assert old.split(".")[0] not in EvalConfig.model_fields and any(k == new or k.startswith(f"{new}.") for k in run_keys)
+        assert (old.split(".")[0] not in EvalConfig.model_fields
+                and any(k == new or k.startswith(f"{new}.") for k in run_keys))
     # EVAL_DEFAULTS holds only what differs from the run's defaults (the rest is not declared twice)
     defaults = EvalConfig(checkpoint="x").model_dump()
-    assert all(defaults[section][key] != value for section, keys in EVAL_DEFAULTS.items() for key, value in keys.items())
+    assert all(defaults[section][key] != value
+               for section, keys in EVAL_DEFAULTS.items() for key, value in keys.items())
 
 
 # --- every preset × estimator × mask (× G × β) -------------------------------------------------
@@ -155,8 +158,9 @@ def _grid():
                 for mask in MASKS:
                     for G in (1, 4):
                         for beta in BETAS:
-                            yield method, [f"run.method={method}", f"loss.kl_estimator={estimator}", f"loss.kd_mask={mask}",
-                                           f"rollout.samples_per_prompt={G}", f"teacher.top_k={top_k}", *BETAS[beta]]
+                            yield method, [f"run.method={method}", f"loss.kl_estimator={estimator}",
+                                           f"loss.kd_mask={mask}", f"rollout.samples_per_prompt={G}",
+                                           f"teacher.top_k={top_k}", *BETAS[beta]]
 
 
 def _terms(loss: dict, G: int, top_k: int) -> dict[str, bool]:
@@ -301,8 +305,8 @@ def test_objective_doc_table_matches_the_validation():
             accepted = []
             for mask in MASKS:
                 try:
-                    load_config(overrides=[f"run.method={method}", f"loss.kl_estimator={estimator}", f"loss.kd_mask={mask}",
-                                           "teacher.top_k=16"])
+                    load_config(overrides=[f"run.method={method}", f"loss.kl_estimator={estimator}",
+                                           f"loss.kd_mask={mask}", "teacher.top_k=16"])
                     accepted.append(mask)
                 except ValueError:
                     pass
@@ -347,7 +351,8 @@ def test_non_utf8_empty_missing_and_duplicate_files(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be read"):
         load_config(tmp_path)
     dup = tmp_path / "dup.yaml"
-    dup.write_text("loss:\n  beta_init: 0.1\nrun:\n  steps: 3\nloss:\n  pg_coef: 1\n")  # YAML would keep only the 2nd loss
+    # YAML would keep only the 2nd loss
+    dup.write_text("loss:\n  beta_init: 0.1\nrun:\n  steps: 3\nloss:\n  pg_coef: 1\n")
     with pytest.raises(ValueError, match=r"dup\.yaml:5:1: .*'loss' appears twice .*first on line 1"):
         load_config(dup)
 
@@ -364,7 +369,8 @@ def test_error_lines_have_a_key_path_or_name_their_keys(tmp_path):
                      "  run.steps: Input should be greater than or equal to 1 (got 0)"]
     with pytest.raises(ValueError) as err:  # model-level: the message names the keys, no empty location
         load_config(overrides=["loss.kl_estimator=topk"])
-    assert str(err.value).split("\n")[1] == "  loss.kl_estimator='topk' needs teacher.top_k > 0 (the teacher's top-k log-probs are its input)"
+    assert str(err.value).split("\n")[1] == ("  loss.kl_estimator='topk' needs teacher.top_k > 0 "
+                                             "(the teacher's top-k log-probs are its input)")
 
 
 def test_typos_get_a_did_you_mean(tmp_path):
@@ -401,7 +407,8 @@ def test_an_eval_key_from_before_names_its_new_key():
         "  dtype: renamed to `model.dtype`, the key a run config uses",
         "  temperatur: unknown key; did you mean `run.eval_temperature`?",  # a typo of an old key
     ]
-    cfg = build_eval_config("embedded:student", overrides=["run.eval_samples=8", "rollout.vllm.dtype=bfloat16", "model.dtype=bfloat16"])
+    cfg = build_eval_config("embedded:student",
+                            overrides=["run.eval_samples=8", "rollout.vllm.dtype=bfloat16", "model.dtype=bfloat16"])
     assert (cfg.run.eval_samples, cfg.rollout.vllm.dtype, cfg.model.dtype) == (8, "bfloat16", "bfloat16")
     assert (cfg.run.eval_temperature, cfg.rollout.max_new_tokens) == (0.6, 512)  # EVAL_DEFAULTS under the overrides
 
@@ -418,7 +425,8 @@ def _clean_error(capsys) -> str:
 def test_cli_train_reports_config_errors_cleanly(tmp_path, capsys):
     # where a config were accepted (as before), the run would stop at once on these folders (a file)
     (tmp_path / "file").write_text("")
-    nowhere = ["--no-prefect", "--set", f"run.runs_dir={tmp_path / 'file'}", "--set", f"run.cache_dir={tmp_path / 'file'}"]
+    nowhere = ["--no-prefect", "--set", f"run.runs_dir={tmp_path / 'file'}",
+               "--set", f"run.cache_dir={tmp_path / 'file'}"]
     path = tmp_path / "cfg.yaml"
     path.write_text("run:\n  steps: [\n")
     assert main(["train", "--config", str(path)]) == 2
@@ -438,7 +446,8 @@ def test_compare_refuses_a_meaningless_arm_before_any_run(tmp_path):
     from kdrl.compare import plan_compare
 
     with pytest.raises(ValueError, match=r"rollout\.samples_per_prompt=1: every group-relative advantage"):
-        plan_compare(None, ["rollout.samples_per_prompt=1", f"run.runs_dir={tmp_path}"], arms=("kd_rkl", "grpo"), seeds=1)
+        plan_compare(None, ["rollout.samples_per_prompt=1", f"run.runs_dir={tmp_path}"], arms=("kd_rkl", "grpo"),
+                     seeds=1)
     with pytest.raises(ValueError, match=r"run\.method='grpo' has no KD, but loss\.beta_init=0\.02"):
         plan_compare(None, ["loss.beta_init=0.02", f"run.runs_dir={tmp_path}"], arms=("kdrl", "grpo"), seeds=1)
     assert not any(tmp_path.iterdir())
@@ -468,7 +477,8 @@ def test_preset_terms_are_read_off_the_presets():
 
     assert PRESET_TERMS == {m: t for m, t in README_TERMS.items() if m != "sft"}  # sft: checked via rollout.source
     # derived, not a second table: a preset whose values change changes what its name promises
-    changed = preset_terms({**PRESETS, "kdrl": {"loss": {"pg_coef": 0.0}}, "pg_nll": {"loss": {"beta_init": 0.0, "nll_coef": 1.0}}})
+    changed = preset_terms({**PRESETS, "kdrl": {"loss": {"pg_coef": 0.0}},
+                            "pg_nll": {"loss": {"beta_init": 0.0, "nll_coef": 1.0}}})
     assert (changed["kdrl"], changed["pg_nll"], "custom" in changed) == ((False, True), (True, False), False)
 
 
@@ -499,7 +509,8 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
 
     path = tmp_path / "toy.yaml"
     path.write_text("inner:\n  widht: 2\n")
-    with pytest.raises(ValueError, match=r"invalid config \(toy\):\n  inner\.widht: unknown key; did you mean `inner\.width`\?"):
+    with pytest.raises(ValueError, match=r"invalid config \(toy\):\n  "
+                                         r"inner\.widht: unknown key; did you mean `inner\.width`\?"):
         validate_config(Outer, check_sections(Outer, read_yaml(path), "toy"), source="toy")
     with pytest.raises(ValueError, match=r"toy: `inner` is a section"):
         check_sections(Outer, {"inner": 3}, "toy")
@@ -544,7 +555,8 @@ def test_a_run_made_before_the_objective_checks_is_read_back(old_grpo_run):
     assert cfg.model_dump(exclude={"run"}) == load_config(valid / "config.yaml").model_dump(exclude={"run"})
     # only the objective checks are skipped: keys, types, ranges and what a run needs still count
     for overrides, why in [(["loss.beta_int=1"], "did you mean `loss.beta_init`?"), (["run.steps=0"], "run.steps"),
-                           (["data.num_heldout=0"], "data.num_heldout"), (["loss.kl_estimator=topk"], "teacher.top_k > 0"),
+                           (["data.num_heldout=0"], "data.num_heldout"),
+                           (["loss.kl_estimator=topk"], "teacher.top_k > 0"),
                            (["rollout.prompts_per_step=25"], "rollout.prompts_per_step=25 > data.num_train=24")]:
         with pytest.raises(ValueError, match=re.escape(why)):
             load_config(old / "config.yaml", overrides, check_objective=False)
@@ -557,8 +569,10 @@ def test_kdrl_eval_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_p
     checkpoint = old / "iter_00002" / "checkpoint"
     cfg = build_eval_config(str(checkpoint), "embedded")  # before: "invalid config (...): run.method='grpo' has no KD"
     run_cfg = load_config(old / "config.yaml", check_objective=False)
-    assert (cfg.data, cfg.rollout.max_new_tokens, cfg.reward) == (run_cfg.data, run_cfg.rollout.max_new_tokens, run_cfg.reward)
-    argv = ["eval", "--checkpoint", str(checkpoint), "--no-prefect", "--samples", "1", "--temperature", "0", "--out", str(tmp_path / "ev")]
+    assert ((cfg.data, cfg.rollout.max_new_tokens, cfg.reward)
+            == (run_cfg.data, run_cfg.rollout.max_new_tokens, run_cfg.reward))
+    argv = ["eval", "--checkpoint", str(checkpoint), "--no-prefect", "--samples", "1", "--temperature", "0",
+            "--out", str(tmp_path / "ev")]
     assert main(argv) == 0, capsys.readouterr().err
     assert "num_prompts" in capsys.readouterr().out and (tmp_path / "ev" / "summary.parquet").exists()
 
@@ -572,7 +586,8 @@ def test_replay_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_path
     _, old = old_grpo_run
     timing = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s"]
     same = replay_update(old, 2, [], dest_dir=tmp_path / "same", log=lambda _: None)
-    assert pl.read_parquet(RunPaths(same).metrics(2)).drop(timing).equals(pl.read_parquet(RunPaths(old).metrics(2)).drop(timing))
+    assert pl.read_parquet(RunPaths(same).metrics(2)).drop(timing).equals(
+        pl.read_parquet(RunPaths(old).metrics(2)).drop(timing))
     other = replay_update(old, 1, ["loss.beta_init=0.05"], dest_dir=tmp_path / "beta", log=lambda _: None)
     assert pl.read_parquet(RunPaths(other).metrics(1))["beta"].to_list() == [0.05]
 
@@ -592,14 +607,16 @@ def test_a_run_made_before_the_objective_checks_was_started_with_another_config(
     from kdrl.workers import load_run
 
     valid, old = old_grpo_run
-    with pytest.raises(ValueError, match="was started with another config"):  # before: "invalid config (...): ... has no KD"
+    # before: "invalid config (...): ... has no KD"
+    with pytest.raises(ValueError, match="was started with another config"):
         load_run(load_config(valid / "config.yaml"), old, log=lambda _: None)
 
 
 
 def test_prompt_template_with_stray_braces_is_refused_at_load():
     """str.format reads "\\boxed{}" as a positional field: it would crash at data load."""
-    with pytest.raises(ValueError, match=r"data.prompt_template: .*field other than \{question\}.*write literal braces twice"):
+    with pytest.raises(ValueError,
+                       match=r"data.prompt_template: .*field other than \{question\}.*write literal braces twice"):
         load_config(overrides=[r"data.prompt_template='{question} Put it in \boxed{}.'"])
     with pytest.raises(ValueError, match="KeyError: 'answer'"):
         load_config(overrides=["data.prompt_template='{question} {answer}'"])

@@ -321,7 +321,8 @@ def _refused(path, *, match: str, **update) -> DatasetError:
 def test_a_non_utf8_byte_is_named_by_file_line_and_byte(tmp_path):
     lines = _jsonl_lines(20)
     # Line 3 holds "café" in Latin-1: 0xe9 where UTF-8 needs a multi-byte sequence.
-    body = "\n".join(lines[:2]).encode() + b"\n" + lines[2].replace("Sam", "Caf\\u00e9").encode().replace(b"Caf\\u00e9", b"Caf\xe9")
+    body = ("\n".join(lines[:2]).encode() + b"\n"
+            + lines[2].replace("Sam", "Caf\\u00e9").encode().replace(b"Caf\\u00e9", b"Caf\xe9"))
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(body + b"\n" + "\n".join(lines[3:]).encode() + b"\n")
     offset = body.index(b"\xe9")
@@ -382,7 +383,8 @@ def test_the_bad_file_of_a_folder_is_named(tmp_path):
 def test_a_misspelt_column_is_named_with_a_suggestion(tmp_path):
     path = _write(_gsm8k_rows(20), tmp_path / "gsm.jsonl")
     _refused(path, question_field="Problem",
-             match=r"no column 'Problem' \(data\.question_field\) \(did you mean 'problem'\?\); columns are \['problem'")
+             match=r"no column 'Problem' \(data\.question_field\) \(did you mean 'problem'\?\); "
+                   r"columns are \['problem'")
     _refused(path, answer_field="answer", match=r"no column 'answer' \(data\.answer_field\); columns are")
 
 
@@ -393,7 +395,8 @@ def _with_duplicates(n_distinct: int) -> list[dict]:
     """Each of `n_distinct` questions 1 to 4 times, the repeats differing only in whitespace and case."""
     rows = []
     for row in _gsm8k_rows(n_distinct):
-        variants = [row["problem"], row["problem"].upper(), "  " + row["problem"].replace(" ", "\t "), row["problem"].lower()]
+        variants = [row["problem"], row["problem"].upper(), "  " + row["problem"].replace(" ", "\t "),
+                    row["problem"].lower()]
         rows += [{**row, "problem": v} for v in variants[: 1 + row["source_id"] % 4]]
     return rows
 
@@ -419,7 +422,8 @@ def test_duplicates_never_land_in_both_splits(tmp_path, tiny_tokenizer, caplog):
         assert "60 duplicate row(s) dropped" in caplog.text and "40 distinct questions remain" in caplog.text
     # The first row of each question is the one kept: the original spelling.
     assert set(prompts["question"]) == {r["problem"] for r in _gsm8k_rows(40)}
-    with pytest.raises(DatasetError, match=r"100 rows \(60 duplicate\(s\): 40 usable\), but num_train \+ num_heldout = 41"):
+    with pytest.raises(DatasetError,
+                       match=r"100 rows \(60 duplicate\(s\): 40 usable\), but num_train \+ num_heldout = 41"):
         build_prompts(_local_cfg(path, num_train=31, num_heldout=10), tiny_tokenizer)
 
 
@@ -448,13 +452,17 @@ def test_context_length_of_the_tiny_models(tiny_student, tiny_tokenizer, caplog)
     tiny_tokenizer_copy = copy.copy(tiny_tokenizer)
     tiny_tokenizer_copy.model_max_length = 128
     assert context_length(object(), tiny_tokenizer_copy) == 128
-    limit = prompt_token_limit({"the student": tiny_student.config}, tiny_tokenizer, max_new_tokens=48, field="rollout.max_new_tokens")
-    assert (limit.tokens, limit.why) == (256 - 48, "the student's context of 256 tokens minus rollout.max_new_tokens 48")
+    limit = prompt_token_limit({"the student": tiny_student.config}, tiny_tokenizer, max_new_tokens=48,
+                               field="rollout.max_new_tokens")
+    assert (limit.tokens, limit.why) == (256 - 48,
+                                         "the student's context of 256 tokens minus rollout.max_new_tokens 48")
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        limit = prompt_token_limit({"the model": tiny_student.config}, tiny_tokenizer, max_new_tokens=512, field="max_new_tokens")
+        limit = prompt_token_limit({"the model": tiny_student.config}, tiny_tokenizer, max_new_tokens=512,
+                                   field="max_new_tokens")
     assert limit.tokens == 255
     assert "max_new_tokens=512 fills all of the model's context of 256 tokens" in caplog.text
-    assert prompt_token_limit({"the model": object()}, tiny_tokenizer, max_new_tokens=48, field="max_new_tokens") is None
+    assert prompt_token_limit({"the model": object()}, tiny_tokenizer, max_new_tokens=48,
+                              field="max_new_tokens") is None
 
 
 def test_the_prompt_limit_is_the_smallest_context_the_sequence_must_fit(tiny_student, tiny_model_dir, tiny_tokenizer):
@@ -469,7 +477,8 @@ def test_the_prompt_limit_is_the_smallest_context_the_sequence_must_fit(tiny_stu
         100 - 48, "rollout.vllm.max_model_len 100 minus rollout.max_new_tokens 48",
         "lower rollout.max_new_tokens or raise rollout.vllm.max_model_len")
     assert limit(**{"rollout.vllm.max_model_len": 0}).tokens == 256 - 48
-    assert limit(**{"rollout.vllm.max_model_len": 5120}).tokens == 256 - 48  # above the model's context: the model binds
+    # Above the model's context: the model binds.
+    assert limit(**{"rollout.vllm.max_model_len": 5120}).tokens == 256 - 48
     # A model given by its folder: its config.json is read (the teacher's context is 256 too).
     assert limit(**{"the teacher": str(tiny_model_dir / "teacher"), "teacher.vllm.max_model_len": 90}).why == \
         "teacher.vllm.max_model_len 90 minus rollout.max_new_tokens 48"
@@ -487,7 +496,8 @@ def test_a_prompt_longer_than_the_budget_is_dropped_and_replaced(tmp_path, tiny_
         prompts = build_prompts(_local_cfg(path, num_train=16, num_heldout=2), tiny_tokenizer, max_prompt_tokens=100)
     assert prompts.height == 18 and prompts["prompt_token_ids"].list.len().max() == 75
     assert "Then" not in "".join(prompts["question"])
-    assert "2 prompt(s) longer than 100 tokens" in caplog.text and re.search(r"dropped: rows (2, 17|17, 2)$", caplog.text, re.MULTILINE)
+    assert ("2 prompt(s) longer than 100 tokens" in caplog.text
+            and re.search(r"dropped: rows (2, 17|17, 2)$", caplog.text, re.MULTILINE))
     unlimited = build_prompts(_local_cfg(path, num_train=16, num_heldout=2), tiny_tokenizer)
     assert sorted(unlimited["prompt_token_ids"].list.len())[-2:] == [135, 136]  # what the limit dropped
     with pytest.raises(DatasetError, match=r"20 rows \(2 too long: 18 usable\), but num_train \+ num_heldout = 19"):
@@ -506,8 +516,8 @@ def long_question_file(tmp_path):
 
 def test_kdrl_eval_drops_a_question_longer_than_the_context(long_question_file, tiny_model_dir, tmp_path, caplog):
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(long_question_file),
-                            ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
-                             "rollout.max_new_tokens=4"])
+                            ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1",
+                             "run.eval_temperature=0", "rollout.max_new_tokens=4"])
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
         out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
     samples = read_table(out.samples, table="evaluations")
@@ -521,8 +531,9 @@ def test_training_drops_a_question_longer_than_the_context(long_question_file, t
     from kdrl.workers import load_run
 
     overrides = {"run.method": "grpo", "model.name_or_path": str(tiny_model_dir / "student"), "rollout.engine": "hf",
-                 "data.source": str(long_question_file), "data.question_field": "problem", "data.answer_field": "solution",
-                 "data.num_train": 3, "data.num_heldout": 1, "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
+                 "data.source": str(long_question_file), "data.question_field": "problem",
+                 "data.answer_field": "solution", "data.num_train": 3, "data.num_heldout": 1,
+                 "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
                  "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache")}
     cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
@@ -549,14 +560,16 @@ def short_context_teacher(tmp_path_factory, tiny_tokenizer):
     from kdrl.models import TINY_TEACHER, build_tiny_llama, save_model
 
     path = tmp_path_factory.mktemp("short_teacher") / "teacher"
-    save_model(build_tiny_llama(tiny_tokenizer, **TINY_TEACHER, max_position_embeddings=128, seed=1), tiny_tokenizer, path)
+    save_model(build_tiny_llama(tiny_tokenizer, **TINY_TEACHER, max_position_embeddings=128, seed=1), tiny_tokenizer,
+               path)
     return path
 
 
 @pytest.mark.parametrize("settings, dropped_because", [
     # The rollout engine may be vLLM ("auto"; tiny models on CPU resolve to hf, no engine is built):
     # 64 - 12 = 52 tokens.
-    ({"run.method": "grpo", "rollout.vllm.max_model_len": 64}, "52 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 12)"),
+    ({"run.method": "grpo", "rollout.vllm.max_model_len": 64},
+     "52 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 12)"),
     # rollout.engine=hf: vLLM's setting plays no part; 256 - 12 = 244 keeps the 143-token prompt.
     ({"run.method": "grpo", "rollout.engine": "hf", "rollout.vllm.max_model_len": 64}, None),
     # The teacher scores prompt + response: its 128 positions bind, 128 - 12 = 116.
@@ -566,16 +579,19 @@ def short_context_teacher(tmp_path_factory, tiny_tokenizer):
     ({"run.method": "kdrl", "rollout.engine": "hf", "teacher.vllm.max_model_len": 64},
      "52 tokens (teacher.vllm.max_model_len 64 minus rollout.max_new_tokens 12)"),
     # No teacher loaded (grpo): its short context is not a limit.
-    ({"run.method": "grpo", "rollout.engine": "hf", "teacher.name_or_path": "SHORT", "teacher.vllm.max_model_len": 64}, None),
+    ({"run.method": "grpo", "rollout.engine": "hf", "teacher.name_or_path": "SHORT", "teacher.vllm.max_model_len": 64},
+     None),
 ])
-def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_because, medium_question_file, short_context_teacher,
-                                                          tiny_model_dir, tmp_path, caplog):
+def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_because, medium_question_file,
+                                                          short_context_teacher, tiny_model_dir, tmp_path, caplog):
     from kdrl.config import load_config
     from kdrl.workers import load_run
 
-    overrides = {"model.name_or_path": str(tiny_model_dir / "student"), "teacher.name_or_path": str(tiny_model_dir / "teacher"),
-                 "data.source": str(medium_question_file), "data.question_field": "problem", "data.answer_field": "solution",
-                 "data.num_train": 3, "data.num_heldout": 1, "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
+    overrides = {"model.name_or_path": str(tiny_model_dir / "student"),
+                 "teacher.name_or_path": str(tiny_model_dir / "teacher"),
+                 "data.source": str(medium_question_file), "data.question_field": "problem",
+                 "data.answer_field": "solution", "data.num_train": 3, "data.num_heldout": 1,
+                 "rollout.prompts_per_step": 1, "rollout.max_new_tokens": 12,
                  "run.runs_dir": str(tmp_path / "runs"), "run.cache_dir": str(tmp_path / "cache"), **settings}
     if overrides["teacher.name_or_path"] == "SHORT":
         overrides["teacher.name_or_path"] = str(short_context_teacher)
@@ -591,8 +607,8 @@ def test_training_prompts_fit_the_engines_and_the_teacher(settings, dropped_beca
 
 
 def test_kdrl_eval_prompts_fit_its_vllm_max_model_len(medium_question_file, tiny_model_dir, tmp_path, caplog):
-    flags = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
-             "rollout.max_new_tokens=4"]
+    flags = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1",
+             "run.eval_temperature=0", "rollout.max_new_tokens=4"]
 
     def evaluated(*more):
         cfg = build_eval_config(str(tiny_model_dir / "student"), str(medium_question_file), flags + list(more))
@@ -602,10 +618,12 @@ def test_kdrl_eval_prompts_fit_its_vllm_max_model_len(medium_question_file, tiny
     # engine auto may be vLLM (it resolves to hf here): 64 - 4 = 60 tokens leaves out the 143-token prompt.
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
         assert evaluated("rollout.vllm.max_model_len=64") == 4
-    assert "1 prompt(s) longer than 60 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 4) dropped: rows 2" in caplog.text
+    assert ("1 prompt(s) longer than 60 tokens (rollout.vllm.max_model_len 64 minus rollout.max_new_tokens 4) "
+            "dropped: rows 2") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
-        assert evaluated("rollout.vllm.max_model_len=64", "rollout.engine=hf") == 5  # HF decodes: only the model's 256 positions count
+        # HF decodes: only the model's 256 positions count
+        assert evaluated("rollout.vllm.max_model_len=64", "rollout.engine=hf") == 5
     assert "longer than" not in caplog.text
 
 
@@ -623,7 +641,8 @@ def test_non_numeric_gold_answers_are_counted_once(tmp_path, tiny_tokenizer, cap
         build_prompts(_local_cfg(path), tiny_tokenizer)
     warnings = [r.getMessage() for r in caplog.records if "not numbers" in r.getMessage()]
     assert len(warnings) == 1
-    assert re.search(r"gsm\.jsonl: 2 of 16 gold answers are not numbers \(rows (9, 12|12, 9); row \d+: '(#### banana|yes)'\)", warnings[0])
+    assert re.search(r"gsm\.jsonl: 2 of 16 gold answers are not numbers "
+                     r"\(rows (9, 12|12, 9); row \d+: '(#### banana|yes)'\)", warnings[0])
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdrl.data"):
         build_prompts(_local_cfg(_write(_gsm8k_rows(16), tmp_path / "ok.jsonl")), tiny_tokenizer)

@@ -43,7 +43,8 @@ def trained_run(tmp_path_factory, tiny_run_config):
 def qa_file(tmp_path_factory):
     """A local jsonl with other column names and a worked answer: {"problem", "solution"}."""
     path = tmp_path_factory.mktemp("qa") / "sums.jsonl"
-    rows = [{"problem": f"{a}+{b}=", "solution": worked_answer(a, b), "id": i} for i, (a, b) in enumerate([(3, 4), (12, 9), (40, 2), (7, 7), (5, 55)])]
+    rows = [{"problem": f"{a}+{b}=", "solution": worked_answer(a, b), "id": i}
+            for i, (a, b) in enumerate([(3, 4), (12, 9), (40, 2), (7, 7), (5, 55)])]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -74,10 +75,12 @@ def test_a_mistyped_run_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "kdrl_anneal-1a2b3c4d").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=re.escape(
-            f"checkpoint 'runs/kdrl_anneal-typo': no such file or folder (looked for {tmp_path / 'runs' / 'kdrl_anneal-typo'}; "
+            "checkpoint 'runs/kdrl_anneal-typo': no such file or folder "
+            f"(looked for {tmp_path / 'runs' / 'kdrl_anneal-typo'}; "
             "did you mean 'runs/kdrl_anneal-1a2b3c4d'?); runs/ is a local folder, so this is not a hub model name")):
         resolve_checkpoint("runs/kdrl_anneal-typo")
-    with pytest.raises(FileNotFoundError, match=r"no such file or folder \(looked for [^;]*\); runs/ is a local folder"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no such file or folder \(looked for [^;]*\); runs/ is a local folder"):
         resolve_checkpoint("runs/zzz")  # nothing close: no suggestion
     assert resolve_checkpoint("Qwen/Qwen2.5-0.5B") == ResolvedModel("Qwen/Qwen2.5-0.5B")  # no Qwen/ here
     (tmp_path / "Qwen").mkdir()
@@ -85,8 +88,9 @@ def test_a_mistyped_run_is_not_sent_to_the_hub(tmp_path, monkeypatch):
         resolve_checkpoint("Qwen/Qwen2.5-0.5B")
 
 
-@pytest.mark.parametrize("name", ["/missing/local/path", "./ckpt", "../ckpt", "~/no-such-ckpt", "runs/x/iter_00003/checkpoint",
-                                  "model.safetensors", "out/pytorch_model.bin", "org/name/", "my model", "C:\\models\\x"])
+@pytest.mark.parametrize("name", ["/missing/local/path", "./ckpt", "../ckpt", "~/no-such-ckpt",
+                                  "runs/x/iter_00003/checkpoint", "model.safetensors", "out/pytorch_model.bin",
+                                  "org/name/", "my model", "C:\\models\\x"])
 def test_a_missing_path_is_not_found_here_without_asking_the_hub(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"checkpoint {re.escape(repr(name))}: no such file or folder"):
@@ -99,7 +103,8 @@ def test_cli_a_missing_path_fails_before_prefect_and_the_hub(argv, tmp_path):
     """The hub, made unreachable, would answer with its own error after minutes of retries; the
     flow path would first start a local Prefect server."""
     (tmp_path / "runs").mkdir()  # as in the README's working folder
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFECT_API_URL")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there
     done = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--checkpoint", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
@@ -120,8 +125,10 @@ def test_a_checkpoint_of_a_run_inherits_its_data_and_lengths_unless_given(traine
     run_cfg = load_config(trained_run / "config.yaml")
     cfg = build_eval_config(str(trained_run), "embedded")
     assert cfg.data == run_cfg.data and cfg.rollout.max_new_tokens == 11 and cfg.reward == run_cfg.reward
-    cfg = build_eval_config(str(trained_run), "embedded", ["rollout.max_new_tokens=20", "data.num_heldout=3", "run.eval_samples=2"])
-    assert (cfg.rollout.max_new_tokens, cfg.data.num_heldout, cfg.data.num_train, cfg.run.eval_samples) == (20, 3, 24, 2)
+    cfg = build_eval_config(str(trained_run), "embedded",
+                            ["rollout.max_new_tokens=20", "data.num_heldout=3", "run.eval_samples=2"])
+    assert ((cfg.rollout.max_new_tokens, cfg.data.num_heldout, cfg.data.num_train, cfg.run.eval_samples)
+            == (20, 3, 24, 2))
     other = build_eval_config(str(trained_run), "some/dataset")
     assert other.data.source == "some/dataset" and other.data.num_train == EvalConfig(checkpoint="x").data.num_train
     assert build_eval_config("org/model", "embedded").rollout.max_new_tokens == 512
@@ -141,8 +148,8 @@ def test_embedded_evaluation_uses_exactly_the_runs_heldout_prompts(trained_run, 
 
 def test_local_file_with_mapped_columns(qa_file, tiny_tokenizer, tiny_model_dir, tmp_path):
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file),
-                            ["data.question_field=problem", "data.answer_field=solution", "limit=4", "run.eval_samples=3",
-                             "rollout.max_new_tokens=6", "data.prompt_template='Q: {question}'"])
+                            ["data.question_field=problem", "data.answer_field=solution", "limit=4",
+                             "run.eval_samples=3", "rollout.max_new_tokens=6", "data.prompt_template='Q: {question}'"])
     prompts = eval_prompts(cfg, tiny_tokenizer)
     source = {json.loads(line)["problem"]: json.loads(line)["solution"] for line in qa_file.read_text().splitlines()}
     assert prompts.height == 4 and prompts["split"].unique().to_list() == ["heldout"]
@@ -166,8 +173,8 @@ def test_local_file_with_mapped_columns(qa_file, tiny_tokenizer, tiny_model_dir,
 
 
 def test_the_output_folder_is_a_record(qa_file, tiny_model_dir, tmp_path):
-    overrides = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1", "run.eval_temperature=0",
-                 "rollout.max_new_tokens=4"]
+    overrides = ["data.question_field=problem", "data.answer_field=solution", "run.eval_samples=1",
+                 "run.eval_temperature=0", "rollout.max_new_tokens=4"]
     cfg = build_eval_config(str(tiny_model_dir / "student"), str(qa_file), overrides)
     out = run_eval(cfg, tmp_path / "ev", log=lambda _: None)
     stamp = Path(out.summary).stat().st_mtime_ns
@@ -191,8 +198,9 @@ def test_bad_columns_and_rows_are_named(qa_file, tiny_model_dir, tmp_path):
 
 
 def test_cli_without_prefect(qa_file, tiny_model_dir, tmp_path, capsys):
-    argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--dataset", str(qa_file), "--question-field", "problem",
-            "--answer-field", "solution", "-k", "2", "--max-new-tokens", "5", "--prompt-template", "Q: {question} A:",
+    argv = ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--dataset", str(qa_file),
+            "--question-field", "problem", "--answer-field", "solution", "-k", "2", "--max-new-tokens", "5",
+            "--prompt-template", "Q: {question} A:",
             "--out", str(tmp_path / "ev"), "--no-prefect"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -227,7 +235,8 @@ def test_an_embedded_evaluation_with_few_train_rows_is_not_checked_as_a_run(tiny
     assert read_table(tmp_path / "ev" / "summary.parquet", table="eval_summary")["num_prompts"].to_list()[0] == 3
 
 
-def test_a_chat_run_on_a_dataset_is_evaluated_on_its_heldout_prompts_as_it_was_prompted(qa_file, tmp_path, tiny_tokenizer):
+def test_a_chat_run_on_a_dataset_is_evaluated_on_its_heldout_prompts_as_it_was_prompted(qa_file, tmp_path,
+                                                                                         tiny_tokenizer):
     """A run trained with chat prompts on a local dataset: `kdrl eval RUN` renders prompts with the
     run's chat settings and takes exactly its held-out prompts; another dataset keeps the chat
     settings (the model was tuned on them) with that dataset's own columns."""
@@ -240,15 +249,18 @@ def test_a_chat_run_on_a_dataset_is_evaluated_on_its_heldout_prompts_as_it_was_p
     tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
     run_dir = tmp_path / "runs" / "chat"
     run_dir.mkdir(parents=True)
-    run_cfg = load_config(overrides=[f"data.source={qa_file}", "data.question_field=problem", "data.answer_field=solution",
-                                     "data.prompt_format=chat", "data.system_prompt=sum", "data.prompt_template='add {question}'",
-                                     "data.num_train=2", "data.num_heldout=3", "rollout.prompts_per_step=2"])
+    run_cfg = load_config(overrides=[f"data.source={qa_file}", "data.question_field=problem",
+                                     "data.answer_field=solution", "data.prompt_format=chat", "data.system_prompt=sum",
+                                     "data.prompt_template='add {question}'", "data.num_train=2", "data.num_heldout=3",
+                                     "rollout.prompts_per_step=2"])
     (run_dir / "config.yaml").write_text(dump_config(run_cfg))
     cfg = build_eval_config(str(run_dir))
-    assert (cfg.data.source, cfg.limit, cfg.data.prompt_format, cfg.data.system_prompt) == (str(qa_file), 3, "chat", "sum")
+    assert ((cfg.data.source, cfg.limit, cfg.data.prompt_format, cfg.data.system_prompt)
+            == (str(qa_file), 3, "chat", "sum"))
     heldout = build_prompts(run_cfg.data, tok).filter(pl.col("split") == "heldout")
     assert eval_prompts(cfg, tok)["prompt_token_ids"].to_list() == heldout["prompt_token_ids"].to_list()
     assert heldout["prompt_text"][0].startswith("system: sum\nuser: add ")
     other = build_eval_config(str(run_dir), "some/dataset")
-    assert (other.data.source, other.data.prompt_format, other.data.prompt_template) == ("some/dataset", "chat", "add {question}")
+    assert ((other.data.source, other.data.prompt_format, other.data.prompt_template)
+            == ("some/dataset", "chat", "add {question}"))
     assert other.data.question_field == "question" and other.limit == 0
