@@ -78,7 +78,7 @@ def _masked_copy(finished_run, dest):
 
 def test_a_refused_replay_command_leaves_no_new_directory(finished_run, tmp_path, capsys):
     runs = tmp_path / "runs"
-    masked = _masked_copy(finished_run, runs / "masked")
+    _masked_copy(finished_run, runs / "masked")  # replayed by name below
     refusals = [
         (["--iter", "1", "--set", "loss.kd_mask=none"], "never scored"),  # found after the session is open
         (["--iter", "1", "--set", "rollout.samples_per_prompt=2"], "replay can only change"),
