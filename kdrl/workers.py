@@ -19,6 +19,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from kdrl.train import (
     save_checkpoint,
     update_step,
 )
+
+if TYPE_CHECKING:
+    from kdrl.engines.vllm import VLLMRolloutEngine
 
 Log = Callable[[str], None]
 
@@ -147,7 +151,7 @@ class Teacher:
     def __init__(self, cfg: RunConfig, path: str, tokenizer, spec: EngineSpec, *, log: Log = print) -> None:
         self.cfg, self.path, self.tokenizer, self.spec, self.log = cfg, path, tokenizer, spec, log
         self._model: torch.nn.Module | None = None
-        self._vllm: RolloutEngine | None = None
+        self._vllm: VLLMRolloutEngine | None = None
 
     @property
     def kind(self) -> str:
@@ -168,9 +172,9 @@ class Teacher:
             self._model = load_causal_lm(self.path, dtype=self.cfg.teacher.dtype, device=self.cfg.teacher.device)
         return self._model
 
-    def _vllm_engine(self) -> RolloutEngine:
-        if self._vllm is None:
-            self._vllm = build_engine(self.spec, self.tokenizer, log=self.log, name="teacher")
+    def _vllm_engine(self) -> VLLMRolloutEngine:
+        if self._vllm is None:  # scored through its `llm` (VLLMTeacherScorer): a vLLM engine, not any RolloutEngine
+            self._vllm = build_engine(self.spec, self.tokenizer, log=self.log, name="teacher")  # type: ignore[assignment]
         self._vllm.wake()
         return self._vllm
 
