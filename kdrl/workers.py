@@ -122,10 +122,6 @@ class Rollout:
         self._synced_at = self.student.optimizer_step
         return seconds
 
-    def mark_stale(self) -> None:
-        """The engine holds other weights than the student's (see `evaluate_initial`)."""
-        self._synced_at = -1
-
     def sleep(self) -> None:
         """vLLM with sleep mode: give the accelerator back to the trainer until the next use."""
         if self._engine is not None:
