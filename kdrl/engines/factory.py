@@ -32,15 +32,6 @@ class EngineSpec:
     max_logprobs: int = 20
     """The largest top-k a request may ask for (vLLM only)."""
 
-    @property
-    def sleeps(self) -> bool:
-        """Whether the engine frees its accelerator memory when asked to (vLLM sleep mode, CUDA)."""
-        if self.kind != "vllm":
-            return False
-        from kdrl.engines.vllm import VLLMSettings
-
-        return VLLMSettings.from_config(self.vllm, model_dtype=self.dtype).sleeps
-
 
 def build_engine(spec: EngineSpec, tokenizer, *, module: torch.nn.Module | None = None,
                  log: Callable[[str], None] = print, name: str = "rollout") -> RolloutEngine:
