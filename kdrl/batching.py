@@ -12,7 +12,7 @@ same convention as transformers' ``generate``, so trainer log-probs match the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import polars as pl
 import torch
@@ -53,6 +53,13 @@ class StepBatch:
                 value = value[start:stop]
             sliced[f.name] = value
         return StepBatch(**sliced)
+
+    def groups(self, start: int, stop: int) -> StepBatch:
+        """Prompt groups [start, stop): their G rows each and their rows of the per-prompt
+        tensors (a data-parallel rank's share, `kdrl.distributed`)."""
+        G = self.rewards_PG.shape[1]
+        share = self.rows(start * G, stop * G)
+        return replace(share, rewards_PG=self.rewards_PG[start:stop])
 
     def trimmed(self) -> StepBatch:
         """The same rows without the padding columns they all share: the left-padding columns

@@ -176,6 +176,44 @@ class VLLMConfig(_Section):
         return v
 
 
+class Resources(_Section):
+    """What one Ray actor of a worker group asks the cluster for (`cluster.backend` "ray" only).
+    Fractions share a device: two actors of num_gpus 0.5 land on one GPU."""
+
+    num_cpus: NonNegFloat = 1.0
+    """Logical CPUs per actor (Ray also sets the actor's OMP_NUM_THREADS to it, rounded down, at least 1)."""
+    num_gpus: NonNegFloat = 0.0
+    """GPUs per actor (0 on CPU clusters)."""
+
+
+class ClusterConfig(_Section):
+    """Where a run's work runs. "local" (the default): every role in this process, no Ray. "ray":
+    this process is the controller and drives three Ray worker groups (rollout replicas, teacher
+    replicas, trainer ranks); see ARCHITECTURE.md, "Scale-out on Ray"."""
+
+    backend: Literal["local", "ray"] = "local"
+    """"local" or "ray" (needs the `ray` extra: pip install 'kdrl[ray]')."""
+    address: str = ""
+    """The Ray cluster to join: "auto" (the one started on this node by `ray start`), "ray://head:10001"
+    (Ray Client), "10.0.0.1:6379". Empty: start a local Ray for the run and stop it when the run ends."""
+    num_cpus: NonNegInt = 0
+    """A local Ray (empty address) offers this many logical CPUs (0 = this machine's count). Logical:
+    actors asking for more CPUs than cores share them."""
+
+
+class TrainerConfig(_Section):
+    """The trainer group (`cluster.backend` "ray"): `world_size` ranks joined by torch.distributed,
+    each updating on its share of the batch's prompt groups, gradients summed across ranks."""
+
+    world_size: Count = 1
+    """Data-parallel ranks (one Ray actor each; with num_gpus 1, one GPU each)."""
+    strategy: Literal["ddp"] = "ddp"
+    """"ddp": every rank holds the whole model and optimizer; the gradients of all ranks are summed
+    (bucketed all-reduce) before the optimizer step, as DistributedDataParallel does."""
+    resources: Resources = Resources()
+    """Per rank. The ranks are placed together (a PACK placement group)."""
+
+
 class TeacherConfig(_Section):
     name_or_path: str = "embedded:teacher"
     """Teacher model (same forms as the student's). Its tokenizer must equal the student's."""
@@ -198,6 +236,11 @@ class TeacherConfig(_Section):
     faster: on CUDA, or on CPU from `kdrl.engines.select.VLLM_MIN_PARAMS_CPU` parameters up)."""
     vllm: VLLMConfig = VLLMConfig()
     """vLLM settings of the teacher engine (used when the engine resolves to vllm)."""
+    replicas: Count = 1
+    """`cluster.backend` "ray": teacher actors; each scoring stage is split across them by rows."""
+    resources: Resources = Resources()
+    """`cluster.backend` "ray": per teacher actor. With GPUs, teacher actors get their own devices
+    (never the trainer's) unless fractions make them share."""
 
 
 class Decoding(_Section):
@@ -237,6 +280,12 @@ class RolloutConfig(Decoding):
     temperature: PosFloat = 1.0
     """Sampling temperature. Training rollouts should stay at 1 (else the KL is to another
     distribution than π_θ)."""
+    replicas: Count = 1
+    """`cluster.backend` "ray": rollout actors, each an engine (HF or vLLM) on its own copy of the
+    student's weights, refreshed after every update. A step's prompts are split across them at the
+    engine's batch boundaries, so the rollouts are the same for any number of replicas (HF)."""
+    resources: Resources = Resources()
+    """`cluster.backend` "ray": per rollout actor."""
 
 
 class RewardConfig(_Section):
@@ -386,6 +435,12 @@ class RunSection(EvalSampling):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
+PLACEMENT_KEYS = (("cluster",), ("trainer",), ("rollout", "replicas"), ("rollout", "resources"),
+                  ("teacher", "replicas"), ("teacher", "resources"))
+"""Where a run's work runs, not what it computes: left out of `RunConfig.hash`. (A different
+trainer.world_size sums the same gradients in another order: equal to ~1e-7, not bit for bit.)"""
+
+
 class RunConfig(_Section):
     data: DataConfig = DataConfig()
     """Prompts and reference answers."""
@@ -405,6 +460,21 @@ class RunConfig(_Section):
     """Warm start of the tiny built-in models."""
     run: RunSection = RunSection()
     """Steps, seeds, evaluation, output."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Where the work runs: this process, or Ray worker groups (placement: not in the run's hash)."""
+    trainer: TrainerConfig = TrainerConfig()
+    """The data-parallel trainer group (`cluster.backend` "ray"; placement: not in the run's hash)."""
+
+    def hash(self) -> str:
+        """Short content hash of what the run computes: every value except `PLACEMENT_KEYS`, so a
+        run keeps its id and files when it moves between this process and a Ray cluster."""
+        values = self.model_dump(mode="json")
+        for section, *key in PLACEMENT_KEYS:
+            if key:
+                values[section].pop(key[0])
+            else:
+                values.pop(section)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> RunConfig:
@@ -604,7 +674,21 @@ def requirement_problems(cfg: RunConfig) -> list[str]:
     if cfg.teacher.engine == "vllm" and cfg.teacher.offload and not cfg.teacher.vllm.enable_sleep_mode:
         problems.append("teacher.offload with teacher.engine='vllm' needs teacher.vllm.enable_sleep_mode=true "
                         "(a vLLM engine is put to sleep, not destroyed)")
-    if cfg.rollout.engine == cfg.teacher.engine == "vllm":
+    if cfg.cluster.backend == "local":
+        spread = {key: value for key, value in (("rollout.replicas", cfg.rollout.replicas),
+                                                ("teacher.replicas", cfg.teacher.replicas),
+                                                ("trainer.world_size", cfg.trainer.world_size)) if value > 1}
+        if spread:
+            problems.append(f"{', '.join(f'{k}={v}' for k, v in spread.items())} needs cluster.backend='ray' "
+                            "(the local backend runs one of each role in this process)")
+    if cfg.trainer.world_size > cfg.rollout.prompts_per_step:
+        problems.append(f"trainer.world_size={cfg.trainer.world_size} > rollout.prompts_per_step="
+                        f"{cfg.rollout.prompts_per_step}: each rank updates on whole prompt groups, so some ranks "
+                        "would get none; lower trainer.world_size or raise rollout.prompts_per_step")
+    if cfg.cluster.backend == "ray" and cfg.model.lora is not None:
+        problems.append("model.lora with cluster.backend='ray' is not supported yet (the replicas load full "
+                        "weights); use cluster.backend='local'")
+    if cfg.rollout.engine == cfg.teacher.engine == "vllm" and cfg.cluster.backend == "local":  # one GPU
         total = cfg.rollout.vllm.gpu_memory_utilization + cfg.teacher.vllm.gpu_memory_utilization
         if total > 0.9:
             problems.append(f"rollout.vllm.gpu_memory_utilization + teacher.vllm.gpu_memory_utilization = {total:g} "

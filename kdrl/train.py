@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from kdrl.advantages import group_advantages_PG, token_count
 from kdrl.batching import StepBatch, micro_batches
 from kdrl.config import LossConfig, OptimConfig
+from kdrl.distributed import DataParallel
 from kdrl.lora import ADAPTER_DIR, is_lora, load_adapter_weights, save_lora_checkpoint
 from kdrl.losses import (
     beta_constant,
@@ -193,9 +194,13 @@ def update_step(
     optim_cfg: OptimConfig,
     optimizer_step: int,
     temperature: float = 1.0,
+    dp: DataParallel | None = None,
 ) -> UpdateResult:
     """Advantages, KD mask and β from the batch, then `ppo_epochs` optimizer steps over
     micro-batches with the global token denominators. `optimizer_step` is the count before.
+    With `dp`, the batch is this rank's share (whole prompt groups) and the denominators, the
+    gradients and the loss metrics are summed over the ranks (`kdrl.distributed`): every rank
+    takes the optimizer step of the whole batch, and the returned rows are this rank's.
     Micro-batches are consecutive rows, at most optim.micro_batch_size of them and, with
     optim.max_tokens_per_microbatch, at most that many tokens once trimmed of shared padding
     (`kdrl.batching.micro_batches`); the loss is the same for any split.
@@ -210,6 +215,8 @@ def update_step(
         mask_BT = mask_BT * (batch.rewards_PG.reshape(-1, 1) > 0)
     num_tokens = token_count(mask_BT)
     num_kd_tokens = token_count(kd_mask[:, None] * mask_BT) if loss_cfg.kd_denominator == "unmasked" else num_tokens
+    if dp is not None:  # the batch's denominators, not this rank's share's
+        num_tokens, num_kd_tokens = dp.sum(torch.stack([num_tokens, num_kd_tokens]))
     model.train()
     T = batch.completion_ids_BT.shape[1]
     bounds = micro_batches(batch.attention_mask_BS[:, :-T].sum(dim=1).tolist(),
@@ -221,6 +228,7 @@ def update_step(
         beta = beta_at(optimizer_step + epoch, loss_cfg)
         sums: dict[str, float] = {}
         logp_parts, kd_parts = [], []
+        failure: TrainingDiverged | None = None
         for start, stop in bounds:
             mb = batch.rows(start, stop).trimmed()
             t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
@@ -244,14 +252,26 @@ def update_step(
                                "beta": beta, "lr": scheduler.get_last_lr()[0],
                                **{k: float(v) for k, v in metrics.items()}, "non_finite_terms": bad,
                                "non_finite_student_logp": int((~torch.isfinite(logp_BT)).sum())}
-                raise _diverged(f"the {', '.join(bad)} loss term{'s are' if len(bad) > 1 else ' is'} not finite "
-                                f"(rows {start}-{stop - 1} of the batch)", model=model, optimizer=optimizer,
-                                diagnostics=diagnostics)
+                failure = _diverged(f"the {', '.join(bad)} loss term{'s are' if len(bad) > 1 else ' is'} not finite "
+                                    f"(rows {start}-{stop - 1} of the {'rank' if dp else 'batch'}"
+                                    f"{f' {dp.rank} share' if dp else ''})", model=model, optimizer=optimizer,
+                                    diagnostics=diagnostics)
+                break
             loss.backward()
             logp_parts.append(_pad_columns(logp_BT.detach(), T))
             kd_source = kd_BT if kd_BT is not None else kd_reward_BT
             kd_parts.append(torch.zeros_like(logp_parts[-1]) if kd_source is None
                             else _pad_columns(kd_source.detach(), T))
+        if dp is not None and dp.any(failure is not None):  # every rank stops together, or the sums would hang
+            optimizer.zero_grad(set_to_none=True)
+            raise failure or TrainingDiverged(f"optimizer step {optimizer_step + epoch}: a loss term is not finite on "
+                                              "another rank; the update was not applied",
+                                              {"optimizer_step": optimizer_step + epoch, "epoch": epoch})
+        if failure is not None:
+            raise failure
+        if dp is not None:
+            dp.sum_gradients(model.parameters())
+            sums = dp.sum_values(sums)
         if old_logp_BT is None:
             old_logp_BT = student_logp_BT = torch.cat(logp_parts)
             kd_per_token_BT = torch.cat(kd_parts)
@@ -271,7 +291,10 @@ def update_step(
     if batch.teacher_logp_BT is not None:  # Monte Carlo KL(π_θ‖π_T) per token, over teacher-scored tokens
         scored_BT = kd_mask[:, None] * mask_BT
         k1_BT = reverse_kl_k1_BT(student_logp_BT, batch.teacher_logp_BT)
-        totals["kl_k1_mean"] = float((k1_BT * scored_BT).sum() / token_count(scored_BT).clamp(min=1))
+        k1_sum, k1_tokens = (k1_BT * scored_BT).sum(), token_count(scored_BT)
+        if dp is not None:
+            k1_sum, k1_tokens = dp.sum(torch.stack([k1_sum, k1_tokens]))
+        totals["kl_k1_mean"] = float(k1_sum / k1_tokens.clamp(min=1))
     totals["num_tokens"] = float(num_tokens)
     return UpdateResult(totals, advantages_B, kd_mask, student_logp_BT, kd_per_token_BT)
 

@@ -25,6 +25,7 @@ import torch
 
 from kdrl.config import RunConfig, dump_config, load_config
 from kdrl.data import build_prompts, run_prompt_limit
+from kdrl.distributed import DataParallel
 from kdrl.embedded import resolve_model_path
 from kdrl.engines.base import RolloutEngine, SyncedEngine, TeacherScorer
 from kdrl.engines.factory import EngineSpec, build_engine
@@ -44,6 +45,7 @@ from kdrl.train import (
 )
 
 if TYPE_CHECKING:
+    from kdrl.cluster import RayCluster
     from kdrl.engines.vllm import VLLMRolloutEngine
 
 Log = Callable[[str], None]
@@ -57,10 +59,12 @@ def _free_memory() -> None:
 
 class Student:
     """The policy being trained: its model, tokenizer, optimizer and LR schedule, and how far it
-    got (`optimizer_step`; `next_step`, the first iteration still to run)."""
+    got (`optimizer_step`; `next_step`, the first iteration still to run). With `dp`, one rank of a
+    data-parallel trainer (`kdrl.cluster.TrainerRank`): `update` takes this rank's share."""
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer, path: str) -> None:
-        self.cfg, self.model, self.tokenizer, self.path = cfg, model, tokenizer, path
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer, path: str, *,
+                 dp: DataParallel | None = None) -> None:
+        self.cfg, self.model, self.tokenizer, self.path, self.dp = cfg, model, tokenizer, path, dp
         self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, cfg.run.steps * cfg.loss.ppo_epochs)
         self.optimizer_step = 0
         self.next_step = 0
@@ -79,7 +83,7 @@ class Student:
         """One optimizer step per PPO epoch on a collated batch (`kdrl.train.update_step`)."""
         result = update_step(self.model, self.optimizer, self.scheduler, batch.to(self.device), loss_cfg=self.cfg.loss,
                              optim_cfg=self.cfg.optim, optimizer_step=self.optimizer_step,
-                             temperature=self.cfg.rollout.temperature)
+                             temperature=self.cfg.rollout.temperature, dp=self.dp)
         self.optimizer_step += self.cfg.loss.ppo_epochs
         return result
 
@@ -215,14 +219,14 @@ def engine_specs(cfg: RunConfig, *, student_path: str, teacher_path: str | None,
                                     cfg.rollout.batch_size, cfg.run.seed, max_logprobs=cfg.teacher.top_k)
 
 
-def resolve_engines(cfg: RunConfig, *, student: torch.nn.Module,
+def resolve_engines(cfg: RunConfig, *, student_params: int | Callable[[], int],
                     teacher_path: str | None) -> tuple[EngineChoice, EngineChoice]:
     """The engines of the rollout and teacher stages (see `kdrl.engines.select`)."""
     from kdrl.engines.vllm import VLLMSettings, vllm_available
 
     installed = vllm_available()
     rollout = choose_engine(cfg.rollout.engine, field="rollout.engine",
-                            num_params=sum(p.numel() for p in student.parameters()),
+                            num_params=student_params,
                             device=resolve_device(cfg.model.device).type, vllm_installed=installed)
     if teacher_path is None:
         return rollout, EngineChoice("hf", "no teacher")
@@ -240,8 +244,9 @@ class OpenRun:
     tasks as it is, without walking into its models."""
 
     def __init__(self, info: RunInfo, student: Student, rollout: Rollout, teacher: Teacher | None,
-                 prompts: Artifact) -> None:
+                 prompts: Artifact, *, cluster: RayCluster | None = None) -> None:
         self.info, self.student, self.rollout, self.teacher, self.prompts = info, student, rollout, teacher, prompts
+        self.cluster = cluster
 
     @property
     def start(self) -> int:
@@ -256,6 +261,8 @@ class OpenRun:
         self.rollout.close()
         if self.teacher is not None:
             self.teacher.close()
+        if self.cluster is not None:  # stops the actors (and a local Ray this run started)
+            self.cluster.close()
         _free_memory()
 
 
@@ -274,30 +281,23 @@ def _check_run_config(cfg: RunConfig, paths: RunPaths) -> None:
         paths.config.write_text(dump_config(cfg))
 
 
-def load_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRun:
-    """Load the student (training embedded models on first use), build the optimizer, write the
-    config and the prompts table if missing, and resume after the latest checkpoint if any."""
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)  # nothing of ours draws from it, but checkpoints store its state: same run, same bytes
-    paths = RunPaths(Path(run_dir))
-    student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
-    teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log) if cfg.loads_teacher else None
-    from kdrl.memory import (
-        check_memory,  # before any weights load and the run folder is written: a refused run can change its config
-    )
-
-    check_memory(cfg, student_path, teacher_path, run_dir=paths.root, log=log)
-    _check_run_config(cfg, paths)
-    tokenizer = load_tokenizer(student_path)
-    model = load_causal_lm(student_path, dtype=cfg.model.dtype, device=cfg.model.device)
+def load_student_model(cfg: RunConfig, path: str) -> torch.nn.Module:
+    """The student's module as the trainer holds it: loaded in model.dtype on model.device, with
+    gradient checkpointing and a LoRA adapter when configured."""
+    model = load_causal_lm(path, dtype=cfg.model.dtype, device=cfg.model.device)
     if cfg.model.gradient_checkpointing:  # recompute each layer in backward (generation, in eval mode, keeps its cache)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora is not None:  # train an adapter instead of every weight (kdrl.lora)
         from kdrl.lora import apply_lora
 
         model = apply_lora(model, cfg.model.lora, seed=cfg.run.seed)
+    return model
+
+
+def open_prompts(cfg: RunConfig, paths: RunPaths, tokenizer, student_config, student_path: str,
+                 teacher_path: str | None) -> Artifact:
+    """The run's prompts table: read back, or built and written (after the checks that may refuse
+    the run: the teacher's tokenizer and chat rendering must be the student's)."""
     if teacher_path is not None:
         teacher_tokenizer = load_tokenizer(teacher_path)
         check_same_tokenizer(tokenizer, teacher_tokenizer)
@@ -305,15 +305,49 @@ def load_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRu
     if paths.prompts.exists():
         prompts = read_table(paths.prompts, table="prompts")
     else:
-        limit = run_prompt_limit(cfg, model.config, tokenizer, teacher=teacher_path)
+        limit = run_prompt_limit(cfg, student_config, tokenizer, teacher=teacher_path)
         prompts = build_prompts(cfg.data, tokenizer, max_prompt_tokens=limit)
     if teacher_path is not None:  # before the prompts are written: a refused run leaves no prompts table
         check_same_rendering(cfg.data, prompts["question"].to_list(), prompts["prompt_token_ids"].to_list(),
                              tokenizer, teacher_tokenizer)
     if not paths.prompts.exists():
         write_table(prompts, paths.prompts, table="prompts", metadata={"kdrl.config_hash": cfg.hash()})
+    return Artifact.of(paths.prompts)
+
+
+def run_metadata(cfg: RunConfig, paths: RunPaths, rollout: EngineChoice, teacher: EngineChoice) -> dict[str, str]:
+    """What every Parquet file of the run carries (config hash, run id, engines)."""
+    return {"kdrl.config_hash": cfg.hash(), "kdrl.run_id": paths.root.name,
+            "kdrl.rollout_engine": rollout.engine, "kdrl.teacher_engine": teacher.engine}
+
+
+def load_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRun:
+    """Load the student (training embedded models on first use), build the optimizer, write the
+    config and the prompts table if missing, and resume after the latest checkpoint if any. With
+    cluster.backend "ray", the roles are Ray worker groups instead (`kdrl.cluster.open_ray_run`)."""
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)  # nothing of ours draws from it, but checkpoints store its state: same run, same bytes
+    paths = RunPaths(Path(run_dir))
+    student_path = resolve_model_path(cfg.model.name_or_path, cfg, log=log)
+    teacher_path = resolve_model_path(cfg.teacher.name_or_path, cfg, log=log) if cfg.loads_teacher else None
+    if cfg.cluster.backend == "ray":
+        from kdrl.cluster import open_ray_run
+
+        return open_ray_run(cfg, paths, student_path, teacher_path, log=log)
+    from kdrl.memory import (
+        check_memory,  # before any weights load and the run folder is written: a refused run can change its config
+    )
+
+    check_memory(cfg, student_path, teacher_path, run_dir=paths.root, log=log)
+    _check_run_config(cfg, paths)
+    tokenizer = load_tokenizer(student_path)
+    model = load_student_model(cfg, student_path)
+    prompts = open_prompts(cfg, paths, tokenizer, model.config, student_path, teacher_path)
     student = Student(cfg, model, tokenizer, student_path)
-    rollout_choice, teacher_choice = resolve_engines(cfg, student=model, teacher_path=teacher_path)
+    rollout_choice, teacher_choice = resolve_engines(cfg, student_params=sum(p.numel() for p in model.parameters()),
+                                                     teacher_path=teacher_path)
     log(f"[kdrl] engines: rollout {rollout_choice.engine} ({rollout_choice.reason}); "
         f"teacher {teacher_choice.engine} ({teacher_choice.reason})")
     rollout_spec, teacher_spec = engine_specs(cfg, student_path=student_path, teacher_path=teacher_path,
@@ -323,7 +357,5 @@ def load_run(cfg: RunConfig, run_dir: str | Path, *, log: Log = print) -> OpenRu
     if resumed is not None:
         student.restore(paths.checkpoint(resumed))
         log(f"[kdrl] resuming {paths.root} after step {resumed}")
-    metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.run_id": paths.root.name,
-                "kdrl.rollout_engine": rollout_choice.engine, "kdrl.teacher_engine": teacher_choice.engine}
-    return OpenRun(RunInfo(str(paths.root), cfg, metadata), student, Rollout(rollout_spec, student, log=log), teacher,
-                   Artifact.of(paths.prompts))
+    return OpenRun(RunInfo(str(paths.root), cfg, run_metadata(cfg, paths, rollout_choice, teacher_choice)), student,
+                   Rollout(rollout_spec, student, log=log), teacher, prompts)

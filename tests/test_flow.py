@@ -25,6 +25,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from flows.cli import main
+from kdrl.config import load_config
 from kdrl.storage import RunPaths, read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,6 +372,10 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness
     assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
     assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
     assert manual.concurrency_options.collision_strategy == "ENQUEUE"
+    [on_ray] = asyncio.run(read(["kdrl-train/ray"]))
+    assert on_ray.entrypoint == "flows/train.py:kdrl_train" and on_ray.work_pool_name == "kdrl-process"
+    cfg = load_config(on_ray.parameters["config_path"], on_ray.parameters["overrides"])  # valid as deployed
+    assert (cfg.cluster.backend, cfg.cluster.address) == ("ray", "auto")
     compare, evaluate = asyncio.run(read(["kdrl-compare/compare", "kdrl-eval/eval"]))
     assert compare.entrypoint == "flows/compare.py:kdrl_compare" and compare.parameters["seeds"] == 3
     assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"

@@ -87,6 +87,20 @@ def _plain_generation_config(
         model.generation_config = saved
 
 
+CHUNK_SEED_STRIDE = 1_000_000_007
+"""Seeds of consecutive generation chunks are this far apart (step seeds are 1 apart)."""
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of generation chunk `chunk` of a call seeded `seed`; chunk 0 keeps `seed`, and
+    ``chunk_seed(chunk_seed(s, a), b) == chunk_seed(s, a + b)``.
+
+    >>> chunk_seed(7, 0), chunk_seed(chunk_seed(7, 2), 3) == chunk_seed(7, 5)
+    (7, True)
+    """
+    return (seed + chunk * CHUNK_SEED_STRIDE) % 2**63
+
+
 @contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the generator sampling uses on ``device``; restore the caller's RNG state after."""
@@ -167,18 +181,21 @@ class HFRolloutEngine:
         top_p: float = 1.0,
         seed: int = 0,
     ) -> Rollouts:
-        """``n`` samples per prompt, rows prompt-major; the caller's RNG state is left untouched."""
+        """``n`` samples per prompt, rows prompt-major; the caller's RNG state is left untouched.
+
+        Rows are generated in chunks of ``batch_size``, chunk j seeded with ``chunk_seed(seed, j)``:
+        a call on the rows from chunk k on, seeded ``chunk_seed(seed, k)``, samples exactly what
+        this call samples there (how rollout replicas split a step, `kdrl.cluster`)."""
         check_generate_args(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature)
         rows = [(p, g) for p in range(len(prompt_token_ids)) for g in range(n)]
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         reasons: list[FinishReason] = []
-        with _seeded(self.model.device, seed), _eval_mode(self.model):
-            for start in range(0, len(rows), self.batch_size):
+        with _eval_mode(self.model):
+            for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
                 prompts = [prompt_token_ids[p] for p, _ in rows[start : start + self.batch_size]]
-                generated_BT, logp_BT = self._generate_chunk(
-                    prompts, max_new_tokens, temperature, top_p
-                )
+                with _seeded(self.model.device, chunk_seed(seed, chunk)):
+                    generated_BT, logp_BT = self._generate_chunk(prompts, max_new_tokens, temperature, top_p)
                 for tokens, logps in zip(generated_BT.tolist(), logp_BT.tolist()):
                     keep, reason = self._cut_at_eos(tokens)
                     completions.append(tokens[:keep])
