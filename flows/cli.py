@@ -30,6 +30,7 @@ from typing import NoReturn
 EXIT_CODES = {
     "kdrl.runlock.RunLockedError": 3,  # another process holds the run directory: wait, or use another run id
     "kdrl.train.TrainingError": 1,  # a non-finite update, a checkpoint not written: rerun to resume after the fix
+    "kdrl.cluster.WorkerLost": 1,  # a Ray actor died (OOM, lost node): rerun to resume
     "kdrl.storage.StorageWriteError": 1,  # a file the disk refused (full, quota): free space, rerun to resume
     "builtins.ValueError": 2,  # bad input: a config key, a dataset row, a damaged file, a refused command
     "builtins.FileNotFoundError": 2,

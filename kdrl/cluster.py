@@ -78,12 +78,12 @@ class WorkerLost(RuntimeError):
 
 _REAPER = r"""
 import os, shutil, signal, sys, time
-root = sys.argv[1].encode()
+root, controller = sys.argv[1].encode(), int(sys.argv[2])
 sys.stdin.buffer.read()  # EOF: the controller closed the pipe or died (kill -9 included)
 
 def ours():  # named on the command line, or holding a file open under the folder (renamed agents, workers)
     for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
+        if name.isdigit() and int(name) not in (os.getpid(), controller):  # the controller holds Ray's log files
             try:
                 with open(f"/proc/{name}/cmdline", "rb") as f:
                     mine = root in f.read()
@@ -123,8 +123,8 @@ class RayCluster:
         try:
             import ray
         except ImportError:
-            raise RuntimeError("cluster.backend='ray' needs Ray: pip install 'kdrl[ray]' "
-                               "(or cluster.backend='local')") from None
+            raise ValueError("cluster.backend='ray' needs Ray: pip install 'kdrl[ray]' "
+                             "(or cluster.backend='local')") from None
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run sends nothing anywhere
         if ray.is_initialized():  # e.g. a notebook that called ray.init: use it, leave it running
             log("[kdrl] ray: using the Ray this process is already connected to")
@@ -138,7 +138,7 @@ class RayCluster:
         root = tempfile.mkdtemp(prefix="kdrl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         reaper = None
         if sys.platform.startswith("linux"):
-            reaper = subprocess.Popen([sys.executable, "-c", _REAPER, root], stdin=subprocess.PIPE,
+            reaper = subprocess.Popen([sys.executable, "-c", _REAPER, root, str(os.getpid())], stdin=subprocess.PIPE,
                                       start_new_session=True)  # a Ctrl-C of the controller must not stop it first
         num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))
         started = time.perf_counter()
@@ -541,9 +541,9 @@ def wait_ready(*groups: ActorGroup) -> None:
     ready, waiting = ray.wait(list(pending), num_returns=len(pending), timeout=READY_TIMEOUT_S)
     if waiting:
         missing = sorted({pending[r][0].role for r in waiting})
-        raise RuntimeError(f"ray: the {', '.join(missing)} actors were not ready after {READY_TIMEOUT_S:.0f}s: "
-                           f"the cluster has {_describe(ray.available_resources())} free; check the *.resources "
-                           "settings against it")
+        raise ValueError(f"ray: the {', '.join(missing)} actors were not ready after {READY_TIMEOUT_S:.0f}s: "
+                         f"the cluster has {_describe(ray.available_resources())} free; check the *.resources "
+                         "settings against it (`ray status` shows what each node has)")
     for ref in ready:
         group, index = pending[ref]
         try:
@@ -596,8 +596,9 @@ def trainer_group(cfg: RunConfig, student_path: str) -> ActorGroup:
     group = placement_group([bundle] * cfg.trainer.world_size, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=READY_TIMEOUT_S)
     if not ready:
-        raise RuntimeError(f"ray: no room for the trainer's {cfg.trainer.world_size} × {bundle} after "
-                           f"{READY_TIMEOUT_S:.0f}s (free: {_describe(ray.available_resources())})")
+        raise ValueError(f"ray: no room for the trainer's {cfg.trainer.world_size} × {bundle} after "
+                         f"{READY_TIMEOUT_S:.0f}s (free: {_describe(ray.available_resources())}); lower "
+                         "trainer.world_size or trainer.resources")
     world = cfg.trainer.world_size
     return _start("trainer", TrainerRank, world, res, lambda i: (cfg, student_path, i, world),
                   strategy=lambda i: PlacementGroupSchedulingStrategy(group, i))

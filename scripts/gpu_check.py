@@ -12,10 +12,13 @@ data/configs/paper_1p5b.yaml), at reduced lengths. Sections, each timed after a 
   update            kdrl.train.update_step on a synthetic step batch (collate of kdrl's tables), with
                     gradient checkpointing and optim.max_tokens_per_microbatch, float32 and bf16 students
   update, LoRA      the same on a kdrl.lora student (skipped without peft)
+  update, data-parallel  kdrl.distributed's path (NCCL on CUDA): update_step with a one-rank
+                    DataParallel equals update_step without one (a 2-layer cut of the student);
+                    a one-GPU machine cannot run two NCCL ranks, and FSDP2 is not in kdrl yet
 
 Peak memory is torch.cuda.max_memory_allocated over the section, each section starting from an
 empty device; the estimate is `kdrl.memory`'s rows for exactly those shapes without the margin.
-A later scale-out issue adds sections: each is a function returning `Result`s.
+Each section is a function returning `Result`s.
 """
 
 from __future__ import annotations
@@ -226,6 +229,48 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
                    f"{len(bounds)} micro-batches, largest {rows}×{width} tokens, gradient checkpointing")]
 
 
+def section_data_parallel(plan: Plan) -> list[Result]:
+    """kdrl.distributed on this device's backend (NCCL on CUDA, gloo on CPU): update_step with a
+    DataParallel of one rank (a one-GPU machine), which must equal update_step
+    without one bit for bit. Proves the NCCL join, the all-reduced denominators and the bucketed
+    gradient sum run on CUDA tensors; a 2-layer cut of the student keeps it to seconds."""
+    import copy
+    import socket
+
+    from kdrl.config import LossConfig, OptimConfig
+    from kdrl.distributed import DataParallel
+    from kdrl.train import build_optimizer, update_step
+
+    backend = "nccl" if plan.device == "cuda" else "gloo"
+    name = f"update, data-parallel ({backend}, 1 rank)"
+    config = copy.deepcopy(plan.student)
+    config.num_hidden_layers = 2
+    batch = step_batch(plan, config.vocab_size).to(torch.device(plan.device))
+    optim_cfg = OptimConfig(lr=1e-4, micro_batch_size=64, max_tokens_per_microbatch=plan.token_budget)
+    loss_cfg = LossConfig(beta_init=5e-3)
+
+    def updated(dp):
+        model = build(config, plan, torch.float32)
+        optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=4)
+        update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=0,
+                    dp=dp)
+        return model
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dp = DataParallel.join(rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}", backend=backend)
+    try:
+        alone = updated(None)
+        together, seconds, peak = measured(lambda: updated(dp))
+    finally:
+        dp.close()
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(alone.parameters(), together.parameters()))
+    tokens = int(batch.completion_mask_BT.sum())
+    return [Result(name, tokens, seconds, peak, 0,
+                   f"largest weight difference to no data parallelism: {diff:.1e} (must be 0)")]
+
+
 def size(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -258,7 +303,8 @@ def main() -> None:
     sections = [("generate", lambda: section_generate(plan)), ("teacher scoring", lambda: section_teacher(plan)),
                 ("update float32", lambda: section_update(plan, dtype=torch.float32, lora=False)),
                 ("update bfloat16", lambda: section_update(plan, dtype=torch.bfloat16, lora=False)),
-                ("update, LoRA", lambda: section_update(plan, dtype=torch.bfloat16, lora=True))]
+                ("update, LoRA", lambda: section_update(plan, dtype=torch.bfloat16, lora=True)),
+                ("update, data-parallel", lambda: section_data_parallel(plan))]
     results: list[Result] = []
     for title, run in sections:
         print(f"== {title}", flush=True)

@@ -626,3 +626,27 @@ def test_prompt_template_with_stray_braces_is_refused_at_load():
 
 def test_memory_check_off_survives_yaml():
     assert load_config(overrides=["run.memory_check=off"]).run.memory_check == "off"
+
+
+def test_placement_keys_are_not_part_of_the_run_hash():
+    """Where a run's work runs (PLACEMENT_KEYS) is not what it computes: the same run id and file
+    hashes locally and on Ray, so a run moves between them. Every other key still changes it."""
+    base = load_config()
+    placed = load_config(overrides=["cluster.backend=ray", "cluster.address=auto", "trainer.world_size=4",
+                                    "trainer.resources.num_gpus=1", "rollout.replicas=2", "rollout.resources.num_cpus=4",
+                                    "teacher.replicas=2", "teacher.resources.num_gpus=0.5"])
+    assert placed.hash() == base.hash() == "6085dd8272f257da"
+    assert load_config(overrides=["rollout.batch_size=64"]).hash() != base.hash()  # decides the chunks: not placement
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["rollout.replicas=2"], "rollout.replicas=2 needs cluster.backend='ray'"),
+    (["trainer.world_size=2", "teacher.replicas=3"], "teacher.replicas=3, trainer.world_size=2 needs cluster.backend"),
+    (["cluster.backend=ray", "trainer.world_size=32"], "trainer.world_size=32 > rollout.prompts_per_step=16"),
+    (["cluster.backend=ray", "model.lora.r=8"], "model.lora with cluster.backend='ray' is not supported yet"),
+    (["cluster.backend=yarn"], "cluster.backend"),
+    (["trainer.resources.num_gpus=-1"], "trainer.resources.num_gpus"),
+])
+def test_placements_that_cannot_run_are_refused_when_the_config_loads(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(overrides=overrides)

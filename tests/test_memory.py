@@ -271,8 +271,10 @@ def test_gpu_check_runs_tiny_on_cpu():
                          env=env, timeout=600, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = out.stdout.split("== summary")[1]
-    for section in ("generate", "teacher scoring", "update float32", "update bfloat16", "update, LoRA"):
+    for section in ("generate", "teacher scoring", "update float32", "update bfloat16", "update, LoRA",
+                    "update, data-parallel (gloo, 1 rank)"):
         assert f"| {section} | " in summary, summary
+    assert "largest weight difference to no data parallelism: 0.0e+00" in summary, summary
     assert "n/a" in summary  # no peak memory on CPU; the estimates are printed beside it
 
 

@@ -252,3 +252,52 @@ def test_a_rollout_actor_killed_mid_run_fails_the_step_clearly_and_the_rerun_res
     assert code == 0, out[-4000:]
     assert "resuming" in out, out[-4000:]
     _assert_same_run(ray_reference, ray_runs[0] / "actor-killed")
+
+
+@pytest.mark.slow
+def test_a_ray_run_resumes_in_one_process_with_another_world_size(ray_runs, ray_reference):
+    """Checkpoints are whole HF folders written by rank 0: a two-rank Ray run killed in its last
+    update resumes with the local backend (one process, world size 1) and ends where the
+    uninterrupted two-rank run did, to float rounding (the gradient sums in another order)."""
+    code, out = _finish(_train(ray_runs, "moved", plain=True, fault=f"update:{STEPS - 1}"))
+    assert code == 137, out[-4000:]
+    _assert_no_ray_left(out)
+    root, flags, env = ray_runs
+    local = ["--set", "cluster.backend=local", "--set", "trainer.world_size=1", "--set", "rollout.replicas=1"]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "moved", *flags, *local,
+                           "--no-prefect"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert f"resuming {root / 'moved'} after step {STEPS - 2}" in done.stdout and "ray:" not in done.stdout
+    a, b = RunPaths(ray_reference), RunPaths(root / "moved")
+    for step in range(STEPS):  # the rollouts of every step were written by the Ray run (the last before the kill)
+        assert read_table(b.rollouts(step), table="rollouts").equals(read_table(a.rollouts(step), table="rollouts"))
+    from safetensors.torch import load_file
+
+    weights = Path("model") / "model.safetensors"
+    ref, moved = (load_file(p.checkpoint(STEPS - 1) / weights) for p in (a, b))
+    assert max(float((ref[k] - moved[k]).abs().max()) for k in ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_ray_run_writes_the_records_of_a_local_run(ray_runs, ray_reference):
+    """The same command with the local backend (one process, one thread) writes the same files:
+    the same rows and columns everywhere; step 0's rollouts and teacher scores bit for bit (the
+    same weights, rows and seeds, whatever the replicas), later values to float rounding (the
+    two-rank gradient sum rounds differently)."""
+    root, flags, env = ray_runs
+    local = ["--set", "cluster.backend=local", "--set", "trainer.world_size=1", "--set", "rollout.replicas=1"]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "local", *flags, *local,
+                           "--no-prefect"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-4000:]
+    a, b = RunPaths(ray_reference), RunPaths(root / "local")
+    assert (a.root / "config.yaml").read_text() != (b.root / "config.yaml").read_text()  # the placement differs...
+    assert read_table(a.prompts, table="prompts").equals(read_table(b.prompts, table="prompts"))  # ...the run not
+    for name, table in (("rollouts", "rollouts"), ("teacher", "teacher_logprobs")):
+        assert read_table(getattr(a, name)(0), table=table).equals(read_table(getattr(b, name)(0), table=table)), name
+    for step in range(STEPS):
+        ra, rb = (read_table(p.metrics(step), table="step_metrics") for p in (a, b))
+        assert ra.columns == rb.columns
+        for column in ("loss", "pg_loss", "kd_loss", "grad_norm", "beta", "lr", "num_tokens"):
+            assert rb[column][0] == pytest.approx(ra[column][0], rel=1e-4, abs=1e-6), (step, column)
