@@ -394,7 +394,12 @@ def exit_code(err: BaseException, command: str) -> int | None:
     return None
 
 
+_terminated = False  # a SIGTERM arrived (whatever exception it surfaced as)
+
+
 def _raise_terminated(signum, frame) -> None:
+    global _terminated
+    _terminated = True
     raise Terminated()
 
 
@@ -418,22 +423,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdrl {args.command}: {err}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:
+        if _terminated:  # the SIGTERM hit Prefect while it set a task run up: it raised its own error instead
+            _stopped(args.command, Terminated())
         code = exit_code(err, args.command)
         if code is None:
             raise
         print(f"kdrl: {err}", file=sys.stderr)
         return code
     except (KeyboardInterrupt, Terminated) as stop:
-        how, code = (("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt)
-                     else ("stopped by SIGTERM", 143))
-        after = "" if args.command in ("runs", "show") else (
-            " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
-            " the same command resumes.")
-        try:
-            print(f"\nkdrl {args.command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
-        except OSError:  # nobody reads our output any more (a pipe's reader died with the terminal)
-            pass
-        _exit_now(code)
+        _stopped(args.command, stop)
+
+
+def _stopped(command: str, stop: BaseException) -> NoReturn:
+    """Say what an interrupted command was doing, and end it (130 for Ctrl-C, 143 for SIGTERM)."""
+    how, code = (("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt)
+                 else ("stopped by SIGTERM", 143))
+    after = "" if command in ("runs", "show") else (
+        " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
+        " the same command resumes.")
+    try:
+        print(f"\nkdrl {command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
+    except OSError:  # nobody reads our output any more (a pipe's reader died with the terminal)
+        pass
+    _exit_now(code)
 
 
 def _exit_now(code: int) -> NoReturn:
