@@ -525,7 +525,7 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def old_grpo_run(tmp_path_factory, tiny_run_config):
+def old_grpo_run(tmp_path_factory, tiny_run_config, embedded_cache):
     """(a valid finished tiny run, a copy whose config.yaml says run.method=grpo with
     loss.beta_init=0.02). The copy is what the old README's compare example (`--set
     loss.beta_init=0.02` over every arm) wrote for its grpo arm before such a config was refused:
@@ -537,7 +537,8 @@ def old_grpo_run(tmp_path_factory, tiny_run_config):
     tmp = tmp_path_factory.mktemp("old_runs")
     beta = {"loss.beta_init": 0.02, "loss.beta_min": 0.0, "loss.beta_schedule": "constant"}
     valid = tmp / "runs" / "custom"
-    train_without_prefect(tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid)
+    cfg = tiny_run_config(tmp, **{"run.method": "custom", **beta, "run.cache_dir": embedded_cache})
+    train_without_prefect(cfg, valid)
     old = tmp / "runs" / "old-grpo"
     shutil.copytree(valid, old)
     text = (old / "config.yaml").read_text()
