@@ -1,6 +1,7 @@
 """The `kdrl-train` flow and its deployment: a run killed inside any stage resumes to the same
 weights and metrics as an uninterrupted one, a locked run is refused without touching it,
-prefect.yaml deploys as documented, and the tasks' logic runs without the engine (`.fn`).
+and the tasks' logic runs without the engine (`.fn`). (prefect.yaml's deployments are checked in
+test_schedule.py, on the real server that also shows the nightly one firing.)
 
 The crash tests run `kdrl train` as subprocesses, as a person would, against one `prefect server`
 started for this module: a process killed with exit code 137 (`KDRL_FAULT`, like `kill -9`) would
@@ -337,52 +338,6 @@ def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, pre
     err = capsys.readouterr().err
     assert f"kdrl: run {run_dir} is locked by PID {holder.pid} on " in err
     assert after == before and set(before) == {".lock", "notes.txt"}  # no config.yaml, no prompts: refused first
-
-
-@pytest.mark.slow
-def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness):
-    # `prefect deploy` needs nothing else non-interactively: prefect.yaml names the work pool and
-    # the pull step, --all skips the deployment picker and --no-prompt the "save?" questions. It
-    # imports the entrypoint (flows/train.py), so it must run from the repository root. Its
-    # "{{ $PWD }}" is the PWD environment variable, not the working directory: a shell's `cd`
-    # sets it, subprocess(cwd=...) does not, so it is set here as a shell would.
-    env = _env(PREFECT_API_URL=prefect_harness, PWD=str(ROOT))
-    for command in (["work-pool", "create", "kdrl-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-        done = subprocess.run([sys.executable, "-m", "prefect", *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stdout[-4000:]
-
-    from prefect.client.orchestration import get_client
-
-    async def read(names):
-        async with get_client() as client:
-            return [await client.read_deployment_by_name(name) for name in names]
-
-    nightly, manual = asyncio.run(read(["kdrl-train/nightly", "kdrl-train/manual"]))
-    for deployment in (nightly, manual):
-        assert deployment.entrypoint == "flows/train.py:kdrl_train" and deployment.work_pool_name == "kdrl-process"
-        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-        assert deployment.global_concurrency_limit.limit == 1
-    [schedule] = nightly.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert nightly.parameters == {"config_path": "data/configs/default.yaml", "overrides": [],
-                                  "run_id": "nightly-{date}"}
-    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"  # a late night run never overlaps the next
-    assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
-    assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
-    assert manual.concurrency_options.collision_strategy == "ENQUEUE"
-    compare, evaluate = asyncio.run(read(["kdrl-compare/compare", "kdrl-eval/eval"]))
-    assert compare.entrypoint == "flows/compare.py:kdrl_compare" and compare.parameters["seeds"] == 3
-    assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"
-    # the deployed flows' parameters are the functions' (a renamed argument breaks the deployment)
-    assert "checkpoint" in evaluate.parameter_openapi_schema["required"]
-    assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples",
-                                                                   "eval_temperature", "arms"}
-
-    from flows.train import resolve_run_dir
-    from kdrl.config import load_config
-
-    assert resolve_run_dir(load_config(), "nightly-{date}").name == "nightly-" + time.strftime("%Y%m%d", time.gmtime())
 
 
 def test_tasks_run_without_the_engine(tmp_path, embedded_cache):
