@@ -6,9 +6,10 @@ not be destroyed while another lives in the process, and pytest's process alread
 (test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
 files say which engines made them, every update is followed by a timed sync whose mismatch check
 finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
-trainer's own, greedy evaluations are the same on both engines, a run killed mid-way resumes with
-an engine that holds the checkpoint's weights, not the initial ones, SFT samples the teacher on
-vLLM, and a LoRA student's engine gets the merged weights at every sync.
+trainer's own, greedy evaluations are the same on both engines, a run killed mid-way (the flow
+run, killed -9 in step 2 and run again) resumes with an engine that holds the checkpoint's
+weights, not the initial ones, SFT samples the teacher on vLLM, and a LoRA student's engine gets
+the merged weights at every sync.
 
 A vLLM subprocess costs ~40-50 s on 2 cores (imports, engines, a server): where one run can show
 two properties, it does (a module-scoped run, several tests reading it).
@@ -72,7 +73,13 @@ def _metrics(paths: RunPaths) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory, embedded_cache):
+    """A flow run on vLLM engines, killed -9 inside step 2's generate (sampled, not yet written),
+    then the same command again: the rerun resumes from checkpoint 1 with new engines and samples
+    step 2 again. Yields the rerun's log and the run's paths."""
     tmp = tmp_path_factory.mktemp("vllm_run")
+    killed, paths = _train(tmp, embedded_cache, "vllm", VLLM, fault="generate:2")
+    assert killed.returncode == 137, killed.stdout[-6000:]
+    assert paths.metrics(1).exists() and not paths.rollouts(2).exists()
     done, paths = _train(tmp, embedded_cache, "vllm", VLLM)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout, paths
@@ -134,16 +141,12 @@ def test_greedy_evaluations_are_the_same_on_both_engines(vllm_run, hf_run):
     assert ours.equals(theirs)
 
 
-def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(tmp_path, embedded_cache):
-    """Killed inside step 2's update: the rerun (plain loop: it regenerates step 2) starts an
-    engine from the initial weights, which must be synced to checkpoint 1 before it samples step 2
-    — else step 2's rollouts come from the wrong policy and their sampler log-probs differ from the
-    trainer's."""
-    killed, paths = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True, fault="update:2")
-    assert killed.returncode == 137 and not paths.metrics(2).exists() and paths.metrics(1).exists()
-    resumed, _ = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True)
-    assert resumed.returncode == 0, resumed.stdout[-6000:]
-    assert "resuming" in resumed.stdout
+def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(vllm_run):
+    """The module's vLLM run was killed inside step 2's generate: the rerun starts an engine from
+    the initial weights, which must be synced to checkpoint 1 before it samples step 2 — else step
+    2's rollouts come from the wrong policy and their sampler log-probs differ from the trainer's."""
+    log, paths = vllm_run
+    assert f"resuming {paths.root} after step 1" in log, log[-6000:]
     m = _metrics(paths).row(2, named=True)
     assert m["rollout_logp_gap_max"] < 1e-4 and m["sync_logp_gap_max"] < 1e-4
     assert not math.isnan(m["sync_logp_gap_mean"])
