@@ -14,7 +14,7 @@ def _tiny(tmp_path, cache_dir=None):
         "run.cache_dir": cache_dir or tmp_path / "cache",
         "embedded.teacher_steps": 3, "embedded.student_steps": 3,
         "data.num_train": 24, "data.num_heldout": 4, "data.max_digits": 2,
-        "rollout.prompts_per_step": 2, "rollout.samples_per_prompt": 3, "rollout.max_new_tokens": 10,
+        "rollout.prompts_per_step": 2, "rollout.samples_per_prompt": 3, "rollout.max_new_tokens": 12,
     }
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 

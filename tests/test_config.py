@@ -525,7 +525,7 @@ def test_config_io_reads_and_reports_for_any_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def old_grpo_run(tmp_path_factory, tiny_run_config):
+def old_grpo_run(tmp_path_factory, tiny_run_config, embedded_cache):
     """(a valid finished tiny run, a copy whose config.yaml says run.method=grpo with
     loss.beta_init=0.02). The copy is what the old README's compare example (`--set
     loss.beta_init=0.02` over every arm) wrote for its grpo arm before such a config was refused:
@@ -537,7 +537,8 @@ def old_grpo_run(tmp_path_factory, tiny_run_config):
     tmp = tmp_path_factory.mktemp("old_runs")
     beta = {"loss.beta_init": 0.02, "loss.beta_min": 0.0, "loss.beta_schedule": "constant"}
     valid = tmp / "runs" / "custom"
-    train_without_prefect(tiny_run_config(tmp, **{"run.method": "custom", **beta}), valid)
+    cfg = tiny_run_config(tmp, **{"run.method": "custom", **beta, "run.cache_dir": embedded_cache})
+    train_without_prefect(cfg, valid)
     old = tmp / "runs" / "old-grpo"
     shutil.copytree(valid, old)
     text = (old / "config.yaml").read_text()
@@ -633,8 +634,9 @@ def test_placement_keys_are_not_part_of_the_run_hash():
     hashes locally and on Ray, so a run moves between them. Every other key still changes it."""
     base = load_config()
     placed = load_config(overrides=["cluster.backend=ray", "cluster.address=auto", "trainer.world_size=4",
-                                    "trainer.resources.num_gpus=1", "rollout.replicas=2", "rollout.resources.num_cpus=4",
-                                    "teacher.replicas=2", "teacher.resources.num_gpus=0.5"])
+                                    "trainer.resources.num_gpus=1", "rollout.replicas=2",
+                                    "rollout.resources.num_cpus=4", "teacher.replicas=2",
+                                    "teacher.resources.num_gpus=0.5"])
     assert placed.hash() == base.hash() == "6085dd8272f257da"
     assert load_config(overrides=["rollout.batch_size=64"]).hash() != base.hash()  # decides the chunks: not placement
 

@@ -1,6 +1,7 @@
 """The `kdrl-train` flow and its deployment: a run killed inside any stage resumes to the same
 weights and metrics as an uninterrupted one, a locked run is refused without touching it,
-prefect.yaml deploys as documented, and the tasks' logic runs without the engine (`.fn`).
+and the tasks' logic runs without the engine (`.fn`). (prefect.yaml's deployments are checked in
+test_schedule.py, on the real server that also shows the nightly one firing.)
 
 The crash tests run `kdrl train` as subprocesses, as a person would, against one `prefect server`
 started for this module: a process killed with exit code 137 (`KDRL_FAULT`, like `kill -9`) would
@@ -25,7 +26,6 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from flows.cli import main
-from kdrl.config import load_config
 from kdrl.storage import RunPaths, read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +136,20 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_result(stage, flow_env, reference):
+def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_result(stage, flow_env, prefect_server, reference):
     run_id = f"killed-in-{stage}"
     killed = _kdrl_train(flow_env, run_id, fault=f"{stage}:{LAST}")
     assert killed.returncode == 137, killed.stdout[-4000:]
+    # kill -9 (exit 137, no cleanup) leaves its flow run RUNNING on the server: a ghost
+    [ghost] = _flow_runs(prefect_server, run_id)  # flow runs are named after the run id
+    assert ghost.state.type.value == "RUNNING"
     resumed = _kdrl_train(flow_env, run_id)  # the same command, without the fault
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    # ... which the rerun marks Crashed before it starts its own
+    assert f"marked 1 earlier flow run(s) of {run_id} as Crashed" in resumed.stdout
+    first, second = _flow_runs(prefect_server, run_id)
+    assert first.id == ghost.id and first.state.type.value == "CRASHED" and "process is gone" in first.state.message
+    assert second.state.type.value == "COMPLETED"
     # Prefect's cache did the resuming: finished stages came back Cached, the rest ran
     assert _task_states(resumed.stdout) == _expected_states_after_kill(stage), resumed.stdout[-4000:]
     _assert_same_run(reference, flow_env.runs_dir / run_id)
@@ -220,26 +228,15 @@ def test_kdrl_warnings_reach_the_flow_runs_log_in_the_ui(flow_env, prefect_serve
 
 
 @pytest.mark.slow
-def test_a_killed_runs_flow_run_is_marked_crashed_when_the_run_starts_again(flow_env, prefect_server):
-    # kill -9 (exit 137, no cleanup) leaves its flow run RUNNING on the server: a ghost
-    killed = _kdrl_train(flow_env, "ghost", fault="update:1")
-    assert killed.returncode == 137, killed.stdout[-4000:]
-    [ghost] = _flow_runs(prefect_server, "ghost")  # flow runs are named after the run id
-    assert ghost.state.type.value == "RUNNING"
-    resumed = _kdrl_train(flow_env, "ghost")
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "marked 1 earlier flow run(s) of ghost as Crashed" in resumed.stdout
-    first, second = _flow_runs(prefect_server, "ghost")
-    assert first.id == ghost.id and first.state.type.value == "CRASHED" and "process is gone" in first.state.message
-    assert second.state.type.value == "COMPLETED"
-    # a run of the same id in another folder is another run: its ghost is not ours to end
+def test_the_ghost_of_a_run_with_the_same_id_in_another_folder_is_not_ended(flow_env, prefect_server):
+    # (that a killed run's own ghost is marked Crashed when it starts again is checked with every
+    # stage above) a run of the same id in another folder is another run: its ghost is not ours to end
     elsewhere = _kdrl_train(SimpleNamespace(**{**vars(flow_env), "flags": [*flow_env.flags, "--set",
                             f"run.runs_dir={flow_env.runs_dir}-elsewhere"]}), "ghost", fault="update:0")
     assert elsewhere.returncode == 137, elsewhere.stdout[-4000:]
-    again = _kdrl_train(flow_env, "ghost")
-    assert again.returncode == 0 and "earlier flow run" not in again.stdout, again.stdout[-4000:]
-    assert [r.state.type.value for r in _flow_runs(prefect_server, "ghost")] == [
-        "CRASHED", "COMPLETED", "RUNNING", "COMPLETED"]
+    here = _kdrl_train(flow_env, "ghost")
+    assert here.returncode == 0 and "earlier flow run" not in here.stdout, here.stdout[-4000:]
+    assert [r.state.type.value for r in _flow_runs(prefect_server, "ghost")] == ["RUNNING", "COMPLETED"]
 
 
 @pytest.mark.slow
@@ -338,56 +335,6 @@ def test_a_locked_run_is_refused_and_left_as_it_was(plain, tmp_path, capsys, pre
     err = capsys.readouterr().err
     assert f"kdrl: run {run_dir} is locked by PID {holder.pid} on " in err
     assert after == before and set(before) == {".lock", "notes.txt"}  # no config.yaml, no prompts: refused first
-
-
-@pytest.mark.slow
-def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(prefect_harness):
-    # `prefect deploy` needs nothing else non-interactively: prefect.yaml names the work pool and
-    # the pull step, --all skips the deployment picker and --no-prompt the "save?" questions. It
-    # imports the entrypoint (flows/train.py), so it must run from the repository root. Its
-    # "{{ $PWD }}" is the PWD environment variable, not the working directory: a shell's `cd`
-    # sets it, subprocess(cwd=...) does not, so it is set here as a shell would.
-    env = _env(PREFECT_API_URL=prefect_harness, PWD=str(ROOT))
-    for command in (["work-pool", "create", "kdrl-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-        done = subprocess.run([sys.executable, "-m", "prefect", *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stdout[-4000:]
-
-    from prefect.client.orchestration import get_client
-
-    async def read(names):
-        async with get_client() as client:
-            return [await client.read_deployment_by_name(name) for name in names]
-
-    nightly, manual = asyncio.run(read(["kdrl-train/nightly", "kdrl-train/manual"]))
-    for deployment in (nightly, manual):
-        assert deployment.entrypoint == "flows/train.py:kdrl_train" and deployment.work_pool_name == "kdrl-process"
-        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-        assert deployment.global_concurrency_limit.limit == 1
-    [schedule] = nightly.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "UTC", True)
-    assert nightly.parameters == {"config_path": "data/configs/default.yaml", "overrides": [],
-                                  "run_id": "nightly-{date}"}
-    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"  # a late night run never overlaps the next
-    assert nightly.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
-    assert manual.schedules == [] and manual.parameters == {"config_path": None, "overrides": [], "run_id": None}
-    assert manual.concurrency_options.collision_strategy == "ENQUEUE"
-    [on_ray] = asyncio.run(read(["kdrl-train/ray"]))
-    assert on_ray.entrypoint == "flows/train.py:kdrl_train" and on_ray.work_pool_name == "kdrl-process"
-    cfg = load_config(on_ray.parameters["config_path"], on_ray.parameters["overrides"])  # valid as deployed
-    assert (cfg.cluster.backend, cfg.cluster.address) == ("ray", "auto")
-    compare, evaluate = asyncio.run(read(["kdrl-compare/compare", "kdrl-eval/eval"]))
-    assert compare.entrypoint == "flows/compare.py:kdrl_compare" and compare.parameters["seeds"] == 3
-    assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"
-    # the deployed flows' parameters are the functions' (a renamed argument breaks the deployment)
-    assert "checkpoint" in evaluate.parameter_openapi_schema["required"]
-    assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples",
-                                                                   "eval_temperature", "arms"}
-
-    from flows.train import resolve_run_dir
-    from kdrl.config import load_config
-
-    assert resolve_run_dir(load_config(), "nightly-{date}").name == "nightly-" + time.strftime("%Y%m%d", time.gmtime())
 
 
 def test_tasks_run_without_the_engine(tmp_path, embedded_cache):

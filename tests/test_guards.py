@@ -140,7 +140,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_to
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp_path, tiny_run_config):
+def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp_path, tiny_run_config, embedded_cache):
     from kdrl.pipeline import (
         DIVERGED_FILE,
         write_rewards,
@@ -151,7 +151,7 @@ def test_a_diverged_step_writes_its_diagnostics_and_no_metrics_or_checkpoint(tmp
     from kdrl.runs import latest_checkpoint
     from kdrl.workers import load_run
 
-    cfg = tiny_run_config(tmp_path, **{"run.steps": 2})
+    cfg = tiny_run_config(tmp_path, **{"run.steps": 2, "run.cache_dir": embedded_cache})
     s = load_run(cfg, tmp_path / "runs" / "diverges", log=lambda _: None)
     paths = s.info.paths
     try:
@@ -263,12 +263,13 @@ def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, tiny_m
 
 
 @pytest.mark.slow
-def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_identically(tmp_path, tiny_run_overrides):
+def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_identically(tmp_path, tiny_run_overrides,
+                                                                                          embedded_cache):
     """Run in a fresh process: pytest's own process holds other tests' vLLM engines, whose
     background threads may draw from the global `random` while a run trains (seen once in the
     full suite), which says nothing about kdrl."""
     overrides = tiny_run_overrides(tmp_path, **{"run.steps": 2, "loss.ppo_epochs": 2, "optim.schedule": "linear",
-                                                "optim.lr": 1e-3})
+                                                "optim.lr": 1e-3, "run.cache_dir": embedded_cache})
     script = textwrap.dedent(f"""
         import json, random, sys, uuid
         import polars as pl, torch
@@ -299,11 +300,12 @@ def test_the_lr_schedule_spans_every_ppo_epoch_and_identical_runs_checkpoint_ide
     assert result["optimizer_step"] == 4
 
 
-def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys, tiny_run_overrides):
+def test_kdrl_train_stops_at_the_first_diverged_step_with_a_clear_error(tmp_path, capsys, tiny_run_overrides,
+                                                                         embedded_cache):
     from flows.cli import main
 
     # step 0 throws the weights far; step 1's gradient is NaN
-    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 4, "optim.lr": 1000})
+    overrides = tiny_run_overrides(tmp_path, **{"run.steps": 4, "optim.lr": 1000, "run.cache_dir": embedded_cache})
     argv = ["train", "--no-prefect", "--run-id", "lr1000"] + [a for k, v in overrides.items()
                                                               for a in ("--set", f"{k}={v}")]
     assert main(argv) == 1

@@ -10,10 +10,10 @@ from kdrl.storage import RunPaths, read_table
 from kdrl.workers import load_run
 
 
-def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path, tiny_run_config):
+def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path, tiny_run_config, embedded_cache):
     outputs = {}
     for offload in (False, True):
-        cfg = tiny_run_config(tmp_path, **{"teacher.offload": offload, "run.cache_dir": tmp_path / "cache"})
+        cfg = tiny_run_config(tmp_path, **{"teacher.offload": offload, "run.cache_dir": embedded_cache})
         s = load_run(cfg, tmp_path / "runs" / f"offload-{offload}", log=lambda _: None)
         rollouts = write_rollouts(s.info, s.rollout, s.prompts, 0)
         rewards = write_rewards(s.info, rollouts, s.prompts, 0)
@@ -24,8 +24,9 @@ def test_teacher_offload_frees_the_teacher_and_changes_nothing(tmp_path, tiny_ru
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
-def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k, tiny_run_config):
-    cfg = tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2, "teacher.top_k": top_k})
+def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k, tiny_run_config, embedded_cache):
+    cfg = tiny_run_config(tmp_path, **{"run.method": "sft", "run.steps": 2, "teacher.top_k": top_k,
+                                        "run.cache_dir": embedded_cache})
     run_dir = tmp_path / "runs" / "sft"
     train_without_prefect(cfg, run_dir)
     paths = RunPaths(run_dir)
@@ -48,17 +49,17 @@ def test_sft_trains_on_precomputed_teacher_samples(tmp_path, top_k, tiny_run_con
     assert (metrics["teacher_tokens"] == 0).all()
 
 
-def test_a_run_directory_keeps_its_config(tmp_path, tiny_run_config):
-    cfg = tiny_run_config(tmp_path, **{"run.steps": 1})
+def test_a_run_directory_keeps_its_config(tmp_path, tiny_run_config, embedded_cache):
+    cfg = tiny_run_config(tmp_path, **{"run.steps": 1, "run.cache_dir": embedded_cache})
     run_dir = tmp_path / "runs" / "fixed"
     load_run(cfg, run_dir, log=lambda _: None)
-    other = tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1})
+    other = tiny_run_config(tmp_path, **{"run.steps": 1, "loss.beta_init": 0.1, "run.cache_dir": embedded_cache})
     with pytest.raises(ValueError, match="started with another config"):
         load_run(other, run_dir, log=lambda _: None)
 
 
-def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path, tiny_run_config):
-    cfg = tiny_run_config(tmp_path, **{"run.steps": 2, "optim.lr": 1e-2})
+def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path, tiny_run_config, embedded_cache):
+    cfg = tiny_run_config(tmp_path, **{"run.steps": 2, "optim.lr": 1e-2, "run.cache_dir": embedded_cache})
     run_dir = tmp_path / "runs" / "baseline"
     train_without_prefect(cfg, run_dir)
     paths = RunPaths(run_dir)
@@ -100,9 +101,9 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path, tiny_run_
         assert m["no_answer_frac"] == rewards["extracted_answer"].null_count() / n
 
 
-def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path, tiny_run_config):
+def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path, tiny_run_config, embedded_cache):
     cfg = tiny_run_config(tmp_path, **{"run.steps": 1, "model.gradient_checkpointing": True,
-                                        "optim.max_tokens_per_microbatch": 64})
+                                        "optim.max_tokens_per_microbatch": 64, "run.cache_dir": embedded_cache})
     s = load_run(cfg, tmp_path / "runs" / "gc", log=lambda _: None)
     try:
         assert s.student.model.is_gradient_checkpointing

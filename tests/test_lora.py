@@ -199,7 +199,7 @@ def test_settings_users_get_wrong_are_refused_with_what_to_do(tiny_model_dir, mo
 
 
 @pytest.fixture(scope="module")
-def lora_and_full_runs(tmp_path_factory, tiny_run_config):
+def lora_and_full_runs(tmp_path_factory, tiny_run_config, embedded_cache):
     """The tiny 2-step kdrl_anneal run, once with model.lora and once with full weights (HF
     engines, one embedded cache)."""
     from flows.train import train_without_prefect
@@ -207,7 +207,7 @@ def lora_and_full_runs(tmp_path_factory, tiny_run_config):
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {}
     for name, extra in {"full": {}, "lora": {"model.lora": "{r: 4, alpha: 8}", "optim.lr": 1e-2}}.items():
-        cfg = tiny_run_config(root, **{"run.steps": 2, **extra})
+        cfg = tiny_run_config(root, **{"run.steps": 2, "run.cache_dir": embedded_cache, **extra})
         runs[name] = (cfg, root / "runs" / name)
         train_without_prefect(cfg, runs[name][1])
     return runs

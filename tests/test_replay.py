@@ -14,9 +14,9 @@ TIMING = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s",
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_run_config):
+def finished_run(tmp_path_factory, tiny_run_config, embedded_cache):
     tmp = tmp_path_factory.mktemp("replay")
-    cfg = tiny_run_config(tmp, **{"run.method": "kdrl_mask_response"})
+    cfg = tiny_run_config(tmp, **{"run.method": "kdrl_mask_response", "run.cache_dir": embedded_cache})
     run_dir = tmp / "runs" / "source"
     train_without_prefect(cfg, run_dir)
     return run_dir

@@ -199,13 +199,13 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, step_tables, tiny_t
 
 
 @pytest.mark.slow
-def test_resumed_run_is_bit_identical(tmp_path, tiny_run_config):
+def test_resumed_run_is_bit_identical(tmp_path, tiny_run_config, embedded_cache):
     import shutil
 
     from flows.train import train_without_prefect
     from kdrl.storage import RunPaths
 
-    cfg = tiny_run_config(tmp_path)
+    cfg = tiny_run_config(tmp_path, **{"run.cache_dir": embedded_cache})
     straight = tmp_path / "runs" / "straight"
     train_without_prefect(cfg, straight)
     resumed = tmp_path / "runs" / "resumed"

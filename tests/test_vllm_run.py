@@ -6,8 +6,13 @@ not be destroyed while another lives in the process, and pytest's process alread
 (test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
 files say which engines made them, every update is followed by a timed sync whose mismatch check
 finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
-trainer's own, a run killed mid-way resumes with an engine that holds the checkpoint's
-weights, not the initial ones, and a LoRA student's engine gets the merged weights at every sync.
+trainer's own, greedy evaluations are the same on both engines, a run killed mid-way (the flow
+run, killed -9 in step 2 and run again) resumes with an engine that holds the checkpoint's
+weights, not the initial ones, SFT samples the teacher on vLLM, and a LoRA student's engine gets
+the merged weights at every sync.
+
+A vLLM subprocess costs ~40-50 s on 2 cores (imports, engines, a server): where one run can show
+two properties, it does (a module-scoped run, several tests reading it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from flows.cli import main
 from kdrl.engines.vllm import vllm_available
 from kdrl.storage import SCHEMAS, RunPaths, read_table
 
@@ -67,7 +73,13 @@ def _metrics(paths: RunPaths) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory, embedded_cache):
+    """A flow run on vLLM engines, killed -9 inside step 2's generate (sampled, not yet written),
+    then the same command again: the rerun resumes from checkpoint 1 with new engines and samples
+    step 2 again. Yields the rerun's log and the run's paths."""
     tmp = tmp_path_factory.mktemp("vllm_run")
+    killed, paths = _train(tmp, embedded_cache, "vllm", VLLM, fault="generate:2")
+    assert killed.returncode == 137, killed.stdout[-6000:]
+    assert paths.metrics(1).exists() and not paths.rollouts(2).exists()
     done, paths = _train(tmp, embedded_cache, "vllm", VLLM)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout, paths
@@ -119,22 +131,50 @@ def test_an_hf_run_records_no_sync(hf_run):
     assert (m["rollout_logp_gap_max"] < 1e-4).all()  # HF samples on the trainer's module
 
 
-def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(tmp_path, embedded_cache):
-    """Killed inside step 2's update: the rerun (plain loop: it regenerates step 2) starts an
-    engine from the initial weights, which must be synced to checkpoint 1 before it samples step 2
-    — else step 2's rollouts come from the wrong policy and their sampler log-probs differ from the
-    trainer's."""
-    killed, paths = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True, fault="update:2")
-    assert killed.returncode == 137 and not paths.metrics(2).exists() and paths.metrics(1).exists()
-    resumed, _ = _train(tmp_path, embedded_cache, "resume", VLLM, plain=True)
-    assert resumed.returncode == 0, resumed.stdout[-6000:]
-    assert "resuming" in resumed.stdout
+def test_greedy_evaluations_are_the_same_on_both_engines(vllm_run, hf_run):
+    """The baseline evaluation of both runs (step -1: the same cached weights, greedy, before any
+    update) decodes the same responses on vLLM as on HF, the student's and the teacher's."""
+    _, paths = vllm_run
+    ours = read_table(paths.offline / "eval_baseline.parquet", table="evaluations")
+    theirs = read_table(hf_run.offline / "eval_baseline.parquet", table="evaluations")
+    assert set(ours["model"]) == {"student", "teacher"} and (ours["temperature"] == 0).all()
+    assert ours.equals(theirs)
+
+
+def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(vllm_run):
+    """The module's vLLM run was killed inside step 2's generate: the rerun starts an engine from
+    the initial weights, which must be synced to checkpoint 1 before it samples step 2 — else step
+    2's rollouts come from the wrong policy and their sampler log-probs differ from the trainer's."""
+    log, paths = vllm_run
+    assert f"resuming {paths.root} after step 1" in log, log[-6000:]
     m = _metrics(paths).row(2, named=True)
     assert m["rollout_logp_gap_max"] < 1e-4 and m["sync_logp_gap_max"] < 1e-4
     assert not math.isnan(m["sync_logp_gap_mean"])
 
 
-def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory, embedded_cache) -> Path:
+    """`kdrl compare` of kdrl, sft and grpo on vLLM engines (2 steps each, one process, plain loop),
+    with teacher.top_k=3 so that SFT's offline teacher samples come with top-k scores."""
+    tmp = tmp_path_factory.mktemp("compare_run")
+    values = {**TINY, **VLLM, "teacher.top_k": 3, "run.runs_dir": tmp / "runs", "run.cache_dir": embedded_cache}
+    values.pop("run.method")
+    done = _kdrl(tmp, ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2",
+                       "--eval-samples", "1", "--eval-every", "2", "--name", "cmp", *_sets(values)])
+    assert done.returncode == 0, done.stdout[-6000:]
+    return tmp / "runs" / "cmp"
+
+
+def test_runs_one_after_another_in_one_process_each_get_working_engines(compare_run):
+    """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
+    together (`OpenRun.close`) before the next run builds its own, so every arm samples
+    and syncs correctly (an engine freed while another lives would break the survivor)."""
+    for arm in ("kdrl", "sft", "grpo"):
+        m = pl.read_parquet(compare_run / f"{arm}-s0" / "iter_*" / "metrics.parquet")
+        assert m.height == 2 and (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all(), arm
+
+
+def test_sft_samples_the_teacher_on_vllm(compare_run, embedded_cache):
     """SFT's offline teacher samples (and their top-k scores) come from the vLLM teacher; the
     samples' sampler log-probs are the teacher's own log-probs of those tokens."""
     from kdrl.config import load_config
@@ -142,16 +182,14 @@ def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
     from kdrl.engines.hf import HFTeacherScorer
     from kdrl.models import load_causal_lm, load_tokenizer
 
-    settings = {"run.method": "sft", "run.steps": 2, "teacher.engine": "vllm", "rollout.engine": "hf",
-                "teacher.top_k": 3}
-    done, paths = _train(tmp_path, embedded_cache, "sft", settings, plain=True)
-    assert done.returncode == 0, done.stdout[-6000:]
+    paths = RunPaths(compare_run / "sft-s0")
     samples_path = paths.offline / "teacher_samples.parquet"
     assert pq.read_schema(samples_path).metadata[b"kdrl.teacher_engine"] == b"vllm"
     samples = read_table(samples_path, table="rollouts")
     top = read_table(paths.offline / "teacher_logprobs.parquet", table="teacher_logprobs")
     assert (top["topk_ids"].list.len() == samples["completion_token_ids"].list.len()).all()
-    cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, **settings, "run.cache_dir": embedded_cache}.items()])
+    assert top["topk_ids"].list.eval(pl.element().list.len()).explode().unique().to_list() == [3]
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in {**TINY, "run.cache_dir": embedded_cache}.items()])
     teacher_dir = resolve_model_path(cfg.teacher.name_or_path, cfg)  # cached: no training here
     scorer = HFTeacherScorer(load_causal_lm(teacher_dir), load_tokenizer(teacher_dir))
     hf = scorer.score(samples["prompt_token_ids"].to_list(), samples["completion_token_ids"].to_list())
@@ -159,43 +197,12 @@ def test_sft_samples_the_teacher_on_vllm(tmp_path, embedded_cache):
     assert gaps and max(gaps) < 1e-4
 
 
-def test_kdrl_eval_decodes_greedily_the_same_on_both_engines(tmp_path, tiny_model_dir):
-    """`kdrl eval --engine vllm` writes the records `--engine hf` writes; greedy decoding of the
-    same weights gives the same responses."""
-    frames = {}
-    for engine in ("hf", "vllm"):
-        done = _kdrl(tmp_path, ["eval", "--checkpoint", str(tiny_model_dir / "student"), "--no-prefect",
-                                "--engine", engine, "--samples", "1", "--temperature", "0", "--max-new-tokens", "10",
-                                "--set", "data.num_heldout=6", "--set", "data.num_train=6",
-                                "--out", str(tmp_path / engine)])
-        assert done.returncode == 0, done.stdout[-4000:]
-        assert f"engine: {engine} (rollout.engine={engine})" in done.stdout
-        path = tmp_path / engine / "samples.parquet"
-        assert pq.read_schema(path).metadata[b"kdrl.engine"] == engine.encode()
-        frames[engine] = read_table(path, table="evaluations")
-    assert frames["hf"].height == 6
-    assert frames["vllm"].drop("model").equals(frames["hf"].drop("model"))
-
-
-def test_runs_one_after_another_in_one_process_each_get_working_engines(tmp_path, embedded_cache):
-    """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
-    together (`OpenRun.close`) before the next run builds its own, so every arm samples
-    and syncs correctly (an engine freed while another lives would break the survivor)."""
-    values = {**TINY, **VLLM, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
-    values.pop("run.method")
-    done = _kdrl(tmp_path, ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2",
-                            "--eval-samples", "1", "--eval-every", "2", "--name", "cmp", *_sets(values)])
-    assert done.returncode == 0, done.stdout[-6000:]
-    for arm in ("kdrl", "sft", "grpo"):
-        m = pl.read_parquet(tmp_path / "runs" / "cmp" / f"{arm}-s0" / "iter_*" / "metrics.parquet")
-        assert m.height == 2 and (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all(), arm
-
-
-def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cache):
+def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cache, capsys):
     """`kdrl train` (plain loop, a subprocess: see the module docstring) with model.lora and a vLLM
     rollout engine built from the base model: after every update the engine scores exactly like
     the trainer's LoRA module, though the adapter has moved the log-probs far from the base's;
-    `kdrl eval --engine vllm` of the run then decodes what the run's own evaluation decoded."""
+    `kdrl eval --engine vllm` of the run then decodes what the run's own evaluation decoded, and
+    `kdrl eval --engine hf` (in this process: it builds no vLLM engine) writes the same records."""
     from kdrl.config import load_config
     from kdrl.embedded import resolve_model_path
     from kdrl.lora import load_merged_model
@@ -225,10 +232,24 @@ def test_a_lora_runs_vllm_engine_gets_the_merged_weights(tmp_path, embedded_cach
     sampled = max(abs(a - b) for ra, rb in zip(trained, rollouts["sampler_logprobs"].to_list()) for a, b in zip(ra, rb))
     assert sampled < 1e-4  # step STEPS-1 was sampled from checkpoint STEPS-2's merged weights
 
-    done = _kdrl(tmp_path, ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", "vllm",
-                            "--samples", "1", "--temperature", "0", "--out", str(tmp_path / "eval")])
-    assert done.returncode == 0, done.stdout[-4000:]
-    ours = read_table(tmp_path / "eval" / "samples.parquet", table="evaluations").sort("prompt_id")
+    frames = {}
+    for engine in ("vllm", "hf"):
+        argv = ["eval", "--checkpoint", str(paths.root), "--no-prefect", "--engine", engine,
+                "--samples", "1", "--temperature", "0", "--out", str(tmp_path / engine)]
+        if engine == "vllm":
+            done = _kdrl(tmp_path, argv)
+            assert done.returncode == 0, done.stdout[-4000:]
+            out = done.stdout
+        else:
+            capsys.readouterr()
+            assert main(argv) == 0
+            out = "".join(capsys.readouterr())
+        assert f"engine: {engine} (rollout.engine={engine})" in out, out[-4000:]
+        path = tmp_path / engine / "samples.parquet"
+        assert pq.read_schema(path).metadata[b"kdrl.engine"] == engine.encode()
+        frames[engine] = read_table(path, table="evaluations")
     own = read_table(paths.evaluation(STEPS - 1), table="evaluations")
     own = own.filter(model="student", temperature=0.0).sort("prompt_id")
-    assert ours["completion_text"].equals(own["completion_text"])
+    assert frames["vllm"].sort("prompt_id")["completion_text"].equals(own["completion_text"])
+    assert frames["hf"].height == own.height > 0
+    assert frames["vllm"].drop("model").equals(frames["hf"].drop("model"))
