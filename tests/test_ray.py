@@ -159,9 +159,14 @@ def ray_runs(tmp_path_factory, embedded_cache, prefect_harness):
     return root, flags, env
 
 
-def _train(ray_runs, run_id: str, *, plain: bool, fault: str | None = None) -> subprocess.Popen:
+LOCAL = ["--set", "cluster.backend=local", "--set", "trainer.world_size=1", "--set", "rollout.replicas=1"]
+"""The same run in one process."""
+
+
+def _train(ray_runs, run_id: str, *, plain: bool, fault: str | None = None, extra: list[str] = ()) -> subprocess.Popen:
     _, flags, env = ray_runs
-    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", run_id, *flags, *(["--no-prefect"] * plain)]
+    argv = [sys.executable, "-m", "flows.cli", "train", "--run-id", run_id, *flags, *extra,
+            *(["--no-prefect"] * plain)]
     return subprocess.Popen(argv, cwd=ROOT, env={**env, **({"KDRL_FAULT": fault} if fault else {})}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -262,13 +267,10 @@ def test_a_ray_run_resumes_in_one_process_with_another_world_size(ray_runs, ray_
     code, out = _finish(_train(ray_runs, "moved", plain=True, fault=f"update:{STEPS - 1}"))
     assert code == 137, out[-4000:]
     _assert_no_ray_left(out)
-    root, flags, env = ray_runs
-    local = ["--set", "cluster.backend=local", "--set", "trainer.world_size=1", "--set", "rollout.replicas=1"]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "moved", *flags, *local,
-                           "--no-prefect"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-4000:]
-    assert f"resuming {root / 'moved'} after step {STEPS - 2}" in done.stdout and "ray:" not in done.stdout
+    root = ray_runs[0]
+    code, out = _finish(_train(ray_runs, "moved", plain=True, extra=LOCAL))
+    assert code == 0, out[-4000:]
+    assert f"resuming {root / 'moved'} after step {STEPS - 2}" in out and "ray:" not in out
     a, b = RunPaths(ray_reference), RunPaths(root / "moved")
     for step in range(STEPS):  # the rollouts of every step were written by the Ray run (the last before the kill)
         assert read_table(b.rollouts(step), table="rollouts").equals(read_table(a.rollouts(step), table="rollouts"))
@@ -285,13 +287,9 @@ def test_a_ray_run_writes_the_records_of_a_local_run(ray_runs, ray_reference):
     the same rows and columns everywhere; step 0's rollouts and teacher scores bit for bit (the
     same weights, rows and seeds, whatever the replicas), later values to float rounding (the
     two-rank gradient sum rounds differently)."""
-    root, flags, env = ray_runs
-    local = ["--set", "cluster.backend=local", "--set", "trainer.world_size=1", "--set", "rollout.replicas=1"]
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "local", *flags, *local,
-                           "--no-prefect"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-4000:]
-    a, b = RunPaths(ray_reference), RunPaths(root / "local")
+    code, out = _finish(_train(ray_runs, "local", plain=True, extra=LOCAL))
+    assert code == 0, out[-4000:]
+    a, b = RunPaths(ray_reference), RunPaths(ray_runs[0] / "local")
     assert (a.root / "config.yaml").read_text() != (b.root / "config.yaml").read_text()  # the placement differs...
     assert read_table(a.prompts, table="prompts").equals(read_table(b.prompts, table="prompts"))  # ...the run not
     for name, table in (("rollouts", "rollouts"), ("teacher", "teacher_logprobs")):
