@@ -115,8 +115,8 @@ class RayCluster:
     controller closes it or dies (kill -9 included), so a crash leaves no Ray process behind
     (those Ray renames, e.g. ``ray::DashboardAgent``, are found by the files they hold open there)."""
 
-    def __init__(self, *, started: bool, reaper: subprocess.Popen | None = None) -> None:
-        self.started, self.reaper = started, reaper
+    def __init__(self, *, connected: bool, reaper: subprocess.Popen | None = None) -> None:
+        self.connected, self.reaper = connected, reaper  # connected: this run called ray.init
 
     @classmethod
     def connect(cls, cfg: ClusterConfig, *, cpus_needed: float = 0.0, log: Log = print) -> RayCluster:
@@ -128,12 +128,12 @@ class RayCluster:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run sends nothing anywhere
         if ray.is_initialized():  # e.g. a notebook that called ray.init: use it, leave it running
             log("[kdrl] ray: using the Ray this process is already connected to")
-            return cls(started=False)
+            return cls(connected=False)
         if cfg.address:
             env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
             ray.init(address=cfg.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
             log(f"[kdrl] ray: joined {cfg.address} ({_describe(ray.cluster_resources())})")
-            return cls(started=False)
+            return cls(connected=True)
         # /tmp, short: Ray's unix sockets live under it (paths of at most 107 bytes)
         root = tempfile.mkdtemp(prefix="kdrl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
         reaper = None
@@ -146,17 +146,18 @@ class RayCluster:
             # "local": a new instance even when `ray start` left one on this machine
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=root, log_to_driver=True)
         except BaseException:
-            cls(started=True, reaper=reaper).close()
+            cls(connected=True, reaper=reaper).close()
             raise
         log(f"[kdrl] ray: started a local Ray with {num_cpus} logical CPUs in {time.perf_counter() - started:.1f}s "
             f"(stopped when the run ends; files under {root})")
-        return cls(started=True, reaper=reaper)
+        return cls(connected=True, reaper=reaper)
 
     def close(self) -> None:
-        """Disconnect; a cluster this run started is stopped and none of its processes is left."""
+        """Disconnect (a Ray this process was already connected to is left as it was); a cluster
+        this run started is stopped and none of its processes is left."""
         import ray
 
-        if self.started or ray.is_initialized():
+        if self.connected and ray.is_initialized():
             ray.shutdown()
         if self.reaper is not None:
             self.reaper.stdin.close()
