@@ -6,7 +6,10 @@ test_schedule.py, on the real server that also shows the nightly one firing.)
 The crash tests run `kdrl train` as subprocesses, as a person would, against one `prefect server`
 started for this module: a process killed with exit code 137 (`KDRL_FAULT`, like `kill -9`) would
 leave an ephemeral server behind. All runs share one embedded-model cache and one Prefect result
-storage, so the rerun of a killed run finds the cache records its first attempt left.
+storage, so the rerun of a killed run finds the cache records its earlier attempts left. The kills
+inside the Prefect flow are one chain: a single run killed inside each stage of its last step in
+turn, every kill in the rerun of the attempt before (with a damaged file on the way), then a clean
+rerun — 6 processes where a kill and a rerun per stage took 12, each link checked on its own.
 """
 
 from __future__ import annotations
@@ -105,17 +108,20 @@ def _task_states(log: str) -> dict[str, str]:
             if re.match(r"(generate|rewards|teacher|update|evaluate)-", name)}
 
 
-def _expected_states_after_kill(stage: str) -> dict[str, str]:
-    """The per-step task states of the rerun of a run killed inside `stage` of the last step."""
+def _expected_states_after_kill(stage: str, killed_in: str | None = None) -> dict[str, str]:
+    """The per-step task states in the log of the rerun of a run killed inside `stage` of the last
+    step, the rerun itself killed inside `killed_in` of that step (None: it runs to the end). A
+    killed task logs nothing: it and the tasks after it are missing."""
     expected = {"evaluate--1": "Cached"}
     if stage == "evaluate":  # step 3's checkpoint was written: only its evaluation is left
-        return {**expected, f"evaluate-{LAST}": "Completed"}
+        return expected if killed_in == "evaluate" else {**expected, f"evaluate-{LAST}": "Completed"}
     # resumed from checkpoint 1: step 2 comes from the cache and its update is replayed
     expected.update({"generate-2": "Cached", "rewards-2": "Cached", "teacher-2": "Cached", "update-2": "Completed"})
     finished = STAGES[: STAGES.index(stage)]  # the stages of step 3 that wrote their file
-    for name in ("generate", "rewards", "teacher"):
-        expected[f"{name}-{LAST}"] = "Cached" if name in finished else "Completed"
-    return {**expected, f"update-{LAST}": "Completed", f"evaluate-{LAST}": "Completed"}
+    for name in STAGES[: STAGES.index(killed_in) if killed_in else None]:
+        cached = name in finished and name in ("generate", "rewards", "teacher")  # update is never cached
+        expected[f"{name}-{LAST}"] = "Cached" if cached else "Completed"
+    return expected
 
 
 def _assert_same_run(reference: Path, resumed: Path) -> None:
@@ -135,39 +141,50 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_result(stage, flow_env, prefect_server, reference):
-    run_id = f"killed-in-{stage}"
-    killed = _kdrl_train(flow_env, run_id, fault=f"{stage}:{LAST}")
-    assert killed.returncode == 137, killed.stdout[-4000:]
+def test_a_run_killed_inside_each_stage_in_turn_resumes_to_the_uninterrupted_result(flow_env, prefect_server,
+                                                                                    reference):
+    """One run, killed inside each stage of its last step in turn (`KDRL_FAULT=<stage>:3`, exit
+    137), each kill in the rerun of the attempt before; step 3's rewards file is truncated (a
+    partial copy, a full disk) before the rerun killed in the evaluation; a last, clean rerun
+    finishes it. Every rerun marks the ghost of the attempt before Crashed and resumes from the
+    cache as far as it gets; the end result is bit-identical to the uninterrupted `reference`.
+    (One chain of 6 processes instead of a kill and a rerun per stage: the same kills and
+    resumptions, half the processes.)"""
+    run_id = "killed-in-each-stage"
+    killed = _kdrl_train(flow_env, run_id, fault=f"generate:{LAST}")
+    where = f"attempt 1 (killed in generate:{LAST}); its output ends:\n{killed.stdout[-4000:]}"
+    assert killed.returncode == 137, f"exit code {killed.returncode}, {where}"
     # kill -9 (exit 137, no cleanup) leaves its flow run RUNNING on the server: a ghost
     [ghost] = _flow_runs(prefect_server, run_id)  # flow runs are named after the run id
-    assert ghost.state.type.value == "RUNNING"
-    resumed = _kdrl_train(flow_env, run_id)  # the same command, without the fault
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    # ... which the rerun marks Crashed before it starts its own
-    assert f"marked 1 earlier flow run(s) of {run_id} as Crashed" in resumed.stdout
-    first, second = _flow_runs(prefect_server, run_id)
-    assert first.id == ghost.id and first.state.type.value == "CRASHED" and "process is gone" in first.state.message
-    assert second.state.type.value == "COMPLETED"
-    # Prefect's cache did the resuming: finished stages came back Cached, the rest ran
-    assert _task_states(resumed.stdout) == _expected_states_after_kill(stage), resumed.stdout[-4000:]
-    _assert_same_run(reference, flow_env.runs_dir / run_id)
-
-
-@pytest.mark.slow
-def test_a_cached_file_damaged_after_a_kill_is_recomputed(flow_env, reference):
-    # killed in step 3's update; then its rewards file is truncated (a partial copy, a full disk)
-    run_id = "damaged-after-kill"
-    killed = _kdrl_train(flow_env, run_id, fault=f"update:{LAST}")
-    assert killed.returncode == 137, killed.stdout[-4000:]
-    rewards = RunPaths(flow_env.runs_dir / run_id).rewards(LAST)
-    rewards.write_bytes(rewards.read_bytes()[: rewards.stat().st_size // 2])
-    resumed = _kdrl_train(flow_env, run_id)
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    states = _task_states(resumed.stdout)
-    assert states[f"generate-{LAST}"] == "Cached" and states[f"rewards-{LAST}"] == "Completed", resumed.stdout[-4000:]
-    _assert_same_run(reference, flow_env.runs_dir / run_id)
+    assert ghost.state.type.value == "RUNNING", where
+    ran = {f"{name}-{step}": "Completed" for step in range(LAST) for name in STAGES[:4]}  # steps 0-2; not generate-3
+    assert _task_states(killed.stdout) == {"evaluate--1": "Completed", **ran}, where
+    previous, paths = "generate", RunPaths(flow_env.runs_dir / run_id)
+    for attempt, stage in enumerate(("rewards", "teacher", "update", "evaluate", None), start=2):
+        if stage == "evaluate":  # a cached file damaged after a kill (in update) is recomputed
+            rewards = paths.rewards(LAST)
+            rewards.write_bytes(rewards.read_bytes()[: rewards.stat().st_size // 2])
+        rerun = _kdrl_train(flow_env, run_id, fault=stage and f"{stage}:{LAST}")
+        link = (f"attempt {attempt} (after a kill in {previous}:{LAST}, "
+                f"{f'killed in {stage}:{LAST}' if stage else 'to the end'})")
+        where = f"{link}; its output ends:\n{rerun.stdout[-4000:]}"
+        assert rerun.returncode == (137 if stage else 0), f"exit code {rerun.returncode}, {where}"
+        # ... the rerun marks the ghost of the attempt before Crashed before it starts its own
+        assert f"marked 1 earlier flow run(s) of {run_id} as Crashed" in rerun.stdout, where
+        runs = _flow_runs(prefect_server, run_id)
+        states = [r.state.type.value for r in runs]
+        assert states == ["CRASHED"] * (attempt - 1) + ["RUNNING" if stage else "COMPLETED"], f"{states}, {where}"
+        assert runs[-2].id == ghost.id and "process is gone" in runs[-2].state.message, where
+        ghost = runs[-1]
+        # Prefect's cache did the resuming: finished stages came back Cached, the rest ran
+        expected = _expected_states_after_kill(previous, stage)
+        if stage == "evaluate":
+            # the truncated file: its task comes back Cached, then is recomputed (its last line, Completed); the
+            # same bytes as before, so the teacher scores keyed on them stay Cached
+            expected[f"rewards-{LAST}"] = "Completed"
+        assert _task_states(rerun.stdout) == expected, where
+        previous = stage
+    _assert_same_run(reference, paths.root)
 
 
 @pytest.mark.slow
@@ -229,8 +246,8 @@ def test_kdrl_warnings_reach_the_flow_runs_log_in_the_ui(flow_env, prefect_serve
 
 @pytest.mark.slow
 def test_the_ghost_of_a_run_with_the_same_id_in_another_folder_is_not_ended(flow_env, prefect_server):
-    # (that a killed run's own ghost is marked Crashed when it starts again is checked with every
-    # stage above) a run of the same id in another folder is another run: its ghost is not ours to end
+    # (that a killed run's own ghost is marked Crashed when it starts again is checked by every
+    # rerun of the chain above) a run of the same id in another folder is another run: its ghost is not ours to end
     elsewhere = _kdrl_train(SimpleNamespace(**{**vars(flow_env), "flags": [*flow_env.flags, "--set",
                             f"run.runs_dir={flow_env.runs_dir}-elsewhere"]}), "ghost", fault="update:0")
     assert elsewhere.returncode == 137, elsewhere.stdout[-4000:]
