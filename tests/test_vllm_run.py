@@ -1,9 +1,9 @@
 """End to end on vLLM: `kdrl train` with ``rollout.engine=vllm`` and ``teacher.engine=vllm`` on the
 embedded default (tiny settings), through Prefect, as a user runs it.
 
-Each run is a subprocess (its own local Prefect server, its own vLLM engines): a vLLM engine must
-not be destroyed while another lives in the process, and pytest's process already holds engines
-(test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
+Each run is a subprocess (its own vLLM engines; the flow runs report to the session's Prefect
+server, a local server's start being tested elsewhere): a vLLM engine must not be destroyed while
+another lives in the process, and pytest's process already holds engines (test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
 files say which engines made them, every update is followed by a timed sync whose mismatch check
 finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
 trainer's own, greedy evaluations are the same on both engines, a run killed mid-way (the flow
@@ -46,12 +46,14 @@ TINY = {
 VLLM = {"rollout.engine": "vllm", "teacher.engine": "vllm"}
 
 
-def _kdrl(tmp_path: Path, argv: list[str], *, fault: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m flows.cli ARGV` in a subprocess with its own Prefect home and vLLM cache, offline,
-    no Prefect API configured (a flow run starts its own server); stdout and stderr in one string."""
+def _kdrl(tmp_path: Path, argv: list[str], *, fault: str | None = None, api_url: str | None = None
+          ) -> subprocess.CompletedProcess:
+    """`python -m flows.cli ARGV` in a subprocess with its own Prefect home (result storage) and vLLM
+    cache, offline, reporting to the Prefect API at `api_url` if given; stdout and stderr in one string."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "KDRL_FAULT")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PREFECT_HOME=str(tmp_path / "prefect_home"),
-               VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"), **({"KDRL_FAULT": fault} if fault else {}))
+               VLLM_CACHE_ROOT=str(tmp_path / "vllm_cache"), **({"KDRL_FAULT": fault} if fault else {}),
+               **({"PREFECT_API_URL": api_url} if api_url else {}))
     return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
 
@@ -60,10 +62,11 @@ def _sets(values: dict) -> list[str]:
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 
 
-def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None):
+def _train(tmp_path: Path, cache: Path, run_id: str, settings: dict, *, plain: bool = False, fault: str | None = None,
+           api_url: str | None = None):
     values = {**TINY, **settings, "run.runs_dir": tmp_path / "runs", "run.cache_dir": cache}
     done = _kdrl(tmp_path, ["train", "--run-id", run_id, *_sets(values), *(["--no-prefect"] if plain else [])],
-                 fault=fault)
+                 fault=fault, api_url=api_url)
     return done, RunPaths(tmp_path / "runs" / run_id)
 
 
@@ -72,15 +75,15 @@ def _metrics(paths: RunPaths) -> pl.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def vllm_run(tmp_path_factory, embedded_cache):
+def vllm_run(tmp_path_factory, embedded_cache, prefect_harness):
     """A flow run on vLLM engines, killed -9 inside step 2's generate (sampled, not yet written),
     then the same command again: the rerun resumes from checkpoint 1 with new engines and samples
     step 2 again. Yields the rerun's log and the run's paths."""
     tmp = tmp_path_factory.mktemp("vllm_run")
-    killed, paths = _train(tmp, embedded_cache, "vllm", VLLM, fault="generate:2")
+    killed, paths = _train(tmp, embedded_cache, "vllm", VLLM, fault="generate:2", api_url=prefect_harness)
     assert killed.returncode == 137, killed.stdout[-6000:]
     assert paths.metrics(1).exists() and not paths.rollouts(2).exists()
-    done, paths = _train(tmp, embedded_cache, "vllm", VLLM)
+    done, paths = _train(tmp, embedded_cache, "vllm", VLLM, api_url=prefect_harness)
     assert done.returncode == 0, done.stdout[-6000:]
     return done.stdout, paths
 
@@ -154,12 +157,12 @@ def test_a_killed_vllm_run_resumes_with_the_checkpoints_weights(vllm_run):
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory, embedded_cache) -> Path:
-    """`kdrl compare` of kdrl, sft and grpo on vLLM engines (2 steps each, one process, plain loop),
+    """`kdrl compare` of kdrl and sft on vLLM engines (2 steps each, one process, plain loop),
     with teacher.top_k=3 so that SFT's offline teacher samples come with top-k scores."""
     tmp = tmp_path_factory.mktemp("compare_run")
     values = {**TINY, **VLLM, "teacher.top_k": 3, "run.runs_dir": tmp / "runs", "run.cache_dir": embedded_cache}
     values.pop("run.method")
-    done = _kdrl(tmp, ["compare", "--no-prefect", "--methods", "kdrl,sft,grpo", "--seeds", "1", "--steps", "2",
+    done = _kdrl(tmp, ["compare", "--no-prefect", "--methods", "kdrl,sft", "--seeds", "1", "--steps", "2",
                        "--eval-samples", "1", "--eval-every", "2", "--name", "cmp", *_sets(values)])
     assert done.returncode == 0, done.stdout[-6000:]
     return tmp / "runs" / "cmp"
@@ -169,7 +172,7 @@ def test_runs_one_after_another_in_one_process_each_get_working_engines(compare_
     """`kdrl compare` trains its arms in one process: each session's vLLM engines are freed
     together (`OpenRun.close`) before the next run builds its own, so every arm samples
     and syncs correctly (an engine freed while another lives would break the survivor)."""
-    for arm in ("kdrl", "sft", "grpo"):
+    for arm in ("kdrl", "sft"):
         m = pl.read_parquet(compare_run / f"{arm}-s0" / "iter_*" / "metrics.parquet")
         assert m.height == 2 and (m["time_sync_s"] > 0).all() and (m["sync_logp_gap_max"] < 1e-4).all(), arm
 
