@@ -4,13 +4,18 @@ killed (controller kill -9 through Prefect, or one of its actors) resumes to the
 result and leaves no Ray process behind.
 
 The unit tests share one cluster started in this process; the runs are `kdrl train` subprocesses,
-each starting (and stopping) its own, as a user's would.
+each starting (and stopping) its own, as a user's would. Starting Ray and its five actors (each
+importing torch and loading its model) takes far longer than a run's three steps, so Ray runs are
+few: the uninterrupted reference, one run interrupted both ways (its actor killed, then its
+rerun's controller), and that run's resume; its folder as the kill left it is copied for a
+resume in one process, and the local-backend runs start no Ray.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,11 +207,13 @@ def _assert_no_ray_left(out: str) -> None:
     assert _ray_processes(files) == [] and not Path(files).exists(), files
 
 
-def _assert_same_run(reference: Path, run: Path) -> None:
+def _assert_same_run(reference: Path, run: Path, steps: int = STEPS) -> None:
+    """`run`'s first `steps` steps equal `reference`'s (the records, and the checkpoint after the last), but
+    their timings."""
     a, b = RunPaths(reference), RunPaths(run)
     weights = Path("model") / "model.safetensors"
-    assert (b.checkpoint(STEPS - 1) / weights).read_bytes() == (a.checkpoint(STEPS - 1) / weights).read_bytes()
-    for step in range(STEPS):
+    assert (b.checkpoint(steps - 1) / weights).read_bytes() == (a.checkpoint(steps - 1) / weights).read_bytes()
+    for step in range(steps):
         for name, table in (("rollouts", "rollouts"), ("teacher", "teacher_logprobs"), ("advantages", "advantages"),
                             ("metrics", "step_metrics")):
             fa, fb = (read_table(getattr(p, name)(step), table=table) for p in (a, b))
@@ -224,9 +231,52 @@ def ray_reference(ray_runs) -> Path:
     return ray_runs[0] / "reference"
 
 
+@pytest.fixture(scope="module")
+def interrupted(ray_runs) -> dict:
+    """One Ray run ("killed") interrupted twice, each way once (a Ray start costs more than all
+    three steps, so the two interruptions share a run):
+
+    1. plain loop: rollout actor 0 is killed -9 once step 0 is done, which fails step 1;
+    2. the rerun, through Prefect, resumes after step 0 and is killed -9 in the last update
+       (KDRL_FAULT update:2): rollouts and checkpoint of every step but the last update on disk;
+    3. the run folder as the kill left it is copied to "moved" (before any resume) for the
+       world-size test.
+
+    Returns each attempt's exit code and output, and the killed actor's PID."""
+    proc = _train(ray_runs, "killed", plain=True)
+    lines, victim = [], None
+    for line in proc.stdout:  # the rollout actors' PIDs, then the first step's record
+        lines.append(line)
+        if match := re.search(r"rollout hf × 2 \(pids \[(\d+), (\d+)\]\)", line):
+            victim = int(match.group(1))
+        if line.startswith("[step    0]") and victim is not None:
+            os.kill(victim, signal.SIGKILL)  # a Ray actor dies (OOM killer, lost node, ...)
+            break
+    code, rest = _finish(proc)
+    actor_killed = (code, "".join(lines) + rest)
+    rerun = _finish(_train(ray_runs, "killed", plain=False, fault=f"update:{STEPS - 1}"))
+    root = ray_runs[0]
+    shutil.copytree(root / "killed", root / "moved")
+    return {"victim": victim, "actor_killed": actor_killed, "rerun": rerun}
+
+
 @pytest.mark.slow
-def test_a_ray_run_through_prefect_killed_9_resumes_to_the_uninterrupted_result(ray_runs, ray_reference):
-    code, out = _finish(_train(ray_runs, "killed", plain=False, fault=f"update:{STEPS - 1}"))
+def test_a_rollout_actor_killed_mid_run_fails_the_step_clearly_and_the_rerun_resumes(ray_runs, ray_reference,
+                                                                                    interrupted):
+    code, out = interrupted["actor_killed"]
+    assert code != 0, out[-4000:]
+    victim = interrupted["victim"]
+    assert re.search(rf"rollout actor 0 \(pid {victim}\) died during (the weight sync|generation)", out), out[-4000:]
+    assert "rerun the same command to resume" in out
+    _assert_no_ray_left(out)
+    code, out = interrupted["rerun"]  # the rerun: resumed, and its one full step equals the uninterrupted run's
+    assert f"resuming {ray_runs[0] / 'killed'} after step 0" in out, out[-4000:]
+    _assert_same_run(ray_reference, ray_runs[0] / "killed", steps=STEPS - 1)
+
+
+@pytest.mark.slow
+def test_a_ray_run_through_prefect_killed_9_resumes_to_the_uninterrupted_result(ray_runs, ray_reference, interrupted):
+    code, out = interrupted["rerun"]
     assert code == 137, out[-4000:]  # the controller died as with kill -9: no cleanup of its own
     _assert_no_ray_left(out)  # the reaper stopped the run's Ray all the same
     code, out = _finish(_train(ray_runs, "killed", plain=False))
@@ -237,36 +287,12 @@ def test_a_ray_run_through_prefect_killed_9_resumes_to_the_uninterrupted_result(
 
 
 @pytest.mark.slow
-def test_a_rollout_actor_killed_mid_run_fails_the_step_clearly_and_the_rerun_resumes(ray_runs, ray_reference):
-    proc = _train(ray_runs, "actor-killed", plain=True)
-    lines = []
-    for line in proc.stdout:  # the rollout actors' PIDs, then the first step's rollouts
-        lines.append(line)
-        if match := re.search(r"rollout hf × 2 \(pids \[(\d+), (\d+)\]\)", line):
-            victim = int(match.group(1))
-        if line.startswith("[step    0]"):
-            os.kill(victim, signal.SIGKILL)  # a Ray actor dies (OOM killer, lost node, ...)
-            break
-    code, rest = _finish(proc)
-    out = "".join(lines) + rest
-    assert code != 0, out[-4000:]
-    assert re.search(rf"rollout actor 0 \(pid {victim}\) died during (the weight sync|generation)", out), out[-4000:]
-    assert "rerun the same command to resume" in out
-    _assert_no_ray_left(out)
-    code, out = _finish(_train(ray_runs, "actor-killed", plain=True))
-    assert code == 0, out[-4000:]
-    assert "resuming" in out, out[-4000:]
-    _assert_same_run(ray_reference, ray_runs[0] / "actor-killed")
-
-
-@pytest.mark.slow
-def test_a_ray_run_resumes_in_one_process_with_another_world_size(ray_runs, ray_reference):
+def test_a_ray_run_resumes_in_one_process_with_another_world_size(ray_runs, ray_reference, interrupted):
     """Checkpoints are whole HF folders written by rank 0: a two-rank Ray run killed in its last
-    update resumes with the local backend (one process, world size 1) and ends where the
-    uninterrupted two-rank run did, to float rounding (the gradient sums in another order)."""
-    code, out = _finish(_train(ray_runs, "moved", plain=True, fault=f"update:{STEPS - 1}"))
-    assert code == 137, out[-4000:]
-    _assert_no_ray_left(out)
+    update (a copy of the one above, as the kill left it) resumes with the local backend (one
+    process, world size 1, no Prefect: the files decide) and ends where the uninterrupted two-rank
+    run did, to float rounding (the gradient sums in another order)."""
+    assert interrupted["rerun"][0] == 137, interrupted["rerun"][1][-4000:]
     root = ray_runs[0]
     code, out = _finish(_train(ray_runs, "moved", plain=True, extra=LOCAL))
     assert code == 0, out[-4000:]
