@@ -3,15 +3,15 @@ embedded default (tiny settings), through Prefect, as a user runs it.
 
 Each run is a subprocess (its own vLLM engines; the flow runs report to the session's Prefect
 server, a local server's start being tested elsewhere): a vLLM engine must not be destroyed while
-another lives in the process, and pytest's process already holds engines (test_engines_vllm). Checked: the records are those of an HF run (same tables and schemas), the
-files say which engines made them, every update is followed by a timed sync whose mismatch check
-finds the engine equal to the trainer, the sampler log-probs the updates trained on are the
-trainer's own, greedy evaluations are the same on both engines, a run killed mid-way (the flow
-run, killed -9 in step 2 and run again) resumes with an engine that holds the checkpoint's
-weights, not the initial ones, SFT samples the teacher on vLLM, and a LoRA student's engine gets
-the merged weights at every sync.
+another lives in the process, and pytest's process already holds engines (test_engines_vllm).
+Checked: the records are those of an HF run (same tables and schemas), the files say which engines
+made them, every update is followed by a timed sync whose mismatch check finds the engine equal to
+the trainer, the sampler log-probs the updates trained on are the trainer's own, greedy evaluations
+are the same on both engines, a run killed mid-way (the flow run, killed -9 in step 2 and run again)
+resumes with an engine that holds the checkpoint's weights, not the initial ones, SFT samples the
+teacher on vLLM, and a LoRA student's engine gets the merged weights at every sync.
 
-A vLLM subprocess costs ~40-50 s on 2 cores (imports, engines, a server): where one run can show
+A vLLM subprocess costs ~40-50 s on 2 cores (imports, engines): where one run can show
 two properties, it does (a module-scoped run, several tests reading it).
 """
 
