@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from kdrl.config import ClusterConfig, Resources, RunConfig
-from kdrl.distributed import DataParallel, group_shards
+from kdrl.distributed import DataParallel, full_state_dict, group_shards
 from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.engines.factory import EngineSpec, build_engine
 from kdrl.engines.hf import HFTeacherScorer, chunk_seed
@@ -204,8 +204,8 @@ class TrainerRank:
 
     def join(self, init_method: str) -> None:
         backend = "nccl" if self.student.device.type == "cuda" else "gloo"
-        self.student.dp = DataParallel.join(rank=self.rank, world_size=self.world_size, init_method=init_method,
-                                            backend=backend)
+        self.student.distribute(DataParallel.join(rank=self.rank, world_size=self.world_size,
+                                                  init_method=init_method, backend=backend))
 
     def restore(self, checkpoint: str) -> tuple[int, int]:
         """(step, optimizer step) of the checkpoint, now loaded."""
@@ -218,15 +218,19 @@ class TrainerRank:
                             result.kd_mask_B.cpu(), result.student_logp_BT.cpu(), result.kd_per_token_BT.cpu())
 
     def save(self, path: str, step: int) -> str:
-        if self.rank == 0:  # every rank holds the same weights and optimizer state
+        """DDP: rank 0 writes (every rank holds the same state). FSDP2: every rank is called (the
+        state is gathered to rank 0, which writes)."""
+        if self.rank == 0 or self.student.sharded:
             self.student.save(Path(path), step)
         return path
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().cpu() for name, tensor in self.student.model.state_dict().items()}
+        """The whole weights (FSDP2: gathered to rank 0, every rank called; the others get {})."""
+        return full_state_dict(self.student.model)
 
     def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
-        """The trainer's log-probs of given completions (the weight-sync check)."""
+        """The trainer's log-probs of given completions (the weight-sync check; FSDP2: every rank
+        is called with the same sequences, their forwards gather the weights together)."""
         scorer = HFTeacherScorer(self.student.model, self.student.tokenizer)
         return scorer.score(prompt_token_ids, completion_token_ids).logprobs
 
@@ -443,13 +447,32 @@ class RayStudent(Student):
         return UpdateResult(results[0].metrics, *(torch.cat([getattr(r, f) for r in results]) for f in
                                                   ("advantages_B", "kd_mask_B", "student_logp_BT", "kd_per_token_BT")))
 
+    @property
+    def _collective(self) -> list[int]:
+        """The ranks a call that reads the weights goes to: all of them when they are sharded."""
+        return list(range(len(self.ranks.actors))) if self._sharded else [0]
+
+    @property
+    def _sharded(self) -> bool:
+        return self.cfg.trainer.strategy == "fsdp2" and len(self.ranks.actors) > 1
+
     def save(self, path: Path, step: int) -> Path:
-        self.ranks.get("the checkpoint", [(0, self.ranks.actors[0].save.remote(str(path), step))])
+        self.ranks.get("the checkpoint", [(i, self.ranks.actors[i].save.remote(str(path), step))
+                                          for i in self._collective])
         return path
 
     def weights(self):
-        """Rank 0's weights, as an object-store reference the replicas fetch themselves."""
-        return self.ranks.actors[0].weights.remote()
+        """Rank 0's weights, as an object-store reference the replicas fetch themselves (FSDP2:
+        gathered there by every rank; this waits for the others' part)."""
+        refs = [self.ranks.actors[i].weights.remote() for i in self._collective]
+        if len(refs) > 1:
+            self.ranks.get("the weight gathering", list(enumerate(refs))[1:])
+        return refs[0]
+
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]):
+        """Rank 0's log-probs of the given completions (FSDP2: every rank runs the forward)."""
+        return self.ranks.get("the weight-sync check", [(i, self.ranks.actors[i].score.remote(
+            prompt_token_ids, completion_token_ids)) for i in self._collective])[0]
 
 
 class RayRollout(Rollout):
@@ -483,8 +506,9 @@ class RayRollout(Rollout):
         """(max, mean) |log π_replica − log π_trainer| after the sync: replica 0's engine against
         trainer rank 0, on the given sequences."""
         student: RayStudent = self.student  # type: ignore[assignment]
-        ours, theirs = (group.get("the weight-sync check", [(0, group.actors[0].score.remote(
-            prompt_token_ids, completion_token_ids))])[0] for group in (self.replicas, student.ranks))
+        ours = self.replicas.get("the weight-sync check", [(0, self.replicas.actors[0].score.remote(
+            prompt_token_ids, completion_token_ids))])[0]
+        theirs = student.score(prompt_token_ids, completion_token_ids)
         gaps = [abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b)]
         return (max(gaps), sum(gaps) / len(gaps)) if gaps else (float("nan"), float("nan"))
 

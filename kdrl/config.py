@@ -207,9 +207,13 @@ class TrainerConfig(_Section):
 
     world_size: Count = 1
     """Data-parallel ranks (one Ray actor each; with num_gpus 1, one GPU each)."""
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
     """"ddp": every rank holds the whole model and optimizer; the gradients of all ranks are summed
-    (bucketed all-reduce) before the optimizer step, as DistributedDataParallel does."""
+    (bucketed all-reduce) before the optimizer step, as DistributedDataParallel does.
+    "fsdp2": every rank holds 1/world_size of the weights, gradients and optimizer state (FSDP2's
+    fully_shard, one group per decoder layer), gathered layer by layer for each pass: the memory
+    of a model too large to replicate, for more communication. Checkpoints are gathered into the
+    same HF folder, so a run resumes on any world size, strategy or backend."""
     resources: Resources = Resources()
     """Per rank. The ranks are placed together (a PACK placement group)."""
 

@@ -15,12 +15,21 @@ Then three sums across ranks, and nothing else, make the update the single-proce
 A different world size sums the same terms in another order: weights equal to float rounding
 (~1e-7 relative), not bit for bit. The same world size is deterministic (gloo and NCCL reduce in
 a fixed order for a fixed world size on one machine).
+
+With trainer.strategy "fsdp2" (`shard_model`), each rank holds 1/W of every parameter, gradient
+and optimizer moment (FSDP2's `fully_shard`: one group per decoder layer, the embeddings, final
+norm and head in the root's). Sum 2 is then FSDP's reduce-scatter after each micro-batch's
+backward (a sum: the divide factor is set to 1, the denominators being global already), and every
+forward all-gathers a layer's weights, so all ranks must run the same number of micro-batch
+passes in lockstep: a rank with fewer runs zero-weighted ones (`update_step`), and a non-finite
+loss stops all ranks at the same micro-batch.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,11 +39,17 @@ BUCKET_BYTES = 25 * 2**20
 """Gradients are all-reduced in flat buckets of about this size (DDP's default)."""
 
 
+SHARDED_LOGPROBS = "kdrl_completion_logprobs"
+"""The attribute of a sharded model through which `kdrl.train.completion_logprobs_BT` runs."""
+
+
 class DataParallel:
-    """This process's place in a data-parallel group (an initialized default process group)."""
+    """This process's place in a data-parallel group (an initialized default process group).
+    `sharded`: the model is FSDP2-sharded (`shard_model`), not replicated."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
+        self.sharded = False
 
     @classmethod
     def join(cls, *, rank: int, world_size: int, init_method: str, backend: str = "gloo",
@@ -60,6 +75,12 @@ class DataParallel:
         """Whether `flag` is true on any rank (every rank must call it)."""
         return bool(self.sum(torch.tensor(int(flag))).item())
 
+    def max(self, value: int) -> int:
+        """The largest `value` over the ranks."""
+        total = torch.tensor(int(value))
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return int(total.item())
+
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> None:
         """Replace every trainable parameter's gradient by its sum over the ranks. A parameter
         with a gradient on some rank but not on this one counts as zero here; one with none on any
@@ -84,6 +105,50 @@ class DataParallel:
         """Leave the group (the process group is destroyed)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module, completion_logprobs: Callable) -> None:
+    """FSDP2 in place: every decoder layer its own group (all-gathered for its forward and
+    backward, resharded after), the rest (embeddings, final norm, LM head) the root's.
+
+    The log-prob path (`completion_logprobs(model, batch, ...)`) calls the decoder and the head
+    itself, not the model's forward, so it is registered as a forward method of the root: FSDP
+    all-gathers the root's parameters around it and reduce-scatters their gradients after the
+    backward. Gradients are summed across ranks, not averaged (the loss has global denominators).
+    The model's own forward (the weight-sync check) works too; every rank must call either together.
+    Build the optimizer after this: the parameters are replaced by sharded ones (DTensors)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"trainer.strategy fsdp2: {type(model).__name__}'s decoder has no `layers` list to shard; "
+                         "use trainer.strategy ddp")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    setattr(model, SHARDED_LOGPROBS, functools.partial(_cloned, completion_logprobs, model))
+    register_fsdp_forward_method(model, SHARDED_LOGPROBS)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # a plain sum (gloo has no pre-multiplied sum)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _cloned(fn: Callable, *args, **kwargs) -> tuple:
+    """`fn`'s tensors, not views of its internals: FSDP hooks an output for its backward, and a
+    view's hook is lost to any in-place use."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in fn(*args, **kwargs))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU, gathered from a sharded model on rank 0 (an empty
+    dict on the other ranks; every rank must call it), or the model's own state_dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:

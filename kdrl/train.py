@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from kdrl.advantages import group_advantages_PG, token_count
 from kdrl.batching import StepBatch, micro_batches
 from kdrl.config import LossConfig, OptimConfig
-from kdrl.distributed import DataParallel
+from kdrl.distributed import SHARDED_LOGPROBS, DataParallel
 from kdrl.lora import ADAPTER_DIR, is_lora, load_adapter_weights, save_lora_checkpoint
 from kdrl.losses import (
     beta_constant,
@@ -108,7 +108,18 @@ def completion_logprobs_BT(
     Logits are divided by the sampling temperature, matching the distribution the rollout engine
     sampled from. The LM head runs on completion positions only, in chunks of `chunk_tokens`
     rows, each under activation checkpointing. (Models whose head applies extra transforms, e.g.
-    logit soft-capping, are not handled here.)"""
+    logit soft-capping, are not handled here.) An FSDP2-sharded model runs it as a forward
+    method of its root (`kdrl.distributed.shard_model`), so its weights are gathered around it."""
+    kwargs = {"temperature": temperature, "topk_ids_BTK": topk_ids_BTK, "chunk_tokens": chunk_tokens}
+    sharded = getattr(model, SHARDED_LOGPROBS, None)
+    if sharded is not None:
+        return sharded(batch, **kwargs)
+    return _completion_logprobs_BT(model, batch, **kwargs)
+
+
+def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, temperature: float,
+                            topk_ids_BTK: torch.Tensor | None, chunk_tokens: int):
+    """`completion_logprobs_BT` on the model's own modules (what a sharded root runs as its forward)."""
     T = batch.completion_ids_BT.shape[1]
     decoder = model.get_decoder()
     hidden_BSH = decoder(
@@ -134,6 +145,10 @@ def completion_logprobs_BT(
     logp_BT = torch.cat(logp_parts).view(B, T)
     topk_logp_BTK = None if topk_NK is None else torch.cat(topk_parts).view(B, T, -1)
     return logp_BT, topk_logp_BTK
+
+
+sharded_logprobs = _completion_logprobs_BT
+"""What `kdrl.distributed.shard_model` registers as the sharded root's log-prob forward."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +186,14 @@ def _pad_columns(x_BT: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x_BT, (0, width - x_BT.shape[1]))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or the tensor: checks on it need no collective."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _non_finite_grads(model: torch.nn.Module, limit: int = 10) -> list[str]:
     return [name for name, p in model.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
+            if p.grad is not None and not torch.isfinite(_local(p.grad)).all()][:limit]
 
 
 def _diverged(what: str, *, model, optimizer, diagnostics: dict) -> TrainingDiverged:
@@ -222,6 +242,9 @@ def update_step(
     bounds = micro_batches(batch.attention_mask_BS[:, :-T].sum(dim=1).tolist(),
                            batch.completion_mask_BT.sum(dim=1).int().tolist(),
                            max_rows=optim_cfg.micro_batch_size, max_tokens=optim_cfg.max_tokens_per_microbatch)
+    sharded = dp is not None and dp.sharded
+    # FSDP2 gathers weights in every pass: all ranks make as many passes, some zero-weighted
+    passes = dp.max(len(bounds)) if sharded else len(bounds)
     old_logp_BT = student_logp_BT = kd_per_token_BT = None
     totals: dict[str, float] = {}
     for epoch in range(loss_cfg.ppo_epochs):
@@ -229,7 +252,14 @@ def update_step(
         sums: dict[str, float] = {}
         logp_parts, kd_parts = [], []
         failure: TrainingDiverged | None = None
-        for start, stop in bounds:
+        for index in range(passes):
+            if index >= len(bounds):  # this rank's micro-batches are done: a pass that adds zeros
+                logp_BT, _ = completion_logprobs_BT(model, batch.rows(*bounds[0]).trimmed(), temperature=temperature)
+                if dp.any(False):
+                    break
+                (torch.where(torch.isfinite(logp_BT), logp_BT, 0.0).sum() * 0.0).backward()
+                continue
+            start, stop = bounds[index]
             mb = batch.rows(start, stop).trimmed()
             t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
             mb_mask_BT = mask_BT[start:stop, :t]
@@ -256,6 +286,9 @@ def update_step(
                                     f"(rows {start}-{stop - 1} of the {'rank' if dp else 'batch'}"
                                     f"{f' {dp.rank} share' if dp else ''})", model=model, optimizer=optimizer,
                                     diagnostics=diagnostics)
+            if sharded and dp.any(failure is not None):  # every rank stops at this micro-batch
+                break
+            if failure is not None:
                 break
             loss.backward()
             logp_parts.append(_pad_columns(logp_BT.detach(), T))
@@ -270,12 +303,15 @@ def update_step(
         if failure is not None:
             raise failure
         if dp is not None:
-            dp.sum_gradients(model.parameters())
+            if not sharded:  # FSDP2 summed them (reduce-scatter) after each backward
+                dp.sum_gradients(model.parameters())
             sums = dp.sum_values(sums)
         if old_logp_BT is None:
             old_logp_BT = student_logp_BT = torch.cat(logp_parts)
             kd_per_token_BT = torch.cat(kd_parts)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # sharded: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
         if not math.isfinite(float(grad_norm)):
             diagnostics = {"optimizer_step": optimizer_step + epoch, "epoch": epoch, "beta": beta, "lr": lr, **sums,
@@ -317,23 +353,27 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int, optimizer_step: int) -> None:
+def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int, optimizer_step: int,
+                    sharded: tuple[dict, dict] | None = None) -> None:
     """Model (HF format, loadable by any HF tool) + trainer state (optimizer, scheduler, RNG,
     counters). Written to a temp dir and renamed, so a checkpoint dir is complete or absent.
     A LoRA student writes adapter/ (and merged/ with model.lora.save_merged) instead of model/.
+    `sharded`: the (model, optimizer) state dicts gathered from an FSDP2 model (`gather_states`),
+    written as one process's would be, so any world size or a local run resumes from them.
 
     Refuses non-finite weights (`TrainingDiverged`); a failed write (disk full, quota, permissions)
     removes the temp dir and raises `CheckpointWriteError` naming the folder and the free space."""
     path = Path(path)
     # requires_grad only: frozen ones cannot change
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    weights = sharded[0] if sharded else {name: p for name, p in model.named_parameters() if p.requires_grad}
+    bad = [name for name, p in weights.items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise TrainingDiverged(f"refusing to write {path}: {len(bad)} weight tensors are not finite (e.g. {bad[0]})",
                                {"optimizer_step": optimizer_step, "non_finite_weights": bad[:10]})
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": sharded[1] if sharded else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
         "optimizer_step": optimizer_step,
@@ -346,6 +386,9 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
     try:
         if is_lora(model):
             save_lora_checkpoint(model, tokenizer, tmp)
+        elif sharded:
+            _unsharded(model, sharded[0]).save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
         else:
             model.save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
@@ -356,6 +399,77 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
         raise CheckpointWriteError(f"checkpoint {describe_write_failure(path, err)}") from err
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def _unsharded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain HF model of `model`'s config holding `weights` (no copy): what an FSDP2 model's
+    gathered weights are saved through, so the folder names the model's own architecture."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(weights.values())).dtype)
+    missing, _ = plain.load_state_dict(weights, strict=False, assign=True)
+    plain.tie_weights()
+    still = [name for name, p in plain.named_parameters() if p.is_meta]
+    if still:
+        raise ValueError(f"the gathered weights lack {still[:3]} (missing: {missing[:3]})")
+    return plain
+
+
+def gather_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An FSDP2 model's whole weights and optimizer state, on rank 0's CPU (empty dicts on the
+    others; every rank must call it), the optimizer's keyed as one process's `state_dict()` is:
+    by the index of each trainable parameter in `model.parameters()` order."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not weights:
+        return {}, {}
+    index = {name: i for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    return weights, {"state": {index[name]: value for name, value in by_name["state"].items()},
+                     "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                      for group in by_name["param_groups"]]}
+
+
+def load_sharded_state(path: Path, *, model, optimizer, scheduler, rank: int) -> dict:
+    """`load_trainer_state` for an FSDP2 model: rank 0 reads the checkpoint (written by any world
+    size, or by one process) and the weights and optimizer state are scattered from it; every
+    rank takes the schedule, counters and RNG. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)
+    weights, by_name = {}, {}
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        files = sorted((path / "model").glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"checkpoint {path}: no model/*.safetensors to resume a sharded trainer from")
+        for file in files:
+            weights.update(load_file(file))
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        saved = state["optimizer"]
+        by_name = {"state": {names[i]: value for i, value in saved["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in saved["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return {"step": state["step"], "optimizer_step": state["optimizer_step"]}
 
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:

@@ -13,6 +13,7 @@ Engines are built on first use (an SFT run never samples from its student), alwa
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -25,7 +26,7 @@ import torch
 
 from kdrl.config import RunConfig, dump_config, load_config
 from kdrl.data import build_prompts, run_prompt_limit
-from kdrl.distributed import DataParallel
+from kdrl.distributed import DataParallel, shard_model
 from kdrl.embedded import resolve_model_path
 from kdrl.engines.base import RolloutEngine, SyncedEngine, TeacherScorer
 from kdrl.engines.factory import EngineSpec, build_engine
@@ -39,8 +40,11 @@ from kdrl.storage import RunPaths, read_table, write_table
 from kdrl.train import (
     UpdateResult,
     build_optimizer,
+    gather_states,
+    load_sharded_state,
     load_trainer_state,
     save_checkpoint,
+    sharded_logprobs,
     update_step,
 )
 
@@ -73,9 +77,26 @@ class Student:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def sharded(self) -> bool:
+        return self.dp is not None and self.dp.sharded
+
+    def distribute(self, dp: DataParallel) -> None:
+        """Become one rank of a data-parallel trainer (before any update or restore). With
+        trainer.strategy "fsdp2", shard the model (`kdrl.distributed.shard_model`) and rebuild the
+        optimizer over the shards."""
+        self.dp = dp
+        if self.cfg.trainer.strategy == "fsdp2":
+            shard_model(self.model, sharded_logprobs)
+            dp.sharded = True
+            self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.optim,
+                                                             self.cfg.run.steps * self.cfg.loss.ppo_epochs)
+
     def restore(self, checkpoint: Path) -> int:
         """Load a checkpoint's weights, optimizer, schedule and RNG; returns its step."""
-        state = load_trainer_state(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        load = (functools.partial(load_sharded_state, rank=self.dp.rank) if self.sharded  # type: ignore[union-attr]
+                else load_trainer_state)
+        state = load(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.optimizer_step, self.next_step = state["optimizer_step"], state["step"] + 1
         return state["step"]
 
@@ -88,9 +109,12 @@ class Student:
         return result
 
     def save(self, path: Path, step: int) -> Path:
-        """Weights, tokenizer and trainer state after iteration `step` (resumable)."""
-        save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                        scheduler=self.scheduler, step=step, optimizer_step=self.optimizer_step)
+        """Weights, tokenizer and trainer state after iteration `step` (resumable). A sharded
+        rank takes part in gathering them; rank 0 writes."""
+        states = gather_states(self.model, self.optimizer) if self.sharded else None
+        if states is None or self.dp.rank == 0:  # type: ignore[union-attr]
+            save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                            scheduler=self.scheduler, step=step, optimizer_step=self.optimizer_step, sharded=states)
         return path
 
 

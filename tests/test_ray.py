@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray for this module's unit tests (8 logical CPUs: actors share the 2 cores)."""
+    """A local Ray for this module's unit tests (12 logical CPUs: actors share the 2 cores)."""
     from kdrl.cluster import RayCluster
 
-    cluster = RayCluster.connect(ClusterConfig(backend="ray", num_cpus=8))
+    cluster = RayCluster.connect(ClusterConfig(backend="ray", num_cpus=12))
     yield cluster
     cluster.close()
 
@@ -97,10 +97,14 @@ def test_teacher_scores_split_across_replicas_equal_one_scorers(ray_cluster, tin
     assert split.topk_ids == whole.topk_ids
 
 
-def test_a_two_rank_update_equals_the_single_process_update(ray_cluster, tiny_model_dir, tiny_tokenizer, step_tables):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_two_rank_update_equals_the_single_process_update(strategy, ray_cluster, tiny_model_dir, tiny_tokenizer,
+                                                            step_tables, tmp_path):
     """Three prompt groups on two ranks: rank 0 gets two, rank 1 one, with different token counts,
     so a rank that divided by its own tokens (not the batch's, all-reduced) would weigh them
-    differently from one process."""
+    differently from one process. With micro-batches of one row, rank 1 also makes fewer passes
+    than rank 0 (FSDP2: it must join rank 0's weight gathering with zero-weighted ones). FSDP2's
+    checkpoint is one process's: a local student resumes from it and takes the same next step."""
     import ray
 
     from kdrl.cluster import RayStudent, trainer_group, wait_ready
@@ -108,7 +112,8 @@ def test_a_two_rank_update_equals_the_single_process_update(ray_cluster, tiny_mo
 
     # optim.lr at its default: AdamW's first step is ~lr·sign(g), so where |g| is near eps the rounding
     # of a sum in another order moves a weight by up to ~lr·1e-2 (2.2e-6 at lr 1e-3)
-    cfg = _config(tiny_model_dir, **{"trainer.world_size": 2, "optim.lr": 1e-4})
+    cfg = _config(tiny_model_dir, **{"trainer.world_size": 2, "optim.lr": 1e-4, "trainer.strategy": strategy,
+                                     "optim.micro_batch_size": 4})
     path = str(tiny_model_dir / "student")
     batch = collate(join_step_tables(*step_tables), pad_token_id=tiny_tokenizer.pad_token_id)
     tokens = [int(batch.groups(a, b).completion_mask_BT.sum()) for a, b in ((0, 2), (2, 3))]
@@ -122,10 +127,13 @@ def test_a_two_rank_update_equals_the_single_process_update(ray_cluster, tiny_mo
     student = RayStudent(cfg, tiny_tokenizer, path, ranks)
     got = student.update(batch)
 
-    rank0, rank1 = ray.get([rank.weights.remote() for rank in ranks.actors])
+    rank0 = ray.get(student.weights())
+    if strategy == "ddp":
+        rank1 = ray.get(ranks.actors[1].weights.remote())
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), name  # the ranks took the same step
     initial = load_causal_lm(path).state_dict()
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name  # the ranks took the same step
+    assert rank0.keys() == initial.keys()
     worst = max(float((rank0[n] - v).abs().max()) for n, v in single.model.state_dict().items())
     moved = max(float((rank0[n] - initial[n]).abs().max()) for n in rank0)
     assert worst <= 1e-6 and moved > 1e-5, (worst, moved)  # the step moved weights ≫ the tolerance
@@ -135,6 +143,33 @@ def test_a_two_rank_update_equals_the_single_process_update(ray_cluster, tiny_mo
     assert torch.equal(got.advantages_B, expected.advantages_B) and torch.equal(got.kd_mask_B, expected.kd_mask_B)
     assert torch.allclose(got.student_logp_BT, expected.student_logp_BT, atol=1e-6)
     assert student.optimizer_step == single.optimizer_step == 1
+    if strategy == "fsdp2":
+        # the weight-sync check's trainer side: every sharded rank's forward, rank 0's answer
+        rollouts = step_tables[0]
+        args = (rollouts["prompt_token_ids"].to_list(), rollouts["completion_token_ids"].to_list())
+        ours = student.score(*args)
+        theirs = HFTeacherScorer(single.model, tiny_tokenizer).score(*args).logprobs
+        assert max(abs(a - b) for ra, rb in zip(ours, theirs) for a, b in zip(ra, rb)) < 1e-5
+        # the gathered checkpoint resumes in one process, the next step equal too
+        single.save(tmp_path / "single", 0)
+        student.save(tmp_path / "sharded", 0)
+        resumed = Student(cfg, load_student_model(cfg, path), load_tokenizer(path), path)
+        resumed.restore(tmp_path / "sharded")
+        reference = Student(cfg, load_student_model(cfg, path), load_tokenizer(path), path)
+        reference.restore(tmp_path / "single")
+        again, twice = resumed.update(batch), reference.update(batch)
+        assert again.metrics["loss"] == pytest.approx(twice.metrics["loss"], rel=1e-5)
+        worst = max(float((resumed.model.state_dict()[n] - v).abs().max())
+                    for n, v in reference.model.state_dict().items())
+        assert worst <= 1e-6, worst
+        # and the sharded ranks resume from one process's checkpoint
+        student.restore(tmp_path / "single")
+        student.update(batch)
+        worst = max(float((ray.get(student.weights())[n] - v).abs().max())
+                    for n, v in reference.model.state_dict().items())
+        assert worst <= 1e-6, worst
+    for actor in ranks.actors:
+        ray.kill(actor)
 
 
 # --- runs -------------------------------------------------------------------------------------
