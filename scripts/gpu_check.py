@@ -13,8 +13,10 @@ data/configs/paper_1p5b.yaml), at reduced lengths. Sections, each timed after a 
                     gradient checkpointing and optim.max_tokens_per_microbatch, float32 and bf16 students
   update, LoRA      the same on a kdrl.lora student (skipped without peft)
   update, data-parallel  kdrl.distributed's path (NCCL on CUDA): update_step with a one-rank
-                    DataParallel equals update_step without one (a 2-layer cut of the student);
-                    a one-GPU machine cannot run two NCCL ranks, and FSDP2 is not in kdrl yet
+                    DataParallel equals update_step without one (a 2-layer cut of the student),
+                    then the same with the model FSDP2-sharded (trainer.strategy fsdp2: fully_shard,
+                    the registered log-prob forward, reduce-scatter); a one-GPU machine cannot run
+                    two NCCL ranks (tests/test_ray.py runs two with gloo)
 
 Peak memory is torch.cuda.max_memory_allocated over the section, each section starting from an
 empty device; the estimate is `kdrl.memory`'s rows for exactly those shapes without the margin.
@@ -238,8 +240,8 @@ def section_data_parallel(plan: Plan) -> list[Result]:
     import socket
 
     from kdrl.config import LossConfig, OptimConfig
-    from kdrl.distributed import DataParallel
-    from kdrl.train import build_optimizer, update_step
+    from kdrl.distributed import DataParallel, full_state_dict, shard_model
+    from kdrl.train import build_optimizer, sharded_logprobs, update_step
 
     backend = "nccl" if plan.device == "cuda" else "gloo"
     name = f"update, data-parallel ({backend}, 1 rank)"
@@ -259,16 +261,31 @@ def section_data_parallel(plan: Plan) -> list[Result]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    def sharded():
+        model = build(config, plan, torch.float32)
+        shard_model(model, sharded_logprobs)
+        fsdp = DataParallel(0, 1)  # the same process group, the model sharded over it
+        fsdp.sharded = True
+        optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=4)
+        update_step(model, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=0,
+                    dp=fsdp)
+        return full_state_dict(model)
+
     dp = DataParallel.join(rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}", backend=backend)
     try:
         alone = updated(None)
         together, seconds, peak = measured(lambda: updated(dp))
+        gathered, fsdp_seconds, fsdp_peak = measured(sharded)
     finally:
         dp.close()
     diff = max(float((a - b).detach().abs().max()) for a, b in zip(alone.parameters(), together.parameters()))
+    reference = alone.state_dict()
+    fsdp_diff = max(float((gathered[k].to(v.device) - v).detach().abs().max()) for k, v in reference.items())
     tokens = int(batch.completion_mask_BT.sum())
     return [Result(name, tokens, seconds, peak, 0,
-                   f"largest weight difference to no data parallelism: {diff:.1e} (must be 0)")]
+                   f"largest weight difference to no data parallelism: {diff:.1e} (must be 0)"),
+            Result(f"update, FSDP2 ({backend}, 1 rank)", tokens, fsdp_seconds, fsdp_peak, 0,
+                   f"largest weight difference to no data parallelism: {fsdp_diff:.1e} (must be ≤ 1e-6)")]
 
 
 def size(n: int | None) -> str:
