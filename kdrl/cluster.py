@@ -44,7 +44,7 @@ from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.engines.factory import EngineSpec, build_engine
 from kdrl.engines.hf import HFTeacherScorer, chunk_seed
 from kdrl.handoff import RunInfo
-from kdrl.models import load_causal_lm, load_tokenizer
+from kdrl.models import load_causal_lm, load_tokenizer, resolve_device
 from kdrl.runs import latest_checkpoint
 from kdrl.storage import RunPaths
 from kdrl.train import UpdateResult
@@ -189,7 +189,11 @@ class TrainerRank:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.rank, self.world_size = rank, world_size
-        self.student = Student(cfg, load_student_model(cfg, student_path), load_tokenizer(student_path), student_path)
+        self.device = resolve_device(cfg.model.device)
+        load = cfg
+        if cfg.trainer.strategy == "fsdp2" and world_size > 1:  # on the CPU: only this rank's shard goes to the device
+            load = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cpu"})})
+        self.student = Student(cfg, load_student_model(load, student_path), load_tokenizer(student_path), student_path)
 
     def pid(self) -> int:
         return os.getpid()
@@ -203,9 +207,9 @@ class TrainerRank:
         return f"tcp://{ip}:{port}"
 
     def join(self, init_method: str) -> None:
-        backend = "nccl" if self.student.device.type == "cuda" else "gloo"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.student.distribute(DataParallel.join(rank=self.rank, world_size=self.world_size,
-                                                  init_method=init_method, backend=backend))
+                                                  init_method=init_method, backend=backend), self.device)
 
     def restore(self, checkpoint: str) -> tuple[int, int]:
         """(step, optimizer step) of the checkpoint, now loaded."""

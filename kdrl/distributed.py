@@ -54,7 +54,11 @@ class DataParallel:
     @classmethod
     def join(cls, *, rank: int, world_size: int, init_method: str, backend: str = "gloo",
              timeout_s: float = 600.0) -> DataParallel:
-        """Join the group (every rank calls it; it returns once all have)."""
+        """Join the group (every rank calls it; it returns once all have). `backend` is for the
+        tensors on the device: "nccl" joins as "cpu:gloo,cuda:nccl", since the counts, flags and
+        metrics are summed on the CPU."""
+        if backend == "nccl":
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, world_size)
@@ -74,6 +78,12 @@ class DataParallel:
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank (every rank must call it)."""
         return bool(self.sum(torch.tensor(int(flag))).item())
+
+    def from_rank0(self, value):
+        """Rank 0's `value` (any picklable object) on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+        return box[0]
 
     def max(self, value: int) -> int:
         """The largest `value` over the ranks."""
@@ -107,7 +117,7 @@ class DataParallel:
             dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, completion_logprobs: Callable) -> None:
+def shard_model(model: torch.nn.Module, completion_logprobs: Callable, device: torch.device | None = None) -> None:
     """FSDP2 in place: every decoder layer its own group (all-gathered for its forward and
     backward, resharded after), the rest (embeddings, final norm, LM head) the root's.
 
@@ -116,16 +126,22 @@ def shard_model(model: torch.nn.Module, completion_logprobs: Callable) -> None:
     all-gathers the root's parameters around it and reduce-scatters their gradients after the
     backward. Gradients are summed across ranks, not averaged (the loss has global denominators).
     The model's own forward (the weight-sync check) works too; every rank must call either together.
-    Build the optimizer after this: the parameters are replaced by sharded ones (DTensors)."""
+    The shards go to `device` (default: where the model is; a model loaded on the CPU is moved
+    shard by shard, so no rank ever holds the whole model on its GPU). Build the optimizer after
+    this: the parameters are replaced by sharded ones (DTensors)."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    device = device or next(model.parameters()).device
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device_type=device.type)
 
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"trainer.strategy fsdp2: {type(model).__name__}'s decoder has no `layers` list to shard; "
                          "use trainer.strategy ddp")
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     setattr(model, SHARDED_LOGPROBS, functools.partial(_cloned, completion_logprobs, model))
     register_fsdp_forward_method(model, SHARDED_LOGPROBS)
     for module in model.modules():

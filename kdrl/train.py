@@ -16,6 +16,7 @@ only, in row chunks under activation checkpointing, so at most one chunk of B×T
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import shutil
@@ -256,6 +257,8 @@ def update_step(
             if index >= len(bounds):  # this rank's micro-batches are done: a pass that adds zeros
                 logp_BT, _ = completion_logprobs_BT(model, batch.rows(*bounds[0]).trimmed(), temperature=temperature)
                 if dp.any(False):
+                    if hasattr(model, "reset_iter_state"):
+                        model.reset_iter_state()
                     break
                 (torch.where(torch.isfinite(logp_BT), logp_BT, 0.0).sum() * 0.0).backward()
                 continue
@@ -287,6 +290,8 @@ def update_step(
                                     f"{f' {dp.rank} share' if dp else ''})", model=model, optimizer=optimizer,
                                     diagnostics=diagnostics)
             if sharded and dp.any(failure is not None):  # every rank stops at this micro-batch
+                if hasattr(model, "reset_iter_state"):  # a forward without its backward (torch ≥ 2.13)
+                    model.reset_iter_state()
                 break
             if failure is not None:
                 break
@@ -410,6 +415,7 @@ def _unsharded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torc
         plain = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(weights.values())).dtype)
     missing, _ = plain.load_state_dict(weights, strict=False, assign=True)
     plain.tie_weights()
+    plain.generation_config = copy.deepcopy(model.generation_config)  # its eos ids, as the model folder had them
     still = [name for name, p in plain.named_parameters() if p.is_meta]
     if still:
         raise ValueError(f"the gathered weights lack {still[:3]} (missing: {missing[:3]})")
@@ -437,10 +443,11 @@ def gather_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
                                       for group in by_name["param_groups"]]}
 
 
-def load_sharded_state(path: Path, *, model, optimizer, scheduler, rank: int) -> dict:
+def load_sharded_state(path: Path, *, model, optimizer, scheduler, dp: DataParallel) -> dict:
     """`load_trainer_state` for an FSDP2 model: rank 0 reads the checkpoint (written by any world
     size, or by one process) and the weights and optimizer state are scattered from it; every
-    rank takes the schedule, counters and RNG. Every rank must call it."""
+    rank takes the schedule, counters and RNG. Every rank must call it; a checkpoint rank 0
+    cannot read, or whose weights do not match the model, fails on every rank (none waits)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -448,28 +455,54 @@ def load_sharded_state(path: Path, *, model, optimizer, scheduler, rank: int) ->
     )
 
     path = Path(path)
-    state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)
-    weights, by_name = {}, {}
-    if rank == 0:
-        from safetensors.torch import load_file
-
-        files = sorted((path / "model").glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"checkpoint {path}: no model/*.safetensors to resume a sharded trainer from")
-        for file in files:
-            weights.update(load_file(file))
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        saved = state["optimizer"]
-        by_name = {"state": {names[i]: value for i, value in saved["state"].items()},
-                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                    for group in saved["param_groups"]]}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    weights, by_name, error = {}, {}, None
+    if dp.rank == 0:
+        try:
+            weights, by_name = _read_for_sharding(path, model)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they wait in the scatter
+            error = err
+    problem = dp.from_rank0(None if error is None else str(error))
+    if problem is not None:  # every rank says why
+        raise error or ValueError(problem)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # keys checked above
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return {"step": state["step"], "optimizer_step": state["optimizer_step"]}
+
+
+def _read_for_sharding(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
+    """A checkpoint's whole weights (checked against `model`'s names: only a tied head may be
+    absent) and its optimizer state keyed by parameter name, as `set_*_state_dict` take them."""
+    from safetensors.torch import load_file
+
+    files = sorted((path / "model").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"checkpoint {path}: no model/*.safetensors to resume a sharded trainer from")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing, unexpected = sorted(expected - set(weights) - tied), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: its weights do not match the student's (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); resume with the model it was trained from")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    saved = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)["optimizer"]
+    held = sum(len(group["params"]) for group in saved["param_groups"])
+    if held != len(names):
+        raise ValueError(f"checkpoint {path}: its optimizer state holds {held} parameters, the student trains "
+                         f"{len(names)}")
+    by_name = {"state": {names[i]: value for i, value in saved["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    return weights, by_name
 
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:

@@ -81,21 +81,20 @@ class Student:
     def sharded(self) -> bool:
         return self.dp is not None and self.dp.sharded
 
-    def distribute(self, dp: DataParallel) -> None:
+    def distribute(self, dp: DataParallel, device: torch.device | None = None) -> None:
         """Become one rank of a data-parallel trainer (before any update or restore). With
-        trainer.strategy "fsdp2", shard the model (`kdrl.distributed.shard_model`) and rebuild the
-        optimizer over the shards."""
+        trainer.strategy "fsdp2", shard the model onto `device` (`kdrl.distributed.shard_model`)
+        and rebuild the optimizer over the shards."""
         self.dp = dp
         if self.cfg.trainer.strategy == "fsdp2":
-            shard_model(self.model, sharded_logprobs)
+            shard_model(self.model, sharded_logprobs, device)
             dp.sharded = True
             self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.optim,
                                                              self.cfg.run.steps * self.cfg.loss.ppo_epochs)
 
     def restore(self, checkpoint: Path) -> int:
         """Load a checkpoint's weights, optimizer, schedule and RNG; returns its step."""
-        load = (functools.partial(load_sharded_state, rank=self.dp.rank) if self.sharded  # type: ignore[union-attr]
-                else load_trainer_state)
+        load = functools.partial(load_sharded_state, dp=self.dp) if self.sharded else load_trainer_state
         state = load(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.optimizer_step, self.next_step = state["optimizer_step"], state["step"] + 1
         return state["step"]

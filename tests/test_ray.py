@@ -153,6 +153,9 @@ def test_a_two_rank_update_equals_the_single_process_update(strategy, ray_cluste
         # the gathered checkpoint resumes in one process, the next step equal too
         single.save(tmp_path / "single", 0)
         student.save(tmp_path / "sharded", 0)
+        for name in ("config.json", "generation_config.json"):  # the folder one process writes
+            sharded, alone = (tmp_path / where / "model" / name for where in ("sharded", "single"))
+            assert sharded.read_text() == alone.read_text(), name
         resumed = Student(cfg, load_student_model(cfg, path), load_tokenizer(path), path)
         resumed.restore(tmp_path / "sharded")
         reference = Student(cfg, load_student_model(cfg, path), load_tokenizer(path), path)
@@ -168,6 +171,18 @@ def test_a_two_rank_update_equals_the_single_process_update(strategy, ray_cluste
         worst = max(float((ray.get(student.weights())[n] - v).abs().max())
                     for n, v in reference.model.state_dict().items())
         assert worst <= 1e-6, worst
+        # a checkpoint that rank 0 finds wrong fails on every rank, none left waiting in the scatter
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(tmp_path / "single", tmp_path / "broken")
+        file = tmp_path / "broken" / "model" / "model.safetensors"
+        weights = load_file(file)
+        dropped = sorted(weights)[3]
+        save_file({k: v for k, v in weights.items() if k != dropped}, file, metadata={"format": "pt"})
+        with pytest.raises(Exception, match=f"do not match the student's \\(missing \\['{re.escape(dropped)}'"):
+            student.restore(tmp_path / "broken")
     for actor in ranks.actors:
         ray.kill(actor)
 
