@@ -468,6 +468,11 @@ def load_sharded_state(path: Path, *, model, optimizer, scheduler, dp: DataParal
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
     state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)
+    return _restore_schedule(state, scheduler)
+
+
+def _restore_schedule(state: dict, scheduler) -> dict:
+    """The LR schedule and RNG of a checkpoint's trainer state; its {"step", "optimizer_step"}."""
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -522,9 +527,4 @@ def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:
         del saved
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return {"step": state["step"], "optimizer_step": state["optimizer_step"]}
+    return _restore_schedule(state, scheduler)
