@@ -44,6 +44,24 @@ SHOW_COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_l
                 "time_total_s")
 
 
+def _runs_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """--runs-dir, or the run.runs_dir of a --config / --set, as `kdrl train` reads it."""
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="folder holding one directory per run (default: run.runs_dir of --config/--set, "
+                        "else runs)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config whose run.runs_dir to read")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set run.runs_dir=/data/runs (repeatable)")
+
+
+def _runs_dir(args: argparse.Namespace) -> Path:
+    if args.runs_dir is not None:
+        return args.runs_dir
+    from kdrl.config import load_config  # pydantic and yaml only
+
+    return Path(load_config(args.config, args.overrides).run.runs_dir)
+
+
 def _parser() -> argparse.ArgumentParser:
     from kdrl.config import COMPARE_PROTOCOL, EVAL_DEFAULTS  # pydantic and yaml only
 
@@ -62,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default=None,
                        help="run directory name under run.runs_dir (rerun the same id to resume)")
     runs = sub.add_parser("runs", help="list the runs: method, status, last step's metrics, held-out pass@1")
-    runs.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    _runs_dir_arguments(runs)
     replay = sub.add_parser("replay", help="re-run only the update of one iteration, from its persisted inputs, "
                             "under changed loss/optim settings")
     replay.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
@@ -121,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-prefect", action="store_true", help="run the arms in a plain Python loop")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
-    show.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding one directory per run")
+    _runs_dir_arguments(show)
     show.add_argument("--columns", default=",".join(SHOW_COLUMNS),
                       help=f"comma-separated metrics (default: {','.join(SHOW_COLUMNS)})")
     merge = sub.add_parser("merge-lora",
@@ -242,8 +260,9 @@ def _print_before_after(run_dir: Path, last_step: int) -> None:
 def _runs(args: argparse.Namespace) -> int:
     from kdrl.runs import format_table, list_runs
 
-    table = list_runs(args.runs_dir)
-    print(format_table(table.drop("reason")) if len(table) else f"no runs under {args.runs_dir}")
+    runs_dir = _runs_dir(args)
+    table = list_runs(runs_dir)
+    print(format_table(table.drop("reason")) if len(table) else f"no runs under {runs_dir}")
     damaged = table.filter(status="damaged")
     if len(damaged):
         print(f"\n{len(damaged)} damaged run(s), listed without metrics:")
@@ -256,7 +275,7 @@ def _show(args: argparse.Namespace) -> int:
     from kdrl.runs import format_table, resolve_run, run_metrics
 
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    print(format_table(run_metrics(resolve_run(args.run, runs_dir=args.runs_dir)), columns=columns))
+    print(format_table(run_metrics(resolve_run(args.run, runs_dir=_runs_dir(args))), columns=columns))
     return 0
 
 

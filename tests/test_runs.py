@@ -165,6 +165,24 @@ def test_cli_runs_prints_an_aligned_table(runs_dir, capsys):
     assert {line[status_at - 1] for line in lines[1:]} == {" "} and lines[3][status_at:].startswith("complete")
 
 
+def test_cli_runs_and_show_read_the_runs_dir_of_a_config_as_train_does(runs_dir, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # no ./runs here: the folder must come from the config
+    (work / "cfg.yaml").write_text(f"run:\n  runs_dir: {runs_dir}\n")
+    assert main(["runs", "--config", str(work / "cfg.yaml")]) == 0
+    from_config = capsys.readouterr().out
+    assert main(["runs", "--set", f"run.runs_dir={runs_dir}"]) == 0
+    assert capsys.readouterr().out == from_config and "midway" in from_config
+    assert main(["show", "done", "--set", f"run.runs_dir={runs_dir}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[0] == "step"
+    # --runs-dir still wins; without either, ./runs as before
+    assert main(["runs", "--runs-dir", str(work), "--set", f"run.runs_dir={runs_dir}"]) == 0
+    assert capsys.readouterr().out.strip() == f"no runs under {work}"
+    assert main(["runs"]) == 0
+    assert capsys.readouterr().out.strip() == "no runs under runs"
+
+
 def test_cli_runs_with_no_runs(tmp_path, capsys):
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"no runs under {tmp_path}"
