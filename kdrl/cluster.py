@@ -191,7 +191,7 @@ class TrainerRank:
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.model.device)
         load = cfg
-        if cfg.trainer.strategy == "fsdp2" and world_size > 1:  # on the CPU: only this rank's shard goes to the device
+        if cfg.trainer.sharded:  # on the CPU: only this rank's shard goes to the device
             load = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cpu"})})
         self.student = Student(cfg, load_student_model(load, student_path), load_tokenizer(student_path), student_path)
 
@@ -454,11 +454,7 @@ class RayStudent(Student):
     @property
     def _collective(self) -> list[int]:
         """The ranks a call that reads the weights goes to: all of them when they are sharded."""
-        return list(range(len(self.ranks.actors))) if self._sharded else [0]
-
-    @property
-    def _sharded(self) -> bool:
-        return self.cfg.trainer.strategy == "fsdp2" and len(self.ranks.actors) > 1
+        return list(range(len(self.ranks.actors))) if self.cfg.trainer.sharded else [0]
 
     def save(self, path: Path, step: int) -> Path:
         self.ranks.get("the checkpoint", [(i, self.ranks.actors[i].save.remote(str(path), step))

@@ -217,6 +217,11 @@ class TrainerConfig(_Section):
     resources: Resources = Resources()
     """Per rank. The ranks are placed together (a PACK placement group)."""
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over more than one rank (one rank has nothing to shard: it is one process's update)."""
+        return self.strategy == "fsdp2" and self.world_size > 1
+
 
 class TeacherConfig(_Section):
     name_or_path: str = "embedded:teacher"

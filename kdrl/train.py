@@ -192,6 +192,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _drop_pending_backward(model: torch.nn.Module) -> None:
+    """FSDP2: forget a forward whose backward will not run (all ranks stop; torch ≥ 2.13)."""
+    if hasattr(model, "reset_iter_state"):
+        model.reset_iter_state()
+
+
 def _non_finite_grads(model: torch.nn.Module, limit: int = 10) -> list[str]:
     return [name for name, p in model.named_parameters()
             if p.grad is not None and not torch.isfinite(_local(p.grad)).all()][:limit]
@@ -257,8 +263,7 @@ def update_step(
             if index >= len(bounds):  # this rank's micro-batches are done: a pass that adds zeros
                 logp_BT, _ = completion_logprobs_BT(model, batch.rows(*bounds[0]).trimmed(), temperature=temperature)
                 if dp.any(False):
-                    if hasattr(model, "reset_iter_state"):
-                        model.reset_iter_state()
+                    _drop_pending_backward(model)
                     break
                 (torch.where(torch.isfinite(logp_BT), logp_BT, 0.0).sum() * 0.0).backward()
                 continue
@@ -290,8 +295,7 @@ def update_step(
                                     f"{f' {dp.rank} share' if dp else ''})", model=model, optimizer=optimizer,
                                     diagnostics=diagnostics)
             if sharded and dp.any(failure is not None):  # every rank stops at this micro-batch
-                if hasattr(model, "reset_iter_state"):  # a forward without its backward (torch ≥ 2.13)
-                    model.reset_iter_state()
+                _drop_pending_backward(model)
                 break
             if failure is not None:
                 break
@@ -391,11 +395,8 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
     try:
         if is_lora(model):
             save_lora_checkpoint(model, tokenizer, tmp)
-        elif sharded:
-            _unsharded(model, sharded[0]).save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
         else:
-            model.save_pretrained(tmp / "model")
+            (_unsharded(model, sharded[0]) if sharded else model).save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")
     except Exception as err:  # a full disk: OSError (HF files), SafetensorError,
@@ -437,10 +438,20 @@ def gather_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
     if not weights:
         return {}, {}
-    index = {name: i for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
-    return weights, {"state": {index[name]: value for name, value in by_name["state"].items()},
-                     "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                      for group in by_name["param_groups"]]}
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    return weights, _rekeyed(by_name, index)
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters `build_optimizer` trains, in its (index) order."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _rekeyed(optimizer_state: dict, keys) -> dict:
+    """An optimizer state dict with every parameter key `k` replaced by `keys[k]` (index ↔ name)."""
+    return {"state": {keys[k]: value for k, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [keys[k] for k in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
 
 
 def load_sharded_state(path: Path, *, model, optimizer, scheduler, dp: DataParallel) -> dict:
@@ -467,7 +478,7 @@ def load_sharded_state(path: Path, *, model, optimizer, scheduler, dp: DataParal
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)  # keys checked above
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
-    state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)
+    state = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)  # mmap: the moments stay on disk
     return _restore_schedule(state, scheduler)
 
 
@@ -498,16 +509,13 @@ def _read_for_sharding(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path}: its weights do not match the student's (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); resume with the model it was trained from")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = _trainable_names(model)
     saved = torch.load(path / "trainer_state.pt", weights_only=False, mmap=True)["optimizer"]
     held = sum(len(group["params"]) for group in saved["param_groups"])
     if held != len(names):
         raise ValueError(f"checkpoint {path}: its optimizer state holds {held} parameters, the student trains "
                          f"{len(names)}")
-    by_name = {"state": {names[i]: value for i, value in saved["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                for group in saved["param_groups"]]}
-    return weights, by_name
+    return weights, _rekeyed(saved, names)
 
 
 def load_trainer_state(path: Path, *, model, optimizer, scheduler) -> dict:

@@ -86,7 +86,7 @@ class Student:
         trainer.strategy "fsdp2", shard the model onto `device` (`kdrl.distributed.shard_model`)
         and rebuild the optimizer over the shards."""
         self.dp = dp
-        if self.cfg.trainer.strategy == "fsdp2":
+        if self.cfg.trainer.sharded:
             shard_model(self.model, sharded_logprobs, device)
             dp.sharded = True
             self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.optim,

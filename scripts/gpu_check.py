@@ -258,9 +258,6 @@ def section_data_parallel(plan: Plan) -> list[Result]:
                     dp=dp)
         return model
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     def sharded():
         model = build(config, plan, torch.float32)
         shard_model(model, sharded_logprobs)
@@ -271,6 +268,9 @@ def section_data_parallel(plan: Plan) -> list[Result]:
                     dp=fsdp)
         return full_state_dict(model)
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     dp = DataParallel.join(rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}", backend=backend)
     try:
         alone = updated(None)
