@@ -220,9 +220,11 @@ def _in_prefect(flow, **parameters):
     command (see flows/server.py) when none is configured."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.interrupts import wrap_prefects_sigterm_bridge
     from flows.server import local_server
 
     global _phase
+    wrap_prefects_sigterm_bridge()  # the handler a flow run installs raises at a safe point too
     if PREFECT_API_URL.value():
         _phase = f"running the {flow.name} flow"
         return flow(**parameters)
@@ -360,8 +362,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 class Terminated(BaseException):
-    """SIGTERM (a scheduler's or an operator's polite stop), raised in the main thread so that
-    every `finally` runs: the flow run is marked Crashed, the local server stops."""
+    """SIGTERM (a scheduler's or an operator's polite stop), raised in the main thread at a safe
+    point (flows/interrupts.py) so that every `finally` runs: the flow run is marked Crashed, the
+    local server stops."""
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
@@ -413,13 +416,12 @@ def exit_code(err: BaseException, command: str) -> int | None:
     return None
 
 
-_terminated = False  # a SIGTERM arrived (whatever exception it surfaced as)
-
-
-def _raise_terminated(signum, frame) -> None:
-    global _terminated
-    _terminated = True
+def _raise_terminated(signum, frame) -> NoReturn:
     raise Terminated()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt()
 
 
 _phase = "starting"  # what the command was doing, for the message after an interrupt
@@ -427,14 +429,16 @@ _phase = "starting"  # what the command was doing, for the message after an inte
 
 def main(argv: list[str] | None = None) -> int:
     global _phase
+    from flows import interrupts
     from flows.server import ServerStartError
 
     args = _parser().parse_args(argv)
     _prefect_defaults()  # before anything imports prefect
     commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare,
                 "merge-lora": _merge_lora, "import-gguf": _import_gguf, "prune-layers": _prune_layers}
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    restore = None
+    if threading.current_thread() is threading.main_thread():  # stop at a safe point (flows/interrupts.py)
+        restore = interrupts.install({signal.SIGTERM: _raise_terminated, signal.SIGINT: _raise_keyboard_interrupt})
     _phase = "starting"
     try:
         return commands[args.command](args)
@@ -442,21 +446,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdrl {args.command}: {err}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:
-        if _terminated:  # the SIGTERM hit Prefect while it set a task run up: it raised its own error instead
-            _stopped(args.command, Terminated())
+        if interrupts.stop_signal() is not None:  # the signal surfaced as another error (e.g. Prefect's)
+            _stopped(args.command, interrupts.stop_signal())
         code = exit_code(err, args.command)
         if code is None:
             raise
         print(f"kdrl: {err}", file=sys.stderr)
         return code
-    except (KeyboardInterrupt, Terminated) as stop:
-        _stopped(args.command, stop)
+    except BaseException as stop:
+        # Terminated, KeyboardInterrupt, or Prefect's TerminationSignal (its SIGTERM handler's
+        # exception during a flow run, which it re-raises after marking the run Crashed)
+        signum = interrupts.stop_signal()
+        if signum is None and isinstance(stop, KeyboardInterrupt):
+            signum = signal.SIGINT
+        if signum is None:
+            raise
+        _stopped(args.command, signum)
+    finally:
+        if restore is not None:
+            restore()
 
 
-def _stopped(command: str, stop: BaseException) -> NoReturn:
+def _stopped(command: str, signum: int) -> NoReturn:
     """Say what an interrupted command was doing, and end it (130 for Ctrl-C, 143 for SIGTERM)."""
-    how, code = (("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt)
-                 else ("stopped by SIGTERM", 143))
+    how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     after = "" if command in ("runs", "show") else (
         " Everything finished before is on disk and the flow run, if any, is marked Crashed;"
         " the same command resumes.")
@@ -464,7 +477,7 @@ def _stopped(command: str, stop: BaseException) -> NoReturn:
         print(f"\nkdrl {command}: {how} while {_phase}.{after}", file=sys.stderr, flush=True)
     except OSError:  # nobody reads our output any more (a pipe's reader died with the terminal)
         pass
-    _exit_now(code)
+    _exit_now(128 + signum)
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -297,7 +297,7 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
     from flows.server import local_server
 
     env = {k: v for k, v in flow_env.env.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     flags, marker = flow_env.flags, ("update-1", "Finished in state Completed")
     if when == "inside-a-task":  # a fresh embedded cache and a long teacher warm start
         flags = [*flags, "--set", f"run.cache_dir={tmp_path}/cache", "--set", "embedded.teacher_steps=2000",
@@ -314,8 +314,12 @@ def test_sigterm_marks_the_flow_run_crashed_and_stops_the_local_server(when, flo
             os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a terminal or a supervisor does
             sent = time.monotonic()
             break
-    lines.extend(proc.stdout)
-    code = proc.wait(timeout=300)
+    try:
+        lines.append(proc.communicate(timeout=120)[0])
+    except subprocess.TimeoutExpired:  # hung: its stacks (PYTHONFAULTHANDLER) say where
+        proc.send_signal(signal.SIGABRT)
+        lines.append(proc.communicate(timeout=60)[0])
+    code = proc.returncode
     out = "".join(lines)
     assert sent is not None, out[-4000:]
     took = time.monotonic() - sent
