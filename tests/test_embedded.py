@@ -116,3 +116,37 @@ def test_a_teacher_below_its_target_is_kept_with_a_warning_and_a_record(tmp_path
     warning = [line for line in lines if "WARNING" in line]
     assert len(warning) == 1
     assert "embedded.teacher_target=0.99" in warning[0] and "embedded.teacher_steps=4" in warning[0]
+
+
+def test_length_grouped_micro_batches_give_the_one_batch_gradient(tiny_student, tiny_tokenizer):
+    """The warm start runs a batch as LENGTH_GROUPS micro-batches of rows of similar length, with
+    the loss summed over the batch's completion tokens and divided by their count: the gradient
+    and the loss are those of the whole batch padded to its longest row."""
+    import random
+
+    cfg = load_config(None, SMALL)
+    batch = random.Random(0).sample(_pairs(cfg, tiny_tokenizer), 12)
+    assert len({len(p) + len(c) for p, c in batch}) > 1  # rows of different lengths: padding differs
+    pad = tiny_tokenizer.pad_token_id
+
+    def gradients(groups: int):
+        model = copy.deepcopy(tiny_student).train()
+        tokens, total = sum(len(c) for _, c in batch), 0.0
+        for group in E.length_groups(batch, groups):
+            ids, mask, labels = E._padded(group, pad)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=tokens).loss
+            loss.backward()
+            total += float(loss.detach())
+        return total, {name: p.grad for name, p in model.named_parameters()}
+
+    whole = copy.deepcopy(tiny_student).train()
+    ids, mask, labels = E._padded(batch, pad)
+    loss = whole(input_ids=ids, attention_mask=mask, labels=labels).loss  # HF's own mean over label tokens
+    loss.backward()
+    for groups in (1, E.LENGTH_GROUPS, 5):
+        total, grads = gradients(groups)
+        assert total == pytest.approx(float(loss), rel=1e-6), groups
+        for name, p in whole.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=f"{name}, {groups} groups")
+    sizes = [len(g) for g in E.length_groups(batch, 5)]
+    assert sizes == [3, 3, 2, 2, 2]

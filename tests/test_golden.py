@@ -61,13 +61,13 @@ LAST = RUN["run.steps"] - 1
 METRICS = ("loss", "pg_loss", "kd_loss", "reward_mean", "kl_k1_mean")
 
 GOLDEN = {
-    "loss": 0.006047549890354276,
+    "loss": 0.0060527329333126545,
     "pg_loss": -0.010825300589203835,
-    "kd_loss": 3.4434389173984528,
+    "kd_loss": 3.444496512413025,
     "reward_mean": 0.16666666666666666,
-    "kl_k1_mean": 2.1341540813446045,
+    "kl_k1_mean": 2.13482666015625,
     "step0_completions_sha256": "16b392322cd12ae03c4481ac1fd8603fe703bbfd25924869998ddb88deb87f14",
-    "final_weights_sha256": "c0c584eab5349b7e1cd7dfac8cbbc7ee6972b2d1fab0250de81d606ba6f525a2",
+    "final_weights_sha256": "971bb3a805c38516f7b72ae85688e9e01b872f4cc591263f345b86913cc31a63",
 }
 
 
