@@ -221,3 +221,58 @@ def kdrl_loss(
         "kd_token_frac": kd_mask_BT.sum().detach() / n,
     }
     return loss, metrics
+
+
+def signal_norms_sq(
+    *,
+    estimator: str,
+    logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    advantages_B: torch.Tensor,
+    kd_mask_B: torch.Tensor,
+    beta: float,
+    num_tokens: torch.Tensor | float,
+    num_kd_tokens: torch.Tensor | float,
+    pg_coef: float = 1.0,
+) -> torch.Tensor:
+    """[‖g_kd‖², ‖g_pg‖²]: squared norms, over the batch's tokens, of each term's coefficient of
+    ∂L/∂log π_θ(o_{i,t}) in `kdrl_loss` on-policy (ρ = 1, nothing clipped). The KD signal share
+    is √(first / second): how large the distillation's push on each sampled token's log-prob is
+    beside the GRPO one's, without another backward.
+
+        g_pg = −pg_coef · Â_i / N
+        g_kd = β · kdmask_i · c_{i,t} / N_kd,  c = ∂kd/∂log π_θ: k2 → log π_θ − log π_T (= k1),
+               k3 → 1 − π_T/π_θ, k1 (reward form, inside the GRPO term) → pg_coef · k1
+
+    The top-k estimator has no coefficient on the sampled token: its first entry is NaN. Masked
+    tokens count 0; sums, so ranks add them (`kdrl.distributed`).
+
+    One token, Â = 0.5, p_θ = 0.5, p_T = 0.9, β = 0.1, N = N_kd = 1, k2: g_pg = −0.5,
+    g_kd = 0.1 · ln(0.5/0.9) = −0.0587787; share 0.117557.
+
+    >>> import math
+    >>> sq = signal_norms_sq(estimator="k2", logp_BT=torch.tensor([[math.log(0.5)]]),
+    ...                      teacher_logp_BT=torch.tensor([[math.log(0.9)]]), mask_BT=torch.ones(1, 1),
+    ...                      advantages_B=torch.tensor([0.5]), kd_mask_B=torch.ones(1), beta=0.1,
+    ...                      num_tokens=1, num_kd_tokens=1)
+    >>> round(math.sqrt(sq[0] / sq[1]), 6)
+    0.117557
+    """
+    logp_BT = _at_least_fp32(logp_BT)
+    dtype = logp_BT.dtype
+    mask_BT = mask_BT.to(dtype)
+    n = torch.as_tensor(num_tokens, dtype=dtype).clamp(min=1.0)
+    n_kd = torch.as_tensor(num_kd_tokens, dtype=dtype).clamp(min=1.0)
+    pg_sq = ((pg_coef * advantages_B.to(dtype)[:, None] / n).square() * mask_BT).sum()
+    if teacher_logp_BT is None or beta == 0:
+        return torch.stack([pg_sq.new_zeros(()), pg_sq])
+    if estimator == "topk":
+        return torch.stack([pg_sq.new_tensor(float("nan")), pg_sq])
+    kd_mask_BT = kd_mask_B.to(dtype)[:, None] * mask_BT
+    # where no KD applies the teacher log-prob may be a fill value: R = 0 there (as `kdrl.train` does)
+    teacher_BT = torch.where(kd_mask_BT > 0, teacher_logp_BT.to(dtype), logp_BT)
+    k1_BT = logp_BT - teacher_BT
+    coef_BT = {"k1": pg_coef * k1_BT, "k2": k1_BT, "k3": -torch.expm1(-k1_BT)}[estimator]
+    kd_sq = ((beta * coef_BT / n_kd).square() * kd_mask_BT).sum()
+    return torch.stack([kd_sq, pg_sq])

@@ -37,6 +37,8 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         "reward_mean": float(rewards["reward"].mean()),
         "response_len_mean": float(lengths.mean()),
         **response_stats(lengths, truncated, rewards["extracted_answer"]),
+        **reward_stats(rewards),
+        "kd_signal_share": float(update_metrics.get("kd_signal_share", float("nan"))),
         "num_tokens": int(lengths.sum()),
         "teacher_tokens": teacher_tokens,
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),
@@ -61,6 +63,17 @@ def response_stats(lengths: pl.Series, truncated: pl.Series, extracted: pl.Serie
     return {"response_len_p50": quantile(0.5), "response_len_p90": quantile(0.9),
             "response_len_max": float(lengths.max()),
             "truncated_frac": float(truncated.mean()), "no_answer_frac": float(extracted.is_null().mean())}
+
+
+def reward_stats(rewards: pl.DataFrame) -> dict[str, float]:
+    """The std of the rewards (population, over all responses) and the fraction of prompt groups
+    whose responses all have the same reward, hence advantage 0 and no GRPO signal.
+
+    >>> reward_stats(pl.DataFrame({"prompt_id": [0, 0, 1, 1], "reward": [1.0, 1.0, 0.0, 1.0]}))
+    {'reward_std': 0.4330127018922193, 'zero_std_group_frac': 0.5}
+    """
+    groups = rewards.group_by("prompt_id").agg(flat=pl.col("reward").max() == pl.col("reward").min())
+    return {"reward_std": float(rewards["reward"].std(ddof=0)), "zero_std_group_frac": float(groups["flat"].mean())}
 
 
 def format_step(m: dict) -> str:

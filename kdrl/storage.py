@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 import kdrl
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 KEY = ("step", "prompt_id", "sample_idx")
 
 _KEY_SCHEMA = {"step": pl.Int64, "prompt_id": pl.Int64, "sample_idx": pl.Int32}
@@ -116,6 +116,11 @@ _METRIC_FLOATS = (
 # rollout.max_new_tokens (finish_reason "length": reward 0) and the fraction with no answer found
 # (e.g. a think block that never closed). Added in schema 1.1: older files read them as null.
 RESPONSE_STATS = "response_len_p50 response_len_p90 response_len_max truncated_frac no_answer_frac".split()
+# How much learning signal the step had (schema 1.2; older files read them as null): the std of
+# the rewards over all responses, the fraction of prompt groups whose responses all got the same
+# reward (advantage 0: no GRPO signal from them), and the KD signal share ‖β·KD‖/‖GRPO‖ of the
+# per-token gradient coefficients (`kdrl.losses.signal_norms_sq`; NaN for top-k KD).
+SIGNAL_STATS = "reward_std zero_std_group_frac kd_signal_share".split()
 _STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s time_sync_s time_total_s".split()
 # Train/inference mismatch (NaN where not measured): rollout_* = |log π_trainer − log π_sampler| over
 # the step's rollout tokens before the update (on-policy runs); sync_* = the same for a sample of
@@ -134,6 +139,7 @@ STEP_METRICS = pl.Schema(
         "tokens_per_s": pl.Float64,
         **{name: pl.Float64 for name in LOGP_GAPS},
         **{name: pl.Float64 for name in RESPONSE_STATS},
+        **{name: pl.Float64 for name in SIGNAL_STATS},
     }
 )
 
@@ -232,7 +238,7 @@ SCHEMAS: dict[str, pl.Schema] = {
 
 # Columns added to a table after its first release (minor schema versions): a file written
 # before them is read with the column null, so runs made by an older kdrl stay readable.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": tuple(RESPONSE_STATS)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS)}
 
 # Columns that must be non-null and unique together. Evaluations hold student and teacher
 # samples (at several temperatures) for the same KEY, so those columns join the key there.

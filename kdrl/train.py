@@ -42,6 +42,7 @@ from kdrl.losses import (
     reverse_kl_k2_BT,
     reverse_kl_k3_BT,
     reverse_kl_topk_BT,
+    signal_norms_sq,
 )
 from kdrl.storage import describe_write_failure
 
@@ -340,6 +341,16 @@ def update_step(
         if dp is not None:
             k1_sum, k1_tokens = dp.sum(torch.stack([k1_sum, k1_tokens]))
         totals["kl_k1_mean"] = float(k1_sum / k1_tokens.clamp(min=1))
+    # the KD signal share: ‖β·KD‖ / ‖GRPO‖ per-token gradient coefficients, at the first epoch's β
+    norms_sq = signal_norms_sq(
+        estimator=loss_cfg.kl_estimator, logp_BT=student_logp_BT, teacher_logp_BT=batch.teacher_logp_BT,
+        mask_BT=mask_BT, advantages_B=advantages_B, kd_mask_B=kd_mask, beta=beta_at(optimizer_step, loss_cfg),
+        num_tokens=num_tokens, num_kd_tokens=num_kd_tokens, pg_coef=loss_cfg.pg_coef)
+    if dp is not None:
+        norms_sq = dp.sum(norms_sq)
+    kd_sq, pg_sq = (float(x) for x in norms_sq)
+    totals["kd_signal_share"] = (math.sqrt(kd_sq / pg_sq) if pg_sq > 0 else
+                                 float("inf") if kd_sq > 0 else float("nan"))
     totals["num_tokens"] = float(num_tokens)
     return UpdateResult(totals, advantages_B, kd_mask, student_logp_BT, kd_per_token_BT)
 

@@ -80,7 +80,7 @@ def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path, tiny_r
         evaluate(0)
 
 
-def test_step_metrics_report_response_lengths_and_truncation(tmp_path, tiny_run_config):
+def test_step_metrics_report_response_lengths_truncation_and_signal(tmp_path, tiny_run_config):
     """max_new_tokens 6 cuts most worked answers: the cut ones score 0 and are counted, and the
     length quantiles are those of the step's rollouts."""
     cfg = tiny_run_config(tmp_path, **{"run.steps": 2, "rollout.max_new_tokens": 6})
@@ -99,6 +99,13 @@ def test_step_metrics_report_response_lengths_and_truncation(tmp_path, tiny_run_
         assert m["truncated_frac"] == cut.height / n > 0
         assert (cut["reward"] == 0).all()
         assert m["no_answer_frac"] == rewards["extracted_answer"].null_count() / n
+        # the signal: reward spread, groups without any (all rewards equal), KD's share of the push
+        assert m["reward_std"] == pytest.approx(float(rewards["reward"].std(ddof=0)))
+        flat = rewards.group_by("prompt_id").agg(pl.col("reward").n_unique() == 1)["reward"]
+        assert m["zero_std_group_frac"] == pytest.approx(float(flat.mean()))
+        # all rewards equal in every group (most answers are cut here): GRPO has no push, KD all of it
+        expected = float("inf") if m["zero_std_group_frac"] == 1 else pytest.approx(m["kd_signal_share"])
+        assert cfg.loads_teacher and m["kd_signal_share"] == expected and m["kd_signal_share"] > 0
 
 
 def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path, tiny_run_config, embedded_cache):

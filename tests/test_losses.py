@@ -24,6 +24,7 @@ from kdrl.losses import (
     reverse_kl_k2_BT,
     reverse_kl_k3_BT,
     reverse_kl_topk_BT,
+    signal_norms_sq,
 )
 
 LOG = math.log
@@ -314,3 +315,48 @@ def test_topk_with_full_support_equals_full_kl_and_its_gradient():
     (grad_full,) = torch.autograd.grad(full.sum(), s_logits)
     (grad_topk,) = torch.autograd.grad(topk.sum(), s_logits)
     assert torch.allclose(grad_full, grad_topk, atol=1e-12)
+
+
+# ---------------------------------------------------------------- KD signal share
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_the_signal_norms_are_those_of_each_terms_gradient_on_the_sampled_log_probs(estimator):
+    """signal_norms_sq against autograd: ‖∂L/∂log π‖ of kdrl_loss with only the KD term on
+    (its GRPO part subtracted for k1, which lives inside the GRPO term) and with only GRPO on."""
+    torch.manual_seed(0)
+    B, T = 6, 5
+    logp = -torch.rand(B, T, dtype=torch.float64) * 3
+    teacher = -torch.rand(B, T, dtype=torch.float64) * 3
+    mask = (torch.rand(B, T) > 0.2).double()
+    kd_mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    advantages = torch.randn(B, dtype=torch.float64)
+    n, n_kd = mask.sum(), (kd_mask[:, None] * mask).sum()
+    beta, pg_coef = 0.3, 0.7
+    kd_fn = {"k1": None, "k2": reverse_kl_k2_BT, "k3": reverse_kl_k3_BT}[estimator]
+
+    def grad(beta_, pg_coef_):
+        x = logp.clone().requires_grad_(True)
+        kd = None if kd_fn is None else kd_fn(x, teacher)
+        kd_reward = reverse_kl_k1_BT(x, teacher) if kd_fn is None else None
+        loss, _ = kdrl_loss(logp_BT=x, old_logp_BT=x.detach(), mask_BT=mask, advantages_B=advantages, kd_BT=kd,
+                            kd_reward_BT=kd_reward, kd_mask_B=kd_mask, beta=beta_, num_tokens=n,
+                            num_kd_tokens=n_kd, pg_coef=pg_coef_, clip_eps_low=10.0, clip_eps_high=10.0)
+        return torch.autograd.grad(loss, x)[0]
+
+    pg = grad(0.0, pg_coef)
+    kd = grad(beta, pg_coef) - pg if estimator == "k1" else grad(beta, 0.0)
+    sq = signal_norms_sq(estimator=estimator, logp_BT=logp, teacher_logp_BT=teacher, mask_BT=mask,
+                         advantages_B=advantages, kd_mask_B=kd_mask, beta=beta, num_tokens=n, num_kd_tokens=n_kd,
+                         pg_coef=pg_coef)
+    assert sq[1].item() == pytest.approx(pg.square().sum().item(), rel=1e-10)
+    assert sq[0].item() == pytest.approx(kd.square().sum().item(), rel=1e-10)
+    assert sq[0] > 0
+
+
+def test_the_signal_norms_without_a_teacher_or_with_top_k():
+    args = dict(logp_BT=torch.zeros(1, 2), mask_BT=torch.ones(1, 2), advantages_B=torch.tensor([1.0]),
+                kd_mask_B=torch.ones(1), beta=0.1, num_tokens=2, num_kd_tokens=2)
+    assert signal_norms_sq(estimator="k2", teacher_logp_BT=None, **args).tolist() == [0.0, 0.5]
+    kd_sq, pg_sq = signal_norms_sq(estimator="topk", teacher_logp_BT=torch.zeros(1, 2), **args).tolist()
+    assert math.isnan(kd_sq) and pg_sq == 0.5

@@ -400,16 +400,19 @@ def test_is_readable_tells_a_whole_file_from_a_missing_or_truncated_one(tmp_path
     assert not is_readable(path)
 
 
-def test_step_metrics_from_before_the_response_stats_read_as_null(tmp_path):
-    """A run made by kdrl with schema 1 (no response_len_p50 ... no_answer_frac) stays readable:
-    the new columns are null there, every other value as written."""
-    old = _frames()["step_metrics"].drop(storage.RESPONSE_STATS)
-    table = old.to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics", "kdrl.schema_version": "1"})
+@pytest.mark.parametrize("version", ["1", "1.1"])
+def test_step_metrics_from_before_the_added_columns_read_as_null(version, tmp_path):
+    """A run made by an older kdrl stays readable: schema 1 had no response stats
+    (response_len_p50 ... no_answer_frac), 1.1 no signal stats (reward_std ... kd_signal_share);
+    the missing columns are null there, every other value as written."""
+    missing = [*storage.SIGNAL_STATS, *(storage.RESPONSE_STATS if version == "1" else [])]
+    old = _frames()["step_metrics"].drop(missing)
+    table = old.to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics", "kdrl.schema_version": version})
     pq.write_table(table, tmp_path / "metrics.parquet")
     read = read_table(tmp_path / "metrics.parquet", table="step_metrics")
     assert read.columns == list(storage.STEP_METRICS)
-    assert read.select(storage.RESPONSE_STATS).null_count().row(0) == (1,) * len(storage.RESPONSE_STATS)
-    kept = read.drop(storage.RESPONSE_STATS)
+    assert read.select(missing).null_count().row(0) == (1,) * len(missing)
+    kept = read.drop(missing)
     assert kept.to_dicts() == old.select(kept.columns).to_dicts()
     # a column no version ever had is still refused
     pq.write_table(old.drop("loss").to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics"}),
