@@ -187,11 +187,14 @@ def _curve_rows(plan: ComparePlan, arm: str, seed: int) -> list[pl.DataFrame]:
 
 
 def teacher_reference(plan: ComparePlan) -> pl.DataFrame:
-    """The teacher's held-out summary (from the first run's baseline evaluation), if evaluated."""
+    """The teacher's held-out summary, from the baseline evaluation of the first run that
+    evaluated it (runs without a teacher, e.g. GRPO's, have none), if any."""
     for arm, seed in plan.runs():
         path = RunPaths(plan.run_dir(arm, seed)).offline / "eval_baseline.parquet"
         if path.exists():
-            return summarize_evaluation(read_table(path, table="evaluations").filter(pl.col("model") == "teacher"))
+            teacher = read_table(path, table="evaluations").filter(pl.col("model") == "teacher")
+            if teacher.height:
+                return summarize_evaluation(teacher)
     return pl.DataFrame()
 
 

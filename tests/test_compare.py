@@ -137,8 +137,9 @@ def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: i
                                      "correct": prompt < round(p * 10)})
         return pl.DataFrame(rows)
 
-    write_table(evaluations(-1, 0.1, 0.2, ("student", "teacher")), paths.offline / "eval_baseline.parquet",
-                table="evaluations")
+    # the teacher is evaluated beside the baseline only where the run loads one (not GRPO's)
+    baseline = ("student", "teacher") if plan.config(arm, seed).loads_teacher else ("student",)
+    write_table(evaluations(-1, 0.1, 0.2, baseline), paths.offline / "eval_baseline.parquet", table="evaluations")
     write_table(evaluations(steps - 1, final_acc, greedy_acc), paths.evaluation(steps - 1), table="evaluations")
     for step in range(steps):
         row = {name: 0.0 for name in STEP_METRICS}
@@ -158,6 +159,7 @@ def test_the_table_is_mean_and_interval_over_seeds_at_the_final_step(tmp_path):
     assert runs.filter(method="kdrl")["teacher_tokens"][0] == 80 and runs["train_time_s"][0] == pytest.approx(3.0)
     assert sorted(curves["steps_trained"].unique().to_list()) == [0, 2]
     table = comparison_table(plan, runs, curves)
+    # the first arm (GRPO) evaluated no teacher: the reference comes from the first run that did
     assert table["method"].to_list() == ["student@0", "teacher", "grpo", "kdrl"]
     grpo = table.filter(method="grpo").row(0, named=True)
     assert grpo["seeds"] == 3 and grpo["pass_at_1"] == pytest.approx(0.6)
