@@ -6,6 +6,8 @@ existing evaluation with the same config as it is and refuses to overwrite anoth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -31,6 +33,6 @@ def publish_eval(out: EvalOutput) -> str:
         lines.append(f"| {r['model']} | {r['dataset']} | {r['temperature']:g} | {r['samples']} | {r['num_prompts']} | "
                      f"{r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']:.0f} | {r['truncated_frac']:.3f} |")
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=artifact_key(summary["model"][0], "eval"),
+    create_markdown_artifact(markdown, key=artifact_key(Path(out.summary).parent, "eval"),
                              description=f"kdrl eval → {out.summary}")
     return markdown

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from uuid import UUID
 
+import polars as pl
 from prefect import task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -18,17 +19,32 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from kdrl.runs import run_metrics, student_heldout, summarize_evaluation
+from kdrl.runs import run_metrics, summarize_evaluation
 from kdrl.storage import RunPaths, read_table
+from tasks.housekeeping import run_tag
 
 _COLUMNS = ("step", "reward_mean", "kl_k1_mean", "beta", "loss", "response_len_mean", "heldout_pass_at_1",
             "time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_sync_s", "time_total_s",
             "rollout_logp_gap_max")
 
 
-def artifact_key(run_dir: str, suffix: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{Path(run_dir).name}-{suffix}".lower()).strip("-")
+MAX_TABLE_ROWS = 200  # the per-iteration table keeps every step up to this, then every k-th (and the last)
+
+
+def artifact_key(folder: str | Path, suffix: str) -> str:
+    """`<folder name>-<8 hex digits of host and absolute path>-<suffix>`: one key per folder, as
+    run ids repeat (the arms of two comparisons, eval folders named `checkpoint`) and a key's
+    latest version is what the UI shows. Keys allow lowercase letters, digits and dashes only.
+
+    >>> key = artifact_key("/data/runs/grpo-s0", "report")
+    >>> key.startswith("grpo-s0-") and key.endswith("-report") and len(key) == len("grpo-s0--report") + 8
+    True
+    >>> key != artifact_key("/data/other-comparison/grpo-s0", "report")
+    True
+    """
+    name = re.sub(r"[^a-z0-9-]+", "-", Path(folder).name.lower()).strip("-")[:40] or "run"
+    where = run_tag(folder).rsplit("-", 1)[1][:8]
+    return f"{name}-{where}-{suffix}"
 
 
 @task(cache_policy=NO_CACHE)
@@ -40,18 +56,17 @@ def start_progress(run_dir: str, done: int, total: int) -> UUID:
 
 @task(cache_policy=NO_CACHE, task_run_name="publish-{step}")
 def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) -> None:
-    """Table artifact of one iteration (reward, KL, β, length, held-out accuracy, stage seconds).
-    Reads only this step's files, so its cost does not grow with the run."""
-    paths = RunPaths(Path(run_dir))
-    row = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
-    row["heldout_pass_at_1"] = None
-    if paths.evaluation(step).exists():
-        heldout = student_heldout(read_table(paths.evaluation(step), table="evaluations"))
-        row["heldout_pass_at_1"] = heldout["heldout_pass_at_1"][0] if len(heldout) else None
-    row = {k: row[k] for k in _COLUMNS}
+    """The run's table artifact so far: one row per iteration up to `step` (reward, KL, β, length,
+    held-out accuracy, stage seconds), so its latest version is the whole curve. Past
+    MAX_TABLE_ROWS iterations, every k-th row and the last (each version is stored whole)."""
+    table = run_metrics(run_dir).filter(pl.col("step") <= step).select(_COLUMNS)
+    if table.height > MAX_TABLE_ROWS:
+        stride = -(-table.height // MAX_TABLE_ROWS)
+        table = pl.concat([table.gather_every(stride), table.tail(1)]).unique("step", keep="first").sort("step")
     # NaN (a gap not measured) is published as null by Prefect's TableArtifact
-    create_table_artifact([{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}],
-                          key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
+    rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in table.iter_rows(named=True)]
+    create_table_artifact(rows, key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
     update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))
 
 

@@ -208,14 +208,20 @@ def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_ha
         async with get_client() as client:
             return await client.read_latest_artifacts()
 
+    from tasks.report import artifact_key
+
     artifacts = {a.key: a for a in asyncio.run(artifact())}
-    markdown = artifacts["smoke-comparison"]
+    markdown = artifacts[artifact_key(root, "comparison")]
     assert "data:image/png;base64," in markdown.data and "| kdrl_anneal | 1 |" in markdown.data
-    # per-iteration tables: a gap not measured (SFT trains on teacher samples) is null, not NaN
-    (sft_row,) = json.loads(artifacts["sft-s0-iteration"].data)
-    (grpo_row,) = json.loads(artifacts["grpo-s0-iteration"].data)
-    assert sft_row["rollout_logp_gap_max"] is None and 0 <= grpo_row["rollout_logp_gap_max"] < 1e-4
-    assert grpo_row["time_sync_s"] == 0
+    # per-iteration tables, every step so far in the latest version; keyed by run folder (the arms
+    # of another comparison have the same names); a gap not measured (SFT trains on teacher
+    # samples) is null, not NaN
+    sft_rows = json.loads(artifacts[artifact_key(root / "sft-s0", "iteration")].data)
+    grpo_rows = json.loads(artifacts[artifact_key(root / "grpo-s0", "iteration")].data)
+    assert [r["step"] for r in sft_rows] == [r["step"] for r in grpo_rows] == [0, 1]
+    assert all(r["rollout_logp_gap_max"] is None for r in sft_rows)
+    assert all(0 <= r["rollout_logp_gap_max"] < 1e-4 and r["time_sync_s"] == 0 for r in grpo_rows)
+    assert grpo_rows[1]["heldout_pass_at_1"] is not None  # eval_every 1
 
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/iter_*/metrics.parquet")}
     assert main(argv) == 0  # complete runs are skipped, the tables are rewritten the same

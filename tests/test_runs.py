@@ -285,3 +285,37 @@ def test_cli_show_of_a_damaged_run_names_the_file(runs_dir, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"kdrl: {damaged['bad-metrics']} is damaged: not a Parquet file")
     assert "Traceback" not in err and "ComputeError" not in err
+
+
+@pytest.mark.filterwarnings("ignore:Artifact creation outside:FutureWarning")  # the task body, without a run
+def test_the_iteration_table_artifact_holds_the_whole_curve_thinned_past_its_row_cap(tmp_path, prefect_harness):
+    """publish_iteration: the table's latest version is every step so far, up to MAX_TABLE_ROWS;
+    past it, every k-th step and the last one (each version is stored whole on the server)."""
+    import asyncio
+    import json
+
+    from prefect.artifacts import create_progress_artifact
+    from prefect.client.orchestration import get_client
+
+    from tasks.report import MAX_TABLE_ROWS, artifact_key, publish_iteration
+
+    steps = MAX_TABLE_ROWS + 50
+    run_dir = _make_run(tmp_path / "runs", "long", method="kdrl", steps=steps + 5, done=steps + 1,
+                        evals={10: _evaluations(10, [[True], [False]])})
+    progress = create_progress_artifact(progress=0.0, key=artifact_key(run_dir, "progress"))
+
+    async def table(key):
+        async with get_client() as client:
+            [latest] = [a for a in await client.read_latest_artifacts() if a.key == key]
+            return json.loads(latest.data)
+
+    key = artifact_key(run_dir, "iteration")
+    publish_iteration.fn(str(run_dir), 20, progress, steps)
+    short = asyncio.run(table(key))
+    assert [r["step"] for r in short] == list(range(21))  # not step 21+, though written
+    assert short[10]["heldout_pass_at_1"] == 0.5 and short[9]["heldout_pass_at_1"] is None
+    assert short[3]["reward_mean"] == pytest.approx(0.3)
+    publish_iteration.fn(str(run_dir), steps - 1, progress, steps)
+    thinned = [r["step"] for r in asyncio.run(table(key))]
+    assert thinned[0] == 0 and thinned[-1] == steps - 1 and len(thinned) <= MAX_TABLE_ROWS + 1
+    assert thinned[1:-1] == list(range(2, steps - 1, 2))  # 250 rows, every 2nd
