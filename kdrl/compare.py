@@ -299,22 +299,41 @@ def comparison_markdown(plan: ComparePlan, table: pl.DataFrame, *, image: str | 
     return "\n".join(lines) + "\n"
 
 
+MAX_BANDS = 4  # more arms than this: mean lines only, the 95% bands would hide each other
+
+
 def plot_curves(plan: ComparePlan, curves: pl.DataFrame, path: str | Path) -> Path:
-    """PNG: held-out pass@1 (at the evaluation temperature) and mean response length against
-    steps trained, one line per arm (mean over seeds, band = 95% interval), teacher dashed."""
+    """PNG of `curve_figure`."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(plan, curves)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curve_figure(plan: ComparePlan, curves: pl.DataFrame):
+    """Held-out pass@1 (at the evaluation temperature, axis from 0 to 1) and mean response length
+    (from 0) against steps trained (integer ticks): one line per arm, the mean over seeds, with a
+    labelled 95% band over seeds when there are 2+ seeds and at most MAX_BANDS arms; the teacher
+    dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     temperature = eval_temperature(plan)
     sampled = curves.filter((pl.col("temperature") - temperature).abs() < 1e-6)
     fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     colors = plt.get_cmap("tab10")
+    shown = [arm for arm in plan.arms if sampled.filter(pl.col("method") == arm).height]
+    banded = False
     for i, arm in enumerate(plan.arms):
-        mine = sampled.filter(pl.col("method") == arm)
-        if mine.height == 0:
+        if arm not in shown:
             continue
+        mine = sampled.filter(pl.col("method") == arm)
         grouped = mine.group_by("steps_trained").agg(pl.col("pass_at_1"), pl.col("mean_len")).sort("steps_trained")
         x = grouped["steps_trained"].to_list()
         for ax, column in ((acc_ax, "pass_at_1"), (len_ax, "mean_len")):
@@ -323,24 +342,28 @@ def plot_curves(plan: ComparePlan, curves: pl.DataFrame, path: str | Path) -> Pa
             style = "--" if arm in ("sft", "grpo", "kd_rkl") else "-"
             ax.plot(x, mean, style, color=colors(i % 10), label=arm, marker="o", markersize=3)
             half = [ci95_halfwidth(v) for v in values]
-            if all(h is not None for h in half):
+            if len(shown) <= MAX_BANDS and all(h is not None for h in half):
                 ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                                 color=colors(i % 10), alpha=0.12)
+                banded = True
     teacher = teacher_reference(plan)
     if teacher.height:
         t_row = teacher.filter((pl.col("temperature") - temperature).abs() < 1e-6)
         if t_row.height:
             acc_ax.axhline(t_row["pass_at_1"][0], color="black", linestyle=":", label="teacher")
             len_ax.axhline(t_row["mean_len"][0], color="black", linestyle=":", label="teacher")
-    acc_ax.set(xlabel="optimizer steps", ylabel=f"held-out pass@1 (T={temperature})", title="accuracy")
-    len_ax.set(xlabel="optimizer steps", ylabel="mean response length (tokens)", title="response length")
-    acc_ax.grid(alpha=0.3)
-    len_ax.grid(alpha=0.3)
+    seeds = len(plan.seeds)
+    how = (f"mean of {seeds} seeds, band: 95% interval" if banded else
+           f"mean of {seeds} seeds" if seeds > 1 else "one seed")
+    acc_ax.set(xlabel="optimizer steps", ylabel=f"held-out pass@1 (T={temperature})", title=f"accuracy ({how})",
+               ylim=(0, 1))
+    len_ax.set(xlabel="optimizer steps", ylabel="mean response length (tokens)", title=f"response length ({how})")
+    len_ax.set_ylim(bottom=0)
+    for ax in (acc_ax, len_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, ncol=2)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,32 @@ def test_the_table_is_mean_and_interval_over_seeds_at_the_final_step(tmp_path):
     assert runs.filter(method="grpo", seed=0)["wall_s"][0] == 12.0
 
 
+@pytest.mark.parametrize("arms", [("grpo", "kdrl"), ("sft", "grpo", "kd_rkl", "kdrl", "kdrl_anneal")])
+def test_the_plot_reads_from_zero_on_integer_steps_with_labelled_bands_for_few_arms(arms, tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    from kdrl.compare import MAX_BANDS, curve_figure
+
+    plan = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 3, "run.eval_samples": 4,
+                                     "run.eval_temperature": 0.6}), arms=arms, seeds=2, name="plot")
+    prepare(plan)
+    for arm in arms:
+        for seed in range(2):
+            _fake_run(plan, arm, seed, final_acc=0.5 + 0.1 * seed, greedy_acc=0.5, length=20, teacher_tokens=0)
+    fig = curve_figure(plan, collect(plan)[1])
+    acc, length = fig.axes
+    assert acc.get_ylim() == (0, 1) and length.get_ylim()[0] == 0
+    assert all(float(t).is_integer() for ax in (acc, length) for t in ax.get_xticks())
+    bands = [c for c in acc.collections if isinstance(c, PolyCollection)]
+    if len(arms) <= MAX_BANDS:  # one band per arm, and the title says what it is
+        assert len(bands) == len(arms) and "band: 95% interval" in acc.get_title()
+    else:  # too many to tell apart: mean lines only
+        assert bands == [] and acc.get_title() == "accuracy (mean of 2 seeds)"
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == [*arms, "teacher"]
+    plt.close(fig)
+
+
 def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_harness, embedded_cache):
     """The CI smoke comparison: all default arms on the tiny models, through the kdrl-compare
     flow (one kdrl-train subflow per arm); then the same command again skips every run."""
