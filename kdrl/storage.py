@@ -416,7 +416,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     ...     p = write_table(df, Path(d) / "r.parquet", table="rewards", metadata={"kdrl.seed": "1"})
     ...     m = read_metadata(p)
     >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
-    ('rewards', '1.1', '1')
+    ('rewards', '1.2', '1')
     """
     path = Path(path)
     try:
