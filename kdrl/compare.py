@@ -328,12 +328,12 @@ def curve_figure(plan: ComparePlan, curves: pl.DataFrame):
     sampled = curves.filter((pl.col("temperature") - temperature).abs() < 1e-6)
     fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     colors = plt.get_cmap("tab10")
-    shown = [arm for arm in plan.arms if sampled.filter(pl.col("method") == arm).height]
+    per_arm = {arm: sampled.filter(pl.col("method") == arm) for arm in plan.arms}
+    shown = [arm for arm, mine in per_arm.items() if mine.height]
     banded = False
-    for i, arm in enumerate(plan.arms):
-        if arm not in shown:
+    for i, (arm, mine) in enumerate(per_arm.items()):
+        if mine.height == 0:
             continue
-        mine = sampled.filter(pl.col("method") == arm)
         grouped = mine.group_by("steps_trained").agg(pl.col("pass_at_1"), pl.col("mean_len")).sort("steps_trained")
         x = grouped["steps_trained"].to_list()
         for ax, column in ((acc_ax, "pass_at_1"), (len_ax, "mean_len")):

@@ -271,8 +271,7 @@ def signal_norms_sq(
         return torch.stack([pg_sq.new_tensor(float("nan")), pg_sq])
     kd_mask_BT = kd_mask_B.to(dtype)[:, None] * mask_BT
     # where no KD applies the teacher log-prob may be a fill value: R = 0 there (as `kdrl.train` does)
-    teacher_BT = torch.where(kd_mask_BT > 0, teacher_logp_BT.to(dtype), logp_BT)
-    k1_BT = logp_BT - teacher_BT
+    k1_BT = reverse_kl_k1_BT(logp_BT, torch.where(kd_mask_BT > 0, teacher_logp_BT.to(dtype), logp_BT))
     coef_BT = {"k1": pg_coef * k1_BT, "k2": k1_BT, "k3": -torch.expm1(-k1_BT)}[estimator]
     kd_sq = ((beta * coef_BT / n_kd).square() * kd_mask_BT).sum()
     return torch.stack([kd_sq, pg_sq])

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from uuid import UUID
 
-import polars as pl
 from prefect import task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -19,7 +18,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from kdrl.runs import run_metrics, summarize_evaluation
+from kdrl.runs import run_metrics, student_heldout, summarize_evaluation
 from kdrl.storage import RunPaths, read_table
 from tasks.housekeeping import run_tag
 
@@ -54,18 +53,33 @@ def start_progress(run_dir: str, done: int, total: int) -> UUID:
                                     description=f"iterations of {Path(run_dir).name}")
 
 
+# The rows published so far in this process, per run directory: each publish reads its own
+# step's files, and earlier steps' only once (after a resume), not the whole run again.
+_published: dict[str, dict[int, dict]] = {}
+
+
+def _iteration_row(paths: RunPaths, step: int) -> dict:
+    row = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
+    row["heldout_pass_at_1"] = None
+    if paths.evaluation(step).exists():
+        heldout = student_heldout(read_table(paths.evaluation(step), table="evaluations"))
+        row["heldout_pass_at_1"] = heldout["heldout_pass_at_1"][0] if len(heldout) else None
+    # NaN (a gap not measured) is published as null by Prefect's TableArtifact
+    return {k: (round(row[k], 6) if isinstance(row[k], float) else row[k]) for k in _COLUMNS}
+
+
 @task(cache_policy=NO_CACHE, task_run_name="publish-{step}")
 def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) -> None:
     """The run's table artifact so far: one row per iteration up to `step` (reward, KL, β, length,
     held-out accuracy, stage seconds), so its latest version is the whole curve. Past
     MAX_TABLE_ROWS iterations, every k-th row and the last (each version is stored whole)."""
-    table = run_metrics(run_dir).filter(pl.col("step") <= step).select(_COLUMNS)
-    if table.height > MAX_TABLE_ROWS:
-        stride = -(-table.height // MAX_TABLE_ROWS)
-        table = pl.concat([table.gather_every(stride), table.tail(1)]).unique("step", keep="first").sort("step")
-    # NaN (a gap not measured) is published as null by Prefect's TableArtifact
-    rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-            for row in table.iter_rows(named=True)]
+    paths, seen = RunPaths(Path(run_dir)), _published.setdefault(run_dir, {})
+    for s in range(step):
+        if s not in seen:
+            seen[s] = _iteration_row(paths, s)
+    seen[step] = _iteration_row(paths, step)  # always this step's own files, as written now
+    stride = -(-(step + 1) // MAX_TABLE_ROWS)
+    rows = [seen[s] for s in sorted({*range(0, step + 1, stride), step})]
     create_table_artifact(rows, key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
     update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))
 
