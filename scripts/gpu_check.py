@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class Result:
     """torch.cuda.max_memory_allocated over the section (None on CPU)."""
     estimate_bytes: int
     note: str = ""
+    flops: float = 0.0
+    """Model FLOPs of the section's useful work (2·N per token forward, 6·N per token trained; N the
+    matmul parameters, attention's quadratic term left out; checkpointing's recompute not counted)."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +69,15 @@ class Plan:
     new_tokens: int
     token_budget: int
     dtype: torch.dtype
+    wide_prompts: int
+    """Prompts of the wide generate measurement (× samples rows, new_tokens / 4 each)."""
 
 
 def full_plan() -> Plan:
     return Plan(student=Qwen2Config.from_pretrained(ARCH / "deepseek-r1-distill-qwen-1.5b"),
                 teacher=Qwen2Config.from_pretrained(ARCH / "skywork-or1-math-7b"), device="cuda",
-                prompts=2, samples=4, prompt_tokens=256, new_tokens=2048, token_budget=16384, dtype=torch.bfloat16)
+                prompts=2, samples=4, prompt_tokens=256, new_tokens=2048, token_budget=16384, dtype=torch.bfloat16,
+                wide_prompts=32)
 
 
 def tiny_plan() -> Plan:
@@ -80,7 +87,7 @@ def tiny_plan() -> Plan:
                 teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                                     **small),
                 device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64,
-                dtype=torch.bfloat16)
+                dtype=torch.bfloat16, wide_prompts=4)
 
 
 class IdsOnly:
@@ -102,9 +109,28 @@ def build(config: PretrainedConfig, plan: Plan, dtype: torch.dtype) -> torch.nn.
     return model
 
 
+def matmul_params(shape: ModelShape) -> int:
+    """N of the 2·N/6·N rule: every linear layer and the output head (the input embedding is a lookup)."""
+    return sum(i * o for _, i, o in shape.linears) + shape.vocab * shape.hidden
+
+
+BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12}
+"""Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets (SXM parts), for MFU."""
+
+
+def bf16_peak() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+
+
 def measured(fn):
     """(fn's result, seconds, peak bytes or None) from an emptied device (the previous section's
-    models are gone: each section's locals die with it)."""
+    models are gone: each section's locals die with it). Every call starts from `empty_cache`, so
+    the caching allocator is cold in each, as on a run's first step. (Pre-reserving 80% of the free
+    memory as one block to warm it was tried once on the H200: that run's generate section did not
+    finish in 5 minutes, cause not isolated; do not bring it back without measuring.)"""
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -138,8 +164,47 @@ def section_generate(plan: Plan) -> list[Result]:
     tokens = sum(len(c) for c in rollouts.completion_token_ids)
     d = plan.dtype.itemsize
     kv = kv_cache_row(shape, d=d, seqs=plan.prompts * plan.samples, row_tokens=plan.prompt_tokens + plan.new_tokens)
-    return [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes,
-                   f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}")]
+    n = matmul_params(shape)
+    results = [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes,
+                      f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}", flops=2 * n * tokens)]
+    # The same rows through bare transformers generate (no sampled-log-prob recorder, no EOS cut, no
+    # .tolist()): what kdrl's engine costs on top of the library it wraps (issue 18's generation gap).
+    from kdrl.engines.hf import _left_pad
+
+    rows = [p for p in prompts for _ in range(plan.samples)]
+    ids, mask = _left_pad(rows, 0, model.device)
+
+    def bare(new_tokens: int):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=new_tokens, pad_token_id=0,
+                                  eos_token_id=plan.student.vocab_size - 1)
+
+    # A B A B at a quarter of the length (the order and the allocator's state alike for both arms)
+    short = plan.new_tokens // 4
+    kdrl_s, bare_s = [], []
+    for _ in range(2):
+        kdrl_s.append(measured(lambda: engine.generate(prompts, n=plan.samples, max_new_tokens=short, seed=0))[1])
+        out, bare_seconds, bare_peak = measured(lambda: bare(short))
+        bare_s.append(bare_seconds)
+    bare_tokens = int(out[:, ids.shape[1]:].numel())
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(kdrl_s, bare_s))
+    results.append(Result(f"generate, bare transformers ({short} tokens)", bare_tokens, min(bare_s), bare_peak, 0,
+                          f"model.generate on the same rows, A B A B with kdrl's engine: "
+                          f"kdrl / bare = {ratios}× (kdrl best {min(kdrl_s):.2f} s)", flops=2 * n * bare_tokens))
+    # A batch as wide as a real step's (the paper's P×G is 256×8: HF generate decodes one token of
+    # every row per forward, so width is where its throughput comes from), at a quarter of the length.
+    wide_prompts = prompt_ids(plan, plan.student.vocab_size, plan.wide_prompts)
+    engine.batch_size = plan.wide_prompts * plan.samples
+    wide, wide_seconds, wide_peak = measured(lambda: engine.generate(wide_prompts, n=plan.samples,
+                                                                     max_new_tokens=plan.new_tokens // 4, seed=0))
+    wide_tokens = sum(len(c) for c in wide.completion_token_ids)
+    kv = kv_cache_row(shape, d=d, seqs=plan.wide_prompts * plan.samples,
+                      row_tokens=plan.prompt_tokens + plan.new_tokens // 4)
+    results.append(Result(f"generate, {plan.wide_prompts * plan.samples} rows", wide_tokens, wide_seconds, wide_peak,
+                          shape.params * d + kv.bytes, f"{plan.wide_prompts}×{plan.samples} rows, {kv.arithmetic}",
+                          flops=2 * n * wide_tokens))
+    return results
 
 
 def section_teacher(plan: Plan) -> list[Result]:
@@ -158,8 +223,10 @@ def section_teacher(plan: Plan) -> list[Result]:
     _, seconds, peak = measured(lambda: scorer.score(prompts, completions))
     d = plan.dtype.itemsize
     logits = teacher_logits_row(shape, d=d, tokens=budget, completion_tokens=plan.new_tokens)
+    scored = sum(map(len, completions)) + sum(map(len, prompts))
     return [Result("teacher scoring", sum(map(len, completions)), seconds, peak, shape.params * d + logits.bytes,
-                   f"{rows} rows packed ≤ {budget} tokens; {logits.arithmetic}")]
+                   f"{rows} rows packed ≤ {budget} tokens; {logits.arithmetic}",
+                   flops=2 * matmul_params(shape) * scored)]
 
 
 def step_batch(plan: Plan, vocab: int):
@@ -227,8 +294,13 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     resident = shape.params * d + adapter + 2 * trainable * trainable_d
     on_cuda = plan.device == "cuda"
     estimate = resident + max(sum(r.bytes for r in phase), trainable * trainable_d * (2 if on_cuda else 1))
+    trained = sum(completion_lens) + sum(prompt_lens)
+    n = matmul_params(shape)
+    # A LoRA backward computes the input gradients but no gradient of a frozen base weight: 4·N per token.
+    per_token = 4 * n if lora else 6 * n
     return [Result(name, sum(completion_lens), seconds, peak, estimate,
-                   f"{len(bounds)} micro-batches, largest {rows}×{width} tokens, gradient checkpointing")]
+                   f"{len(bounds)} micro-batches, largest {rows}×{width} tokens, gradient checkpointing",
+                   flops=per_token * trained)]
 
 
 def section_data_parallel(plan: Plan) -> list[Result]:
@@ -282,10 +354,22 @@ def section_data_parallel(plan: Plan) -> list[Result]:
     reference = alone.state_dict()
     fsdp_diff = max(float((gathered[k].to(v.device) - v).detach().abs().max()) for k, v in reference.items())
     tokens = int(batch.completion_mask_BT.sum())
+    if plan.device == "cuda":
+        # CUDA's memory-efficient attention backward is nondeterministic (atomics; even under
+        # torch.use_deterministic_algorithms): two plain updates differ, by ~4e-6 on an H200.
+        # Data parallelism must add nothing beyond that.
+        again = updated(None)
+        noise = max(float((a - b).detach().abs().max()) for a, b in zip(alone.parameters(), again.parameters()))
+        bound, fsdp_bound = f"≤ 2× run-to-run {noise:.1e}", f"≤ 2× run-to-run {noise:.1e}"
+        ok = diff <= 2 * noise and fsdp_diff <= 2 * noise
+    else:
+        bound, fsdp_bound = "must be 0", "must be ≤ 1e-6"
+        ok = diff == 0 and fsdp_diff <= 1e-6
+    verdict = "ok" if ok else "FAILED"
     return [Result(name, tokens, seconds, peak, 0,
-                   f"largest weight difference to no data parallelism: {diff:.1e} (must be 0)"),
+                   f"largest weight difference to no data parallelism: {diff:.1e} ({bound}) {verdict}"),
             Result(f"update, FSDP2 ({backend}, 1 rank)", tokens, fsdp_seconds, fsdp_peak, 0,
-                   f"largest weight difference to no data parallelism: {fsdp_diff:.1e} (must be ≤ 1e-6)")]
+                   f"largest weight difference to no data parallelism: {fsdp_diff:.1e} ({fsdp_bound}) {verdict}")]
 
 
 def size(n: int | None) -> str:
@@ -294,14 +378,23 @@ def size(n: int | None) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def summary(results: list[Result]) -> str:
-    lines = ["| section | tokens | seconds | tokens/s | peak | estimate | peak/estimate | note |",
-             "|---|---|---|---|---|---|---|---|"]
+def mfu(r: Result, peak: float | None) -> str:
+    """Model FLOPs over the device's dense bf16 peak (float32 sections too: the column says how far
+    from the tensor cores' best each runs)."""
+    if not peak or not r.flops or not r.seconds:
+        return ""
+    return f"{r.flops / r.seconds / peak:.1%}"
+
+
+def summary(results: list[Result], peak: float | None = None) -> str:
+    lines = ["| section | tokens | seconds | tokens/s | TFLOP/s | MFU (bf16 peak) | peak | estimate | peak/estimate "
+             "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = "" if r.peak_bytes is None or not r.estimate_bytes else f"{r.peak_bytes / r.estimate_bytes:.2f}"
         rate = f"{r.tokens / r.seconds:,.0f}" if r.seconds else ""
-        lines.append(f"| {r.section} | {r.tokens:,} | {r.seconds:.2f} | {rate} | {size(r.peak_bytes)} "
-                     f"| {size(r.estimate_bytes)} | {ratio} | {r.note} |")
+        tflops = f"{r.flops / r.seconds / 1e12:.1f}" if r.flops and r.seconds else ""
+        lines.append(f"| {r.section} | {r.tokens:,} | {r.seconds:.2f} | {rate} | {tflops} | {mfu(r, peak)} "
+                     f"| {size(r.peak_bytes)} | {size(r.estimate_bytes)} | {ratio} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -323,15 +416,27 @@ def main() -> None:
                 ("update, LoRA", lambda: section_update(plan, dtype=torch.bfloat16, lora=True)),
                 ("update, data-parallel", lambda: section_data_parallel(plan))]
     results: list[Result] = []
+    failed: list[str] = []
     for title, run in sections:
         print(f"== {title}", flush=True)
-        for r in run():
+        try:
+            section = run()
+        except Exception:  # one section's failure (an OOM, another library version) must not cost the rest
+            traceback.print_exc()
+            failed.append(title)
+            continue
+        for r in section:
             results.append(r)
             print(f"   {r.tokens:,} tokens in {r.seconds:.2f} s; peak {size(r.peak_bytes)}, "
                   f"estimate {size(r.estimate_bytes)}; {r.note}", flush=True)
-    print("== summary\n" + summary(results), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+        if args.json:  # after every section: what finished survives a timeout
+            args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    peak = bf16_peak()
+    print(f"== summary (MFU against {peak / 1e12:.1f} TFLOP/s dense bf16)" if peak else "== summary", flush=True)
+    print(summary(results, peak), flush=True)
+    failed += [r.section for r in results if r.note.endswith("FAILED")]
+    if failed:
+        raise SystemExit(f"gpu_check: failed sections: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
