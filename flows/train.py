@@ -7,7 +7,7 @@ student restarts after the latest checkpoint, cached stages come back `Cached`, 
 that checkpoint are replayed from their persisted Parquet inputs.
 
     open_run ─▶ [teacher_samples] ─▶ evaluate(-1)
-    per step:  generate ─▶ rewards ─▶ teacher ─▶ update ─▶ [checkpoint] ─▶ [evaluate]
+    per step:  generate ─▶ rewards ─▶ teacher ─▶ update ─▶ [checkpoint] ─▶ [evaluate] ─▶ [trackers]
                (an arrow: the file one task returned, passed to the next; or, into generate and
                evaluate, "after the task that last moved the student's weights": Prefect's wait_for)
 """
@@ -56,38 +56,53 @@ def run_training(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStag
             from tasks.housekeeping import crash_stale_flow_runs
 
             crash_stale_flow_runs(run_dir)  # ours are the only live ones: we hold the lock
-        for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
-            stages(t.warm_start, cfg, role)
-        opened = stages(t.open_run, run_dir, cfg)
-        run, prompts = opened.info, opened.prompts
-        student, rollout, teacher = opened.student, opened.rollout, opened.teacher
+        # before minutes of model loading: a tracker whose package is missing refuses the run now
+        trackers = stages(t.open_trackers, cfg, run_dir)
         try:
-            pool = stages.cached(t.teacher_samples, run, teacher, prompts) if cfg.rollout.source == "teacher" else None
-            stages.cached(t.evaluate, run, student, rollout, teacher, prompts, -1, include_teacher=True)
-            start = opened.start
-            if start > 0 and evaluation_due(cfg, start - 1):
-                # A run killed during the evaluation after a checkpointed step resumes after that
-                # step: the loop below would never evaluate it. The weights are that step's.
-                stages.cached(t.evaluate, run, student, rollout, teacher, prompts, start - 1)
-            progress = stages.report(report.start_progress, run_dir, start, cfg.run.steps)
-            weights = None  # the task that last moved the student: the stages that use its weights come after it
-            for step in range(start, cfg.run.steps):
-                rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool,
-                                         wait_for=weights)
-                rewards = stages.cached(t.rewards, run, rollouts, prompts, step)
-                scores = stages.cached(t.teacher, run, teacher, rollouts, rewards, step)
-                weights = [stages(t.update, run, student, rollout, rollouts, rewards, scores, step)]
-                if checkpoint_due(cfg, step):
-                    weights = [stages(t.checkpoint, run, student, step, wait_for=weights)]
-                if evaluation_due(cfg, step):
-                    stages.cached(t.evaluate, run, student, rollout, teacher, prompts, step, wait_for=weights)
-                stages.background(report.publish_iteration, run_dir, step, progress, cfg.run.steps)
-            stages.wait()
-            stages.report(report.final_report, run_dir, cfg.run.steps - 1)
+            _train(cfg, run_dir, stages, trackers)
         finally:
-            stages(t.close_run, opened)
+            if trackers:  # what is written is sent (on its own thread; bounded wait)
+                trackers.close()
     info(f"run {Path(run_dir).name} complete: {run_dir}")
     return run_dir
+
+
+def _train(cfg: RunConfig, run_dir: str, stages: PrefectStages | PlainStages, trackers) -> None:
+    """`run_training`'s body under the run lock: warm start, open, baseline, the steps."""
+    for role in missing_embedded_models(cfg):  # first run of an embedded config: minutes
+        stages(t.warm_start, cfg, role)
+    opened = stages(t.open_run, run_dir, cfg)
+    run, prompts = opened.info, opened.prompts
+    student, rollout, teacher = opened.student, opened.rollout, opened.teacher
+    try:
+        pool = stages.cached(t.teacher_samples, run, teacher, prompts) if cfg.rollout.source == "teacher" else None
+        stages.cached(t.evaluate, run, student, rollout, teacher, prompts, -1, include_teacher=True)
+        start = opened.start
+        if start > 0 and evaluation_due(cfg, start - 1):
+            # A run killed during the evaluation after a checkpointed step resumes after that
+            # step: the loop below would never evaluate it. The weights are that step's.
+            stages.cached(t.evaluate, run, student, rollout, teacher, prompts, start - 1)
+        if trackers:  # the baseline, and what a resumed run wrote before but did not send
+            trackers.publish(start - 1)
+        progress = stages.report(report.start_progress, run_dir, start, cfg.run.steps)
+        weights = None  # the task that last moved the student: the stages that use its weights come after it
+        for step in range(start, cfg.run.steps):
+            rollouts = stages.cached(t.generate, run, rollout, prompts, step, teacher_samples=pool,
+                                     wait_for=weights)
+            rewards = stages.cached(t.rewards, run, rollouts, prompts, step)
+            scores = stages.cached(t.teacher, run, teacher, rollouts, rewards, step)
+            weights = [stages(t.update, run, student, rollout, rollouts, rewards, scores, step)]
+            if checkpoint_due(cfg, step):
+                weights = [stages(t.checkpoint, run, student, step, wait_for=weights)]
+            if evaluation_due(cfg, step):
+                stages.cached(t.evaluate, run, student, rollout, teacher, prompts, step, wait_for=weights)
+            stages.background(report.publish_iteration, run_dir, step, progress, cfg.run.steps)
+            if trackers:
+                trackers.publish(step)
+        stages.wait()
+        stages.report(report.final_report, run_dir, cfg.run.steps - 1)
+    finally:
+        stages(t.close_run, opened)
 
 
 def train_without_prefect(cfg: RunConfig, run_dir: str | Path) -> str:

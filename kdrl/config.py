@@ -437,6 +437,22 @@ class RunSection(EvalSampling):
     """Before loading models, estimate the training device's peak memory (parameters, gradients,
     optimizer, activations per token, teacher, vLLM engines) and print it; "refuse" stops a run
     whose estimate exceeds the device's memory, with the arithmetic; "warn" only prints."""
+    report_to: list[Literal["tensorboard", "mlflow"]] = []
+    """Experiment trackers that get every step's metrics (under verl/TRL names), the held-out
+    evaluations and the config, sent from the Parquet files (`kdrl.trackers`; each needs its extra:
+    `pip install 'kdrl[tensorboard]'`). Not in the run's hash: adding one keeps the run's id."""
+    tracker_project: str = "kdrl"
+    """The MLflow experiment the runs go to."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow's tracking URI (a server `http://host:5000`, `sqlite:///path.db`); None:
+    $MLFLOW_TRACKING_URI, else `sqlite:///<runs_dir>/mlflow.db`."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # --set run.report_to=mlflow, or a quoted "[mlflow, tensorboard]"
+            v = [name.strip(" '\"") for name in v.strip("[] '\"").split(",") if name.strip(" '\"")]
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
     @field_validator("memory_check", mode="before")
     @classmethod
@@ -445,8 +461,9 @@ class RunSection(EvalSampling):
 
 
 PLACEMENT_KEYS = (("cluster",), ("trainer",), ("rollout", "replicas"), ("rollout", "resources"),
-                  ("teacher", "replicas"), ("teacher", "resources"))
-"""Where a run's work runs, not what it computes: left out of `RunConfig.hash`. (A different
+                  ("teacher", "replicas"), ("teacher", "resources"), ("run", "report_to"), ("run", "tracker_project"),
+                  ("run", "mlflow_tracking_uri"))
+"""Where a run's work runs or reports to, not what it computes: left out of `RunConfig.hash`. (A different
 trainer.world_size sums the same gradients in another order: equal to ~1e-7, not bit for bit.)"""
 
 

@@ -51,6 +51,8 @@ from kdrl.pipeline import (
 )
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import read_table
+from kdrl.trackers import Trackers
+from kdrl.trackers import open_trackers as _open_trackers
 from kdrl.workers import OpenRun, Rollout, Student, Teacher, load_run
 from tasks.logs import info
 
@@ -100,6 +102,13 @@ def open_run(run_dir: str, cfg: RunConfig) -> OpenRun:
     """Load the models into this process (resuming after the latest checkpoint) and write the
     run's config and prompts table."""
     return load_run(cfg, run_dir, log=info)
+
+
+@task(cache_policy=NO_CACHE)
+def open_trackers(cfg: RunConfig, run_dir: str) -> Trackers | None:
+    """The experiment trackers of `run.report_to` (None without any); refuses one whose package
+    is missing, before any training."""
+    return _open_trackers(cfg, run_dir, log=info)
 
 
 @task(cache_policy=STAGE_CACHE)

@@ -636,7 +636,9 @@ def test_placement_keys_are_not_part_of_the_run_hash():
     placed = load_config(overrides=["cluster.backend=ray", "cluster.address=auto", "trainer.world_size=4",
                                     "trainer.resources.num_gpus=1", "rollout.replicas=2",
                                     "rollout.resources.num_cpus=4", "teacher.replicas=2",
-                                    "teacher.resources.num_gpus=0.5"])
+                                    "teacher.resources.num_gpus=0.5", "run.report_to=[tensorboard, mlflow]",
+                                    "run.tracker_project=x", "run.mlflow_tracking_uri=http://localhost:5000"])
+    assert placed.run.report_to == ["tensorboard", "mlflow"]
     assert placed.hash() == base.hash() == "6085dd8272f257da"
     assert load_config(overrides=["rollout.batch_size=64"]).hash() != base.hash()  # decides the chunks: not placement
 

@@ -85,10 +85,11 @@ def flow_env(prefect_server, tmp_path_factory, embedded_cache):
     return SimpleNamespace(env=env, runs_dir=root / "runs", flags=_flags(settings))
 
 
-def _kdrl_train(flow_env, run_id: str, *, fault: str | None = None, plain: bool = False) -> subprocess.CompletedProcess:
+def _kdrl_train(flow_env, run_id: str, *, fault: str | None = None, plain: bool = False,
+                extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`python -m flows.cli train` as a subprocess; stdout and stderr (Prefect's log) in one string."""
     env = flow_env.env if fault is None else {**flow_env.env, "KDRL_FAULT": fault}
-    argv = ["train", "--run-id", run_id, *flow_env.flags, *(["--no-prefect"] if plain else [])]
+    argv = ["train", "--run-id", run_id, *flow_env.flags, *extra, *(["--no-prefect"] if plain else [])]
     return subprocess.run([sys.executable, "-m", "flows.cli", *argv],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
                           check=False)
@@ -96,10 +97,23 @@ def _kdrl_train(flow_env, run_id: str, *, fault: str | None = None, plain: bool 
 
 @pytest.fixture(scope="module")
 def reference(flow_env) -> Path:
-    """The uninterrupted run every resumed run must reproduce."""
-    done = _kdrl_train(flow_env, "reference")
+    """The uninterrupted run every resumed run must reproduce (reporting to TensorBoard, which is
+    not part of what it computes)."""
+    done = _kdrl_train(flow_env, "reference", extra=("--set", "run.report_to=[tensorboard]"))
     assert done.returncode == 0, done.stdout[-4000:]
     return flow_env.runs_dir / "reference"
+
+
+def test_a_flow_run_reports_every_step_to_tensorboard(reference):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference / "tensorboard"))
+    acc.Reload()
+    losses = [read_table(RunPaths(reference).metrics(s), table="step_metrics")["pg_loss"][0] for s in range(STEPS)]
+    assert [(e.step, e.value) for e in acc.Scalars("actor/pg_loss")] == [
+        (s + 1, pytest.approx(loss, rel=1e-6)) for s, loss in enumerate(losses)]
+    assert [e.step for e in acc.Scalars("val/pass_at_1")][0] == 0  # the baseline, before any update
 
 
 def _task_states(log: str) -> dict[str, str]:

@@ -1,0 +1,139 @@
+"""Experiment trackers for real, offline: TensorBoard event files read back with TensorBoard's own
+reader, MLflow through its client on a local SQLite tracking store, a tracker whose server is
+down (a closed port: warns, trains on, catches up later), and a resumed run (no step twice)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import polars as pl
+import pytest
+
+from flows.train import train_without_prefect
+from kdrl.storage import STEP_METRICS, RunPaths, read_table
+from kdrl.trackers import ALIASES, EXTRAS, Trackers, check_installed, tracker_metrics
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+
+
+def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _mlflow_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_every_step_metric_has_one_tracker_name():
+    names = [c for c in STEP_METRICS if c != "step"]
+    assert sorted(ALIASES) == sorted(names), set(names) ^ set(ALIASES)
+    assert len(set(ALIASES.values())) == len(ALIASES)
+    row = {c: 1.0 for c in names} | {"rollout_logp_gap_max": math.nan}
+    sent = tracker_metrics(row, devices=1)
+    assert "rollout/logp_gap_max" not in sent and sent["perf/throughput"] == 1.0 and len(sent) == len(names)
+
+
+def test_a_missing_tracker_package_refuses_the_run_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(EXTRAS, "mlflow", ("mlflow", "kdrl_no_such_module"))
+    with pytest.raises(RuntimeError, match=r"pip install 'kdrl\[mlflow\]'"):
+        check_installed(["tensorboard", "mlflow"])
+
+
+def test_a_run_reaches_tensorboard_and_mlflow_and_a_tracker_added_later_is_backfilled(tmp_path, tiny_run_config,
+                                                                                       embedded_cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {"run.mlflow_tracking_uri": uri, "run.tracker_project": "kdrl-test", "run.eval_every": 1,
+                 "run.steps": 2}
+    run_dir = tmp_path / "runs" / "tracked"
+    train_without_prefect(tiny_run_config(tmp_path, **overrides, **{"run.report_to": "[tensorboard]"}), run_dir)
+    paths = RunPaths(run_dir)
+    assert json.loads((run_dir / "trackers.json").read_text())["tensorboard"]["sent"] == 2
+
+    # TensorBoard: every step's row under the trackers' names at step s + 1, evaluations included
+    scalars = _tensorboard_scalars(run_dir / "tensorboard")
+    for step in range(2):
+        row = read_table(paths.metrics(step), table="step_metrics").row(0, named=True)
+        for column in ("pg_loss", "kd_loss", "reward_mean", "beta", "response_len_mean", "time_total_s"):
+            assert scalars[ALIASES[column]][step + 1] == pytest.approx(row[column], rel=1e-6)
+    assert sorted(scalars["val/pass_at_1"]) == [0, 1, 2] and 0 in scalars["val/teacher_pass_at_1"]
+
+    # MLflow added to the finished run (same run id: trackers are not in its hash): backfilled from
+    # the files; TensorBoard, already sent, gets nothing twice
+    both = tiny_run_config(tmp_path, **overrides, **{"run.report_to": "[tensorboard, mlflow]"})
+    train_without_prefect(both, run_dir)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("kdrl-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["run.steps"] == "2" and run.data.tags["kdrl.run_id"] == "tracked"
+    losses = [read_table(paths.metrics(s), table="step_metrics")["pg_loss"][0] for s in range(2)]
+    assert _mlflow_history(uri, run.info.run_id, "actor/pg_loss") == [(1, pytest.approx(losses[0])),
+                                                                       (2, pytest.approx(losses[1]))]
+    assert [s for s, _ in _mlflow_history(uri, run.info.run_id, "val/pass_at_1")] == [0, 1, 2]
+    assert "heldout_summary.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("actor/pg_loss")] == [1, 2]
+
+    # once more: the same MLflow run resumes, nothing is sent twice
+    train_without_prefect(both, run_dir)
+    (again,) = client.search_runs([experiment.experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [s for s, _ in _mlflow_history(uri, run.info.run_id, "actor/pg_loss")] == [1, 2]
+
+
+def _fake_run(root, steps: int):
+    """A run folder with `steps` metrics rows (what the trackers read), written by kdrl's storage."""
+    paths = RunPaths(root)
+    for step in range(steps):
+        row = {c: 0.5 for c in STEP_METRICS} | {"step": step, "pg_loss": float(step), "num_tokens": 10,
+                                                 "teacher_tokens": 10}
+        paths.iter_dir(step).mkdir(parents=True)
+        from kdrl.storage import write_table
+
+        write_table(pl.DataFrame([row], schema=STEP_METRICS), paths.metrics(step), table="step_metrics")
+    return paths
+
+
+def test_a_tracker_that_is_down_warns_trains_on_and_catches_up(tmp_path, tiny_run_config, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # kdrl's default of 2 retries costs seconds here
+    down = f"http://127.0.0.1:{_closed_port()}"
+    cfg = tiny_run_config(tmp_path, **{"run.report_to": "[mlflow]", "run.mlflow_tracking_uri": down,
+                                       "run.steps": 3})
+    run_dir = tmp_path / "runs" / "down"
+    _fake_run(run_dir, 3)
+    messages: list[str] = []
+    trackers = Trackers(cfg, run_dir, log=messages.append)
+    for step in range(3):
+        trackers.publish(step)
+    assert trackers.close(timeout=120)
+    assert len(messages) == 1 and "tracker mlflow failed" in messages[0] and "retried" in messages[0], messages
+    assert json.loads((run_dir / "trackers.json").read_text()).get("mlflow", {}).get("sent") is None
+
+    # the server is back (here: a local store): the next open of the folder sends all three steps
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    back = tiny_run_config(tmp_path, **{"run.report_to": "[mlflow]", "run.mlflow_tracking_uri": uri, "run.steps": 3})
+    trackers = Trackers(back, run_dir, log=messages.append)
+    trackers.publish(2)
+    assert trackers.close(timeout=120) and len(messages) == 1, messages
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert _mlflow_history(uri, run_id, "actor/pg_loss") == [(1, 0.0), (2, 1.0), (3, 2.0)]
