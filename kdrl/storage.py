@@ -19,9 +19,10 @@ A run directory (see ``RunPaths``)::
       iter_00000/batch.parquet      metrics.parquet   eval.parquet
       iter_00000/checkpoint/
 
-The learning curve of every run is ``pl.scan_parquet("runs/*/iter_*/metrics.parquet")``, and
-``pl.scan_parquet("runs/*/**/rollouts.parquet")`` gathers every rollout of every run. Temp files
-from in-flight writes start with "." and end in ".tmp", so these globs never see them.
+The learning curve of every run is ``pl.scan_parquet("runs/**/iter_*/metrics.parquet")``, and
+``pl.scan_parquet("runs/**/rollouts.parquet")`` gathers every rollout of every run (compare arms
+and replays included), each file's rows tagged by its ``run_id`` column (`RUN_ID_TABLES`). Temp
+files from in-flight writes start with "." and end in ".tmp", so these globs never see them.
 
 Every file carries Parquet key-value metadata: ``kdrl.table``, ``kdrl.schema_version``,
 ``kdrl.code_version`` and whatever the caller adds (e.g. ``kdrl.config_hash``).
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 
 import kdrl
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 KEY = ("step", "prompt_id", "sample_idx")
 
 _KEY_SCHEMA = {"step": pl.Int64, "prompt_id": pl.Int64, "sample_idx": pl.Int32}
@@ -240,6 +241,15 @@ SCHEMAS: dict[str, pl.Schema] = {
 # before them is read with the column null, so runs made by an older kdrl stay readable.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS)}
 
+# Tables whose files carry the run's id as their first column, `run_id` (the writer's
+# ``kdrl.run_id`` metadata; null where none, e.g. `kdrl eval` outside a run), so one glob over many
+# runs tells them apart. It is a column of the file, not of the schema: `write_table` adds it and
+# `read_table` drops it, since the code that reads a table knows its run from the path. Files
+# written before schema 1.3 lack it (``pl.scan_parquet(..., missing_columns="insert")`` reads
+# both as null).
+RUN_ID = "run_id"
+RUN_ID_TABLES = ("rollouts", "rewards", "teacher_logprobs", "advantages", "step_metrics", "evaluations")
+
 # Columns that must be non-null and unique together. Evaluations hold student and teacher
 # samples (at several temperatures) for the same KEY, so those columns join the key there.
 KEYS: dict[str, tuple[str, ...]] = {
@@ -351,8 +361,10 @@ def write_table(
     ('rewards.parquet', 'rewards', Float32)
     """
     path = Path(path)
-    df = _conform(df, _schema(table), path=path)
+    df = _conform(df.drop(RUN_ID, strict=False) if table in RUN_ID_TABLES else df, _schema(table), path=path)
     _check_key(df, KEYS[table], path=path)
+    if table in RUN_ID_TABLES:
+        df = df.select(pl.lit((metadata or {}).get("kdrl.run_id"), pl.String).alias(RUN_ID), pl.all())
     arrow = df.to_arrow()
     meta = _file_metadata(table, metadata, path=path)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **meta})
@@ -400,6 +412,8 @@ def read_table(path: str | os.PathLike, *, table: str) -> pl.DataFrame:
         df = pl.read_parquet(path)
     except _UNREADABLE as err:  # a sound footer over damaged pages
         raise _damaged(path, err) from err
+    if table in RUN_ID_TABLES:
+        df = df.drop(RUN_ID, strict=False)
     added = [c for c in ADDED_COLUMNS.get(table, ()) if c not in df.columns]
     if added:  # a file from before these columns existed (same major version): they read as null
         df = df.with_columns(pl.lit(None, schema[c]).alias(c) for c in added)
@@ -416,7 +430,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     ...     p = write_table(df, Path(d) / "r.parquet", table="rewards", metadata={"kdrl.seed": "1"})
     ...     m = read_metadata(p)
     >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
-    ('rewards', '1.2', '1')
+    ('rewards', '1.3', '1')
     """
     path = Path(path)
     try:

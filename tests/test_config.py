@@ -585,7 +585,8 @@ def test_replay_of_a_run_made_before_the_objective_checks(old_grpo_run, tmp_path
     from kdrl.storage import RunPaths
 
     _, old = old_grpo_run
-    timing = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s"]
+    timing = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s",
+              "run_id"]  # and the file's run_id: another run
     same = replay_update(old, 2, [], dest_dir=tmp_path / "same", log=lambda _: None)
     assert pl.read_parquet(RunPaths(same).metrics(2)).drop(timing).equals(
         pl.read_parquet(RunPaths(old).metrics(2)).drop(timing))

@@ -8,7 +8,7 @@ import pytest
 from flows.cli import main
 from flows.train import train_without_prefect
 from kdrl.replay import replay_update
-from kdrl.storage import RunPaths
+from kdrl.storage import RunPaths, read_table
 
 TIMING = ["time_generate_s", "time_reward_s", "time_teacher_s", "time_update_s", "time_total_s", "tokens_per_s"]
 
@@ -30,8 +30,10 @@ def test_replay_without_overrides_reproduces_the_step(finished_run, tmp_path):
     before = _snapshot(finished_run)
     dest = replay_update(finished_run, 2, [], dest_dir=tmp_path / "same", log=lambda _: None)
     src, new = RunPaths(finished_run), RunPaths(dest)
-    assert pl.read_parquet(new.metrics(2)).drop(TIMING).equals(pl.read_parquet(src.metrics(2)).drop(TIMING))
-    assert pl.read_parquet(new.advantages(2)).equals(pl.read_parquet(src.advantages(2)))
+    assert pl.read_parquet(new.metrics(2)).drop(*TIMING, "run_id").equals(
+        pl.read_parquet(src.metrics(2)).drop(*TIMING, "run_id"))
+    assert read_table(new.advantages(2), table="advantages").equals(read_table(src.advantages(2), table="advantages"))
+    assert pl.read_parquet(new.advantages(2))["run_id"].unique().to_list() == [new.root.name]
     weights = "model/model.safetensors"
     assert (new.checkpoint(2) / weights).read_bytes() == (src.checkpoint(2) / weights).read_bytes()
     assert _snapshot(finished_run) == before  # the source run is never written
@@ -66,7 +68,7 @@ def _masked_copy(finished_run, dest):
     """A copy of the run whose first teacher row of step 1 is null, as a response mask leaves it."""
     import shutil
 
-    from kdrl.storage import read_table, write_table
+    from kdrl.storage import write_table
 
     shutil.copytree(finished_run, dest)
     teacher = read_table(RunPaths(dest).teacher(1), table="teacher_logprobs")

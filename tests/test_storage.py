@@ -155,7 +155,23 @@ def test_columns_written_in_schema_order(tmp_path):
     df = _frames()["rewards"]
     shuffled = df.select(list(reversed(df.columns)))
     path = write_table(shuffled, tmp_path / "r.parquet", table="rewards")
-    assert pq.read_schema(path).names == list(storage.REWARDS)
+    assert pq.read_schema(path).names == ["run_id", *storage.REWARDS]
+
+
+@pytest.mark.parametrize("table", storage.RUN_ID_TABLES)
+def test_run_tables_carry_the_run_id_on_disk_and_read_without_it(tmp_path, table):
+    """The file has `run_id` first (from the kdrl.run_id metadata; null without); read_table gives
+    the schema's columns, as before; a frame that already has the column is written the same."""
+    df = _frames()[table]
+    path = write_table(df, tmp_path / "a.parquet", table=table, metadata={"kdrl.run_id": "grpo-s0"})
+    on_disk = pl.read_parquet(path)
+    assert on_disk.columns[0] == "run_id" and on_disk.schema["run_id"] == pl.String
+    assert on_disk["run_id"].to_list() == ["grpo-s0"] * df.height
+    assert_frame_equal(read_table(path, table=table), read_table(write_table(df, tmp_path / "b.parquet", table=table),
+                                                                 table=table))
+    assert pl.read_parquet(tmp_path / "b.parquet")["run_id"].null_count() == df.height
+    again = write_table(on_disk, tmp_path / "c.parquet", table=table, metadata={"kdrl.run_id": "grpo-s0"})
+    assert pl.read_parquet(again).equals(on_disk)
 
 
 def test_metadata_is_preserved_and_readable(tmp_path):
@@ -306,6 +322,31 @@ def test_scan_across_runs_with_recursive_glob(tmp_path):
     assert rollouts.height == 3 * 2
     curve = pl.scan_parquet(str(runs / "*" / "iter_*" / "metrics.parquet")).collect()
     assert sorted(curve["step"].to_list()) == [0, 0, 1]
+
+
+def test_one_glob_tells_runs_apart_by_run_id_and_reads_files_from_before_it(tmp_path):
+    """The README's query: every run's curve under one glob (plain runs and compare arms, nested),
+    one row per (run_id, step); a file written before schema 1.3 has no run_id column and reads
+    as null with missing_columns="insert"."""
+    runs = tmp_path / "runs"
+    for run_dir, steps in (("kdrl-1", [0, 1]), ("compare-x/grpo-s0", [0, 1, 2])):
+        paths = RunPaths(runs / run_dir)
+        for step in steps:
+            metrics = _frames(step)["step_metrics"].with_columns(reward_mean=pl.lit(0.1 * step))
+            write_table(metrics, paths.metrics(step), table="step_metrics",
+                        metadata={"kdrl.run_id": Path(run_dir).name})
+    curves = (pl.scan_parquet(str(runs / "**" / "iter_*" / "metrics.parquet"))
+              .select("run_id", "step", "reward_mean").collect().pivot("run_id", index="step", values="reward_mean")
+              .sort("step"))
+    assert curves.columns == ["step", "kdrl-1", "grpo-s0"] or curves.columns == ["step", "grpo-s0", "kdrl-1"]
+    assert curves["kdrl-1"].to_list()[:2] == pytest.approx([0.0, 0.1]) and curves["kdrl-1"][2] is None
+    old = RunPaths(runs / "old")
+    old.iter_dir(0).mkdir(parents=True)
+    pq.write_table(_frames(0)["step_metrics"].to_arrow(), old.metrics(0))  # as schema 1.2 wrote it
+    mixed = pl.scan_parquet(str(runs / "**" / "iter_*" / "metrics.parquet"), missing_columns="insert").collect()
+    assert mixed.height == 6 and mixed["run_id"].null_count() == 1
+    prompts = write_table(_frames()["prompts"], tmp_path / "p.parquet", table="prompts")
+    assert "run_id" not in pl.read_parquet(prompts).columns  # one per run folder, not a per-sample table
 
 
 def test_run_paths_layout():
