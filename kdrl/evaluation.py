@@ -293,10 +293,13 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     else:
         engine = build_engine(spec, tokenizer, module=merged if merged is not None else
                               load_causal_lm(model.path, dtype=placement.dtype, device=placement.device))
-    samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint, k=sampling.eval_samples,
-                              temperature=sampling.eval_temperature, greedy=sampling.eval_greedy,
-                              max_new_tokens=decoding.max_new_tokens, reward_cfg=cfg.reward, seed=sampling.seed,
-                              top_p=decoding.top_p)
+    from kdrl.progress import reporting
+
+    with reporting(log, f"eval {Path(cfg.checkpoint).name or cfg.checkpoint}"):  # a line every 30 s: evals run minutes
+        samples = evaluate_passes(engine, prompts, step=model.step, model_name=cfg.checkpoint,
+                                  k=sampling.eval_samples, temperature=sampling.eval_temperature,
+                                  greedy=sampling.eval_greedy, max_new_tokens=decoding.max_new_tokens,
+                                  reward_cfg=cfg.reward, seed=sampling.seed, top_p=decoding.top_p)
     metadata = {"kdrl.config_hash": cfg.hash(), "kdrl.model_path": model.path, "kdrl.engine": choice.engine,
                 **({"kdrl.adapter": model.adapter} if model.adapter else {})}
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from kdrl.pipeline import (
     write_teacher_samples,
     write_update,
 )
+from kdrl.progress import reporting
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import read_table
 from kdrl.trackers import Trackers
@@ -114,14 +115,16 @@ def open_trackers(cfg: RunConfig, run_dir: str) -> Trackers | None:
 @task(cache_policy=STAGE_CACHE)
 def teacher_samples(run: RunInfo, teacher: Teacher, prompts: Artifact) -> Artifact:
     """Offline (SFT): G teacher samples per training prompt."""
-    return write_teacher_samples(run, teacher, prompts)
+    with reporting(info, "teacher samples"):
+        return write_teacher_samples(run, teacher, prompts)
 
 
 @task(cache_policy=STAGE_CACHE, task_run_name="evaluate-{step}")
 def evaluate(run: RunInfo, student: Student, rollout: Rollout, teacher: Teacher | None, prompts: Artifact, step: int,
              include_teacher: bool = False) -> Artifact:
     """Held-out evaluation after `step` (−1: baseline of student and teacher)."""
-    out = write_evaluation(run, student, rollout, teacher, prompts, step, include_teacher=include_teacher)
+    with reporting(info, "evaluate before training" if step < 0 else f"evaluate step {step}"):
+        out = write_evaluation(run, student, rollout, teacher, prompts, step, include_teacher=include_teacher)
     title = "before training (held-out)" if step < 0 else f"after step {step} (held-out)"
     info(format_summary(title, summarize_evaluation(read_table(out.path, table="evaluations"))))
     return out
@@ -131,7 +134,8 @@ def evaluate(run: RunInfo, student: Student, rollout: Rollout, teacher: Teacher 
 def generate(run: RunInfo, rollout: Rollout, prompts: Artifact, step: int,
              teacher_samples: Artifact | None = None) -> Artifact:
     """Rollouts of `step` from the current student (SFT: drawn from the teacher samples)."""
-    return write_rollouts(run, rollout, prompts, step, teacher_samples=teacher_samples)
+    with reporting(info, f"generate step {step}"):
+        return write_rollouts(run, rollout, prompts, step, teacher_samples=teacher_samples)
 
 
 @task(cache_policy=STAGE_CACHE, task_run_name="rewards-{step}")
@@ -143,7 +147,8 @@ def rewards(run: RunInfo, rollouts: Artifact, prompts: Artifact, step: int) -> A
 @task(cache_policy=STAGE_CACHE, task_run_name="teacher-{step}")
 def teacher(run: RunInfo, teacher: Teacher | None, rollouts: Artifact, rewards: Artifact, step: int) -> Artifact | None:
     """Teacher log-probs of the KD-unmasked rollouts of `step` (None: β = 0 there)."""
-    return write_teacher_logprobs(run, teacher, rollouts, rewards, step)
+    with reporting(info, f"teacher scoring step {step}"):
+        return write_teacher_logprobs(run, teacher, rollouts, rewards, step)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="update-{step}")

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.models import tokenizers_match
+from kdrl.progress import Progress
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
 
@@ -146,6 +147,29 @@ class _SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(steps, dim=1)
 
 
+class _ProgressTicker(LogitsProcessor):
+    """Counts decode steps and generated tokens for `kdrl.progress` without a device sync per
+    step: at step t the last column of input_ids is the token sampled at t − 1, which was a real
+    token for the rows not finished before it. The count is read only when a line is due."""
+
+    def __init__(self, progress: Progress, eos_ids: list[int], rows: int, device: torch.device, base: int) -> None:
+        self.progress, self.base = progress, base
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.steps:
+            self.tokens += (~self.finished).sum()
+            self.finished |= torch.isin(input_ids[:, -1], self.eos)
+            if self.progress.due():
+                self.progress.set_tokens(self.base + int(self.tokens))
+            self.progress.update(1)
+        self.steps += 1
+        return scores
+
+
 class HFRolloutEngine:
     """Samples with ``model.generate`` (KV cache) on the trainer's own module.
 
@@ -191,16 +215,23 @@ class HFRolloutEngine:
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         reasons: list[FinishReason] = []
+        chunks = range(0, len(rows), self.batch_size)
+        progress = Progress("generate", total=len(chunks) * max_new_tokens, unit="decode steps")
         with _eval_mode(self.model):
-            for chunk, start in enumerate(range(0, len(rows), self.batch_size)):
+            for chunk, start in enumerate(chunks):
                 prompts = [prompt_token_ids[p] for p, _ in rows[start : start + self.batch_size]]
+                ticker = _ProgressTicker(progress, self.eos_ids, len(prompts), self.model.device,
+                                         base=sum(map(len, completions)))
                 with _seeded(self.model.device, chunk_seed(seed, chunk)):
-                    generated_BT, logp_BT = self._generate_chunk(prompts, max_new_tokens, temperature, top_p)
+                    generated_BT, logp_BT = self._generate_chunk(prompts, max_new_tokens, temperature, top_p, ticker)
                 for tokens, logps in zip(generated_BT.tolist(), logp_BT.tolist()):
                     keep, reason = self._cut_at_eos(tokens)
                     completions.append(tokens[:keep])
                     logprobs.append(logps[:keep])
                     reasons.append(reason)
+                progress.set_tokens(sum(map(len, completions)))
+                progress.update((chunk + 1) * max_new_tokens - progress.done)  # this chunk is done, early stop or not
+        progress.close()
         return Rollouts(
             prompt_index=[p for p, _ in rows],
             sample_index=[g for _, g in rows],
@@ -220,7 +251,8 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+        ticker: _ProgressTicker | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated ids ``[B, T]`` (padding after EOS included) and their float32 log-probs."""
         ids_BS, mask_BS = _left_pad(prompts, self.tokenizer.pad_token_id, self.model.device)
@@ -233,7 +265,7 @@ class HFRolloutEngine:
                 attention_mask=mask_BS,
                 do_sample=not greedy,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([recorder]),
+                logits_processor=LogitsProcessorList([recorder] + ([ticker] if ticker else [])),
                 **sampling,
             )
         generated_BT = sequences_BS[:, ids_BS.shape[1] :]
@@ -272,12 +304,16 @@ class HFTeacherScorer:
         logprobs: list[list[float]] = [[] for _ in range(n_rows)]
         topk_ids: list[list[list[int]]] = [[] for _ in range(n_rows)]
         topk_logprobs: list[list[list[float]]] = [[] for _ in range(n_rows)]
+        batches = self._packed_batches(prompt_token_ids, completion_token_ids)
+        progress = Progress("teacher scoring", total=len(batches), unit="batches")
         with _eval_mode(self.model), torch.no_grad():
-            for batch in self._packed_batches(prompt_token_ids, completion_token_ids):
+            for batch in batches:
                 seqs = [prompt_token_ids[r] + completion_token_ids[r] for r in batch]
                 lengths = [len(completion_token_ids[r]) for r in batch]
                 for r, (lp, ids, tlp) in zip(batch, self._score_batch(seqs, lengths, top_k)):
                     logprobs[r], topk_ids[r], topk_logprobs[r] = lp, ids, tlp
+                progress.update(1, tokens=sum(map(len, seqs)))
+        progress.close()
         if top_k <= 0:
             return TeacherScores(logprobs=logprobs)
         return TeacherScores(logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
