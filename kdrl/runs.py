@@ -10,6 +10,7 @@ computed without importing the training stack.
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import datetime
 from pathlib import Path
@@ -305,3 +306,48 @@ def _modified(root: Path) -> datetime:
     """Newest mtime of the run directory and its entries (a write into iter_s/ touches iter_s)."""
     stamps = [root.stat().st_mtime] + [entry.stat().st_mtime for entry in os.scandir(root)]
     return datetime.fromtimestamp(max(stamps)).replace(microsecond=0)
+
+
+def run_curve_figure(metrics: pl.DataFrame, *, baseline: float | None = None, teacher: float | None = None,
+                     title: str = ""):
+    """One run's learning curve (`run_metrics`' frame) as three panels against optimizer steps
+    (integer ticks): training reward and held-out pass@1 (axis 0 to 1; the baseline and teacher
+    dotted), the KD signal share and β, and the mean and p90 response length (from 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def col(name: str) -> list[float]:  # null (not measured, an older file) and ±inf (no GRPO signal) → a gap
+        values = metrics[name].cast(pl.Float64).fill_null(float("nan")).to_list()
+        return [v if math.isfinite(v) else float("nan") for v in values]
+
+    fig, (acc_ax, kd_ax, len_ax) = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    x = (metrics["step"] + 1).to_list()  # updates done, as trackers count them
+    acc_ax.plot(x, col("reward_mean"), color="tab:blue", label="training reward", alpha=0.8)
+    evaluated = metrics.filter(pl.col("heldout_pass_at_1").is_not_null())
+    if baseline is not None:
+        evaluated = pl.concat([pl.DataFrame({"step": [-1], "heldout_pass_at_1": [baseline]}),
+                               evaluated.select("step", "heldout_pass_at_1")], how="diagonal_relaxed")
+    acc_ax.plot((evaluated["step"] + 1).to_list(), evaluated["heldout_pass_at_1"].to_list(), "o-", color="tab:green",
+                label="held-out pass@1")
+    if teacher is not None:
+        acc_ax.axhline(teacher, color="black", linestyle=":", label="teacher (held-out)")
+    acc_ax.set(ylim=(0, 1), ylabel="reward / pass@1", title="accuracy")
+    kd_ax.plot(x, col("kd_signal_share"), color="tab:purple", label="KD signal share ‖β·KD‖/‖GRPO‖")
+    kd_ax.plot(x, col("beta"), color="tab:orange", linestyle="--", label="β")
+    kd_ax.set(ylabel="share / β", title="distillation")
+    kd_ax.set_ylim(bottom=0)
+    len_ax.plot(x, col("response_len_mean"), color="tab:red", label="mean")
+    len_ax.plot(x, col("response_len_p90"), color="tab:red", linestyle=":", label="p90")
+    len_ax.set(ylabel="response length (tokens)", title="response length")
+    len_ax.set_ylim(bottom=0)
+    for ax in (acc_ax, kd_ax, len_ax):
+        ax.set_xlabel("optimizer steps")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -151,6 +151,9 @@ class TensorBoardTracker:
     def log_text(self, name: str, markdown: str, step: int) -> None:
         self.writer.add_text(name, markdown, global_step=step)
 
+    def log_figure(self, name: str, figure, step: int) -> None:
+        self.writer.add_figure(name, figure, global_step=step, close=False)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -206,6 +209,9 @@ class MLflowTracker:
 
     def log_text(self, name: str, markdown: str, step: int) -> None:
         self.client.log_text(self.run_id, markdown, f"{name}.md")
+
+    def log_figure(self, name: str, figure, step: int) -> None:
+        self.client.log_figure(self.run_id, figure, f"{name}.png")
 
     def flush(self) -> None:
         pass
@@ -287,12 +293,29 @@ class Trackers:
                 break
             self._sync(step)
         summary = self._summary()
+        figure = self._figure() if any(self._sent(t) >= self.steps for t in self.trackers) else None
         for tracker in self.trackers:
             if tracker.name in self.started:
                 complete = self._sent(tracker) >= self.steps
                 if summary and complete:
                     self._guard(tracker, lambda t: t.log_text("heldout_summary", summary, self.steps))
+                if figure is not None and complete:
+                    self._guard(tracker, lambda t: t.log_figure("learning_curve", figure, self.steps))
                 self._guard(tracker, lambda t: t.close(complete))
+        if figure is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+    def _figure(self):
+        """The run's learning-curve figure (`kdrl.runs.run_curve_figure`), or None if it cannot be drawn."""
+        from kdrl.runs import run_curve_figure, run_metrics
+
+        try:
+            return run_curve_figure(run_metrics(self.paths.root), title=self.paths.root.name)
+        except Exception as err:  # noqa: BLE001 (a plot must not fail the end of a run)
+            self.log(f"[kdrl] trackers: no learning-curve plot ({type(err).__name__}: {err})")
+            return None
 
     def _summary(self) -> str:
         """The held-out evaluations as a markdown table (before training and at each evaluation)."""

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from uuid import UUID
 
+import polars as pl
 from prefect import task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -82,26 +83,64 @@ def publish_iteration(run_dir: str, step: int, progress_id: UUID, total: int) ->
     rows = [seen[s] for s in sorted({*range(0, step + 1, stride), step})]
     create_table_artifact(rows, key=artifact_key(run_dir, "iteration"), description=f"{Path(run_dir).name} step {step}")
     update_progress_artifact(progress_id, progress=100.0 * (step + 1) / max(total, 1))
+    if (step + 1) % REPORT_EVERY == 0 and step + 1 < total:  # the last step's report is final_report's
+        create_markdown_artifact(run_report(run_dir, step, final=False), key=artifact_key(run_dir, "report"),
+                                 description=f"{Path(run_dir).name} after step {step}")
+
+
+REPORT_EVERY = 10  # the run report (markdown with the learning-curve plot) is rebuilt every this many steps
+
+
+def run_report(run_dir: str, last_step: int, *, final: bool) -> str:
+    """Markdown: held-out accuracy before and at the latest evaluation, the learning-curve plot
+    inlined as a PNG, and a thinned table of the curve."""
+    import base64
+    import io
+
+    from kdrl.runs import run_curve_figure
+
+    paths = RunPaths(Path(run_dir))
+    state = "complete" if final else f"after step {last_step}"
+    lines = [f"# kdrl run `{paths.root.name}` ({state})", "", "## Held-out accuracy", "",
+             "| when | model | pass@1 | mean length | p90 length |", "|---|---|---|---|---|"]
+    metrics = run_metrics(paths.root)
+    evaluated = metrics.filter(pl.col("heldout_pass_at_1").is_not_null())["step"].to_list()
+    baseline_path = paths.offline / "eval_baseline.parquet"
+    baseline = teacher = None
+    sources = [("before", baseline_path)] + ([(f"after step {evaluated[-1]}", paths.evaluation(evaluated[-1]))]
+                                             if evaluated else [])
+    for when, path in sources:
+        if path.exists():
+            for r in summarize_evaluation(read_table(path, table="evaluations")).iter_rows(named=True):
+                lines.append(f"| {when} | {r['model']} | {r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']} |")
+                if when == "before" and r["model"] == "student" and baseline is None:
+                    baseline = r["pass_at_1"]
+                if when == "before" and r["model"] == "teacher" and teacher is None:
+                    teacher = r["pass_at_1"]
+    if metrics.height:
+        figure = run_curve_figure(metrics, baseline=baseline, teacher=teacher)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=72)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        lines += ["", "## Learning curve", "", f"![learning curve](data:image/png;base64,"
+                  f"{base64.b64encode(buffer.getvalue()).decode()})"]
+    lines += ["", "| step | reward | KL (k1) | β | KD share | held-out pass@1 | s/iter |",
+              "|---|---|---|---|---|---|---|"]
+    stride = max(1, metrics.height // 20)
+    for r in metrics.gather_every(stride).iter_rows(named=True):
+        heldout = "" if r["heldout_pass_at_1"] is None else f"{r['heldout_pass_at_1']:.3f}"
+        share = "" if r["kd_signal_share"] is None else f"{r['kd_signal_share']:.3g}"
+        lines.append(f"| {r['step']} | {r['reward_mean']:.3f} | {r['kl_k1_mean']:+.4f} | {r['beta']:.4f} | {share} "
+                     f"| {heldout} | {r['time_total_s']:.2f} |")
+    return "\n".join(lines)
 
 
 @task(cache_policy=NO_CACHE)
 def final_report(run_dir: str, last_step: int) -> str:
-    """Markdown report: held-out accuracy before/after and the learning curve."""
-    paths = RunPaths(Path(run_dir))
-    lines = [f"# kdrl run `{paths.root.name}`", "", "## Held-out accuracy", "",
-             "| when | model | pass@1 | mean length | p90 length |", "|---|---|---|---|---|"]
-    for when, path in (("before", paths.offline / "eval_baseline.parquet"), ("after", paths.evaluation(last_step))):
-        if path.exists():
-            for r in summarize_evaluation(read_table(path, table="evaluations")).iter_rows(named=True):
-                lines.append(f"| {when} | {r['model']} | {r['pass_at_1']:.3f} | {r['mean_len']:.1f} | {r['p90_len']} |")
-    metrics = run_metrics(paths.root)
-    lines += ["", "## Learning curve", "", "| step | reward | KL (k1) | β | held-out pass@1 | s/iter |",
-              "|---|---|---|---|---|---|"]
-    stride = max(1, metrics.height // 20)
-    for r in metrics.gather_every(stride).iter_rows(named=True):
-        heldout = "" if r["heldout_pass_at_1"] is None else f"{r['heldout_pass_at_1']:.3f}"
-        lines.append(f"| {r['step']} | {r['reward_mean']:.3f} | {r['kl_k1_mean']:+.4f} | {r['beta']:.4f} | {heldout} "
-                     f"| {r['time_total_s']:.2f} |")
-    markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=artifact_key(run_dir, "report"), description=f"{paths.root.name} summary")
+    """The run report, complete: held-out accuracy before/after, the learning-curve plot, the curve."""
+    markdown = run_report(run_dir, last_step, final=True)
+    create_markdown_artifact(markdown, key=artifact_key(run_dir, "report"),
+                             description=f"{Path(run_dir).name} summary")
     return markdown

@@ -315,6 +315,16 @@ def test_the_iteration_table_artifact_holds_the_whole_curve_thinned_past_its_row
     assert [r["step"] for r in short] == list(range(21))  # not step 21+, though written
     assert short[10]["heldout_pass_at_1"] == 0.5 and short[9]["heldout_pass_at_1"] is None
     assert short[3]["reward_mean"] == pytest.approx(0.3)
+    report = artifact_key(run_dir, "report")
+    publish_iteration.fn(str(run_dir), 19, progress, steps)  # every REPORT_EVERY steps: the run report too
+
+    async def markdown(key):
+        async with get_client() as client:
+            return [a for a in await client.read_latest_artifacts() if a.key == key][0].data
+
+    text = asyncio.run(markdown(report))
+    assert text.startswith("# kdrl run `long` (after step 19)") and "| after step 10 | student | 0.500 |" in text
+    assert "![learning curve](data:image/png;base64,iVBOR" in text  # the plot, inlined as a PNG
     publish_iteration.fn(str(run_dir), steps - 1, progress, steps)
     thinned = [r["step"] for r in asyncio.run(table(key))]
     assert thinned[0] == 0 and thinned[-1] == steps - 1 and len(thinned) <= MAX_TABLE_ROWS + 1

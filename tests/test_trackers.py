@@ -71,6 +71,11 @@ def test_a_run_reaches_tensorboard_and_mlflow_and_a_tracker_added_later_is_backf
         for column in ("pg_loss", "kd_loss", "reward_mean", "beta", "response_len_mean", "time_total_s"):
             assert scalars[ALIASES[column]][step + 1] == pytest.approx(row[column], rel=1e-6)
     assert sorted(scalars["val/pass_at_1"]) == [0, 1, 2] and 0 in scalars["val/teacher_pass_at_1"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    images.Reload()
+    assert [e.step for e in images.Images("learning_curve")] == [2]
 
     # MLflow added to the finished run (same run id: trackers are not in its hash): backfilled from
     # the files; TensorBoard, already sent, gets nothing twice
@@ -87,7 +92,7 @@ def test_a_run_reaches_tensorboard_and_mlflow_and_a_tracker_added_later_is_backf
     assert _mlflow_history(uri, run.info.run_id, "actor/pg_loss") == [(1, pytest.approx(losses[0])),
                                                                        (2, pytest.approx(losses[1]))]
     assert [s for s, _ in _mlflow_history(uri, run.info.run_id, "val/pass_at_1")] == [0, 1, 2]
-    assert "heldout_summary.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"heldout_summary.md", "learning_curve.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -121,6 +126,9 @@ def test_a_tracker_that_is_down_warns_trains_on_and_catches_up(tmp_path, tiny_ru
                                        "run.steps": 3})
     run_dir = tmp_path / "runs" / "down"
     _fake_run(run_dir, 3)
+    from kdrl.config import dump_config
+
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     messages: list[str] = []
     trackers = Trackers(cfg, run_dir, log=messages.append)
     for step in range(3):
