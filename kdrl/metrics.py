@@ -39,6 +39,7 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         **response_stats(lengths, truncated, rewards["extracted_answer"]),
         **reward_stats(rewards),
         "kd_signal_share": float(update_metrics.get("kd_signal_share", float("nan"))),
+        "entropy": float(update_metrics.get("entropy", float("nan"))),
         "num_tokens": int(lengths.sum()),
         "teacher_tokens": teacher_tokens,
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),

@@ -122,6 +122,9 @@ RESPONSE_STATS = "response_len_p50 response_len_p90 response_len_max truncated_f
 # reward (advantage 0: no GRPO signal from them), and the KD signal share ‖β·KD‖/‖GRPO‖ of the
 # per-token gradient coefficients (`kdrl.losses.signal_norms_sq`; NaN for top-k KD).
 SIGNAL_STATS = "reward_std zero_std_group_frac kd_signal_share".split()
+# The policy's mean entropy (nats, at the sampling temperature) over the step's response positions,
+# before the update (schema 1.3).
+POLICY_STATS = ["entropy"]
 _STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s time_sync_s time_total_s".split()
 # Train/inference mismatch (NaN where not measured): rollout_* = |log π_trainer − log π_sampler| over
 # the step's rollout tokens before the update (on-policy runs); sync_* = the same for a sample of
@@ -141,6 +144,7 @@ STEP_METRICS = pl.Schema(
         **{name: pl.Float64 for name in LOGP_GAPS},
         **{name: pl.Float64 for name in RESPONSE_STATS},
         **{name: pl.Float64 for name in SIGNAL_STATS},
+        **{name: pl.Float64 for name in POLICY_STATS},
     }
 )
 
@@ -239,7 +243,7 @@ SCHEMAS: dict[str, pl.Schema] = {
 
 # Columns added to a table after its first release (minor schema versions): a file written
 # before them is read with the column null, so runs made by an older kdrl stay readable.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS, *POLICY_STATS)}
 
 # Tables whose files carry the run's id as their first column, `run_id` (the writer's
 # ``kdrl.run_id`` metadata; null where none, e.g. `kdrl eval` outside a run), so one glob over many

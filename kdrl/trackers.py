@@ -48,6 +48,7 @@ ALIASES = {
     "grad_norm": "actor/grad_norm",
     "lr": "actor/lr",
     "clip_frac": "actor/pg_clipfrac",
+    "entropy": "actor/entropy",
     "beta": "kd/beta",
     "kl_k1_mean": "kd/reverse_kl_k1",
     "kd_token_frac": "kd/token_frac",

@@ -87,13 +87,32 @@ def kd_mask_B(rewards_PG: torch.Tensor, truncated_B: torch.Tensor, cfg: LossConf
     return mask_B
 
 
-def _chunk_logprobs(hidden_NH, lm_head_weight, lm_head_bias, targets_N, topk_ids_NK, temperature):
+ENTROPY_ROWS = 512
+"""Rows per slice of the entropy's softmax: its float32 [rows, V] buffer stays small beside the chunk's."""
+
+
+def _entropy_N(logits_NV: torch.Tensor, logz_N1: torch.Tensor) -> torch.Tensor:
+    """H(π(·|context)) = log Z − Σ_v p_v·logit_v per row, without a gradient, in row slices.
+
+    >>> _entropy_N(torch.zeros(2, 8), torch.full((2, 1), math.log(8)))  # uniform over 8: log 8
+    tensor([2.0794, 2.0794])
+    """
+    with torch.no_grad():
+        parts = []
+        for start in range(0, logits_NV.shape[0], ENTROPY_ROWS):
+            logits, logz = logits_NV[start:start + ENTROPY_ROWS], logz_N1[start:start + ENTROPY_ROWS]
+            parts.append(logz.squeeze(-1) - ((logits - logz).exp() * logits).sum(-1))
+        return torch.cat(parts) if parts else logits_NV.new_zeros(0)
+
+
+def _chunk_logprobs(hidden_NH, lm_head_weight, lm_head_bias, targets_N, topk_ids_NK, temperature, entropy=False):
     logits_NV = torch.nn.functional.linear(hidden_NH, lm_head_weight, lm_head_bias).float() / temperature
     logz_N1 = torch.logsumexp(logits_NV, dim=-1, keepdim=True)
     logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logz_N1.squeeze(-1)
+    entropy_N = _entropy_N(logits_NV.detach(), logz_N1.detach()) if entropy else None
     if topk_ids_NK is None:
-        return logp_N, None
-    return logp_N, logits_NV.gather(-1, topk_ids_NK) - logz_N1
+        return logp_N, None, entropy_N
+    return logp_N, logits_NV.gather(-1, topk_ids_NK) - logz_N1, entropy_N
 
 
 def completion_logprobs_BT(
@@ -103,16 +122,18 @@ def completion_logprobs_BT(
     temperature: float = 1.0,
     topk_ids_BTK: torch.Tensor | None = None,
     chunk_tokens: int = 4096,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π_θ(o_t | prompt, o_<t) (float32) for every completion position, and, if given the
-    teacher's top-k ids, the student's log-probs at those ids (for the top-k KL).
+    teacher's top-k ids, the student's log-probs at those ids (for the top-k KL). With a `stats`
+    dict, also ``stats["entropy_BT"]``: the policy's entropy at each position (no gradient).
 
     Logits are divided by the sampling temperature, matching the distribution the rollout engine
     sampled from. The LM head runs on completion positions only, in chunks of `chunk_tokens`
     rows, each under activation checkpointing. (Models whose head applies extra transforms, e.g.
     logit soft-capping, are not handled here.) An FSDP2-sharded model runs it as a forward
     method of its root (`kdrl.distributed.shard_model`), so its weights are gathered around it."""
-    kwargs = {"temperature": temperature, "topk_ids_BTK": topk_ids_BTK, "chunk_tokens": chunk_tokens}
+    kwargs = {"temperature": temperature, "topk_ids_BTK": topk_ids_BTK, "chunk_tokens": chunk_tokens, "stats": stats}
     sharded = getattr(model, SHARDED_LOGPROBS, None)
     if sharded is not None:
         return sharded(batch, **kwargs)
@@ -120,7 +141,8 @@ def completion_logprobs_BT(
 
 
 def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, temperature: float,
-                            topk_ids_BTK: torch.Tensor | None, chunk_tokens: int):
+                            topk_ids_BTK: torch.Tensor | None, chunk_tokens: int,
+                            stats: dict[str, torch.Tensor] | None = None):
     """`completion_logprobs_BT` on the model's own modules (what a sharded root runs as its forward)."""
     T = batch.completion_ids_BT.shape[1]
     decoder = model.get_decoder()
@@ -135,17 +157,20 @@ def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, tempera
     targets_N = batch.completion_ids_BT.reshape(B * T)
     topk_NK = None if topk_ids_BTK is None else topk_ids_BTK.reshape(B * T, -1)
     head = model.get_output_embeddings()
-    logp_parts, topk_parts = [], []
+    logp_parts, topk_parts, entropy_parts = [], [], []
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         args = (hidden_NH[sl], head.weight, head.bias, targets_N[sl], None if topk_NK is None else topk_NK[sl],
-                temperature)
-        logp_N, topk_NK_out = (checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                               else _chunk_logprobs(*args))
+                temperature, stats is not None)
+        logp_N, topk_NK_out, entropy_N = (checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                                          if torch.is_grad_enabled() else _chunk_logprobs(*args))
         logp_parts.append(logp_N)
         topk_parts.append(topk_NK_out)
+        entropy_parts.append(entropy_N)
     logp_BT = torch.cat(logp_parts).view(B, T)
     topk_logp_BTK = None if topk_NK is None else torch.cat(topk_parts).view(B, T, -1)
+    if stats is not None:
+        stats["entropy_BT"] = torch.cat(entropy_parts).view(B, T)
     return logp_BT, topk_logp_BTK
 
 
@@ -255,6 +280,7 @@ def update_step(
     passes = dp.max(len(bounds)) if sharded else len(bounds)
     old_logp_BT = student_logp_BT = kd_per_token_BT = None
     totals: dict[str, float] = {}
+    entropy_sum = torch.zeros((), device=batch.completion_mask_BT.device)
     for epoch in range(loss_cfg.ppo_epochs):
         beta = beta_at(optimizer_step + epoch, loss_cfg)
         sums: dict[str, float] = {}
@@ -272,8 +298,12 @@ def update_step(
             mb = batch.rows(start, stop).trimmed()
             t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
             mb_mask_BT = mask_BT[start:stop, :t]
+            stats = {} if epoch == 0 else None  # the policy's entropy, as it sampled (first epoch)
             logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature,
-                                                            topk_ids_BTK=mb.teacher_topk_ids_BTK)
+                                                            topk_ids_BTK=mb.teacher_topk_ids_BTK, stats=stats)
+            if stats is not None:
+                completion_BT = batch.completion_mask_BT[start:stop, :t]
+                entropy_sum = entropy_sum + (stats["entropy_BT"] * completion_BT).sum()
             kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb,
                                             kd_mask[start:stop, None] * mb_mask_BT)
             old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[start:stop, :t]
@@ -334,6 +364,11 @@ def update_step(
         optimizer.zero_grad(set_to_none=True)
         totals = {**sums, "beta": beta, "lr": lr, "grad_norm": float(grad_norm)}
 
+    # policy entropy on the sampled responses' positions (verl's actor/entropy), before the update
+    entropy_tokens = token_count(batch.completion_mask_BT)
+    if dp is not None:
+        entropy_sum, entropy_tokens = dp.sum(torch.stack([entropy_sum, entropy_tokens]))
+    totals["entropy"] = float(entropy_sum / entropy_tokens.clamp(min=1))
     if batch.teacher_logp_BT is not None:  # Monte Carlo KL(π_θ‖π_T) per token, over teacher-scored tokens
         scored_BT = kd_mask[:, None] * mask_BT
         k1_BT = reverse_kl_k1_BT(student_logp_BT, batch.teacher_logp_BT)

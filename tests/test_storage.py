@@ -441,12 +441,13 @@ def test_is_readable_tells_a_whole_file_from_a_missing_or_truncated_one(tmp_path
     assert not is_readable(path)
 
 
-@pytest.mark.parametrize("version", ["1", "1.1"])
+@pytest.mark.parametrize("version", ["1", "1.1", "1.2"])
 def test_step_metrics_from_before_the_added_columns_read_as_null(version, tmp_path):
     """A run made by an older kdrl stays readable: schema 1 had no response stats
-    (response_len_p50 ... no_answer_frac), 1.1 no signal stats (reward_std ... kd_signal_share);
-    the missing columns are null there, every other value as written."""
-    missing = [*storage.SIGNAL_STATS, *(storage.RESPONSE_STATS if version == "1" else [])]
+    (response_len_p50 ... no_answer_frac), 1.1 no signal stats (reward_std ... kd_signal_share),
+    1.2 no entropy; the missing columns are null there, every other value as written."""
+    missing = [*storage.POLICY_STATS, *(storage.SIGNAL_STATS if version in ("1", "1.1") else []),
+               *(storage.RESPONSE_STATS if version == "1" else [])]
     old = _frames()["step_metrics"].drop(missing)
     table = old.to_arrow().replace_schema_metadata({"kdrl.table": "step_metrics", "kdrl.schema_version": version})
     pq.write_table(table, tmp_path / "metrics.parquet")

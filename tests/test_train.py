@@ -2,6 +2,7 @@
 real model, the direction of GRPO and KD updates, and checkpoints that resume exactly."""
 
 import copy
+import math
 
 import polars as pl
 import pytest
@@ -66,6 +67,28 @@ def test_chunked_logprobs_match_unchunked_values_and_gradients(step_tables, tiny
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_update_reports_the_policys_entropy_on_the_sampled_positions(step_tables, tiny_student, temperature):
+    """entropy = mean over completion tokens of −Σ_v p log p of softmax(logits / T), before the
+    update: the same number from the model's full logits, computed here directly."""
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    model = copy.deepcopy(tiny_student)
+    T = batch.completion_ids_BT.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_BS, attention_mask=batch.attention_mask_BS,
+                       position_ids=batch.position_ids_BS).logits[:, -T - 1:-1].double() / temperature
+        h_BT = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    mask = batch.completion_mask_BT
+    expected = float((h_BT * mask).sum() / mask.sum())
+    optim_cfg = OptimConfig(lr=1e-3, micro_batch_size=5)
+    optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
+    result = update_step(model, optimizer, scheduler, batch, loss_cfg=LossConfig(beta_init=0.5, ppo_epochs=2),
+                         optim_cfg=optim_cfg, optimizer_step=0, temperature=temperature)
+    assert result.metrics["entropy"] == pytest.approx(expected, rel=1e-5)
+    assert 0 < expected < math.log(model.config.vocab_size)
+
+
 def _one_update(model, batch, *, micro, loss_cfg=None, lr=1e-3):
     optim_cfg = OptimConfig(lr=lr, micro_batch_size=micro)
     optimizer, scheduler = build_optimizer(model, optim_cfg, total_steps=10)
@@ -106,7 +129,7 @@ def test_update_is_invariant_to_micro_batching_and_checkpointing(step_tables, ti
         width = max(prompt_lens[start:stop]) + max(completion_lens[start:stop])
         assert (stop - start) * width <= 40 or stop - start == 1
     for result, model in zip(results[1:], models[1:]):
-        for key in ("loss", "pg_loss", "kd_loss", "grad_norm", "kl_k1_mean"):
+        for key in ("loss", "pg_loss", "kd_loss", "grad_norm", "kl_k1_mean", "entropy"):
             assert result.metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-5, abs=1e-7)
         mask = batch.completion_mask_BT  # padding positions hold no value (0 where a micro-batch was trimmed)
         assert torch.allclose(result.student_logp_BT * mask, results[0].student_logp_BT * mask, atol=1e-6)
@@ -216,7 +239,7 @@ def test_resumed_run_is_bit_identical(tmp_path, tiny_run_config, embedded_cache)
     a, b = RunPaths(straight), RunPaths(resumed)
     for table in ("rollouts", "advantages", "metrics"):
         fa, fb = pl.read_parquet(getattr(a, table)(2)), pl.read_parquet(getattr(b, table)(2))
-        timing = [c for c in fa.columns if c.startswith("time_") or c == "tokens_per_s"]
+        timing = [c for c in fa.columns if c.startswith("time_") or c in ("tokens_per_s", "run_id")]  # other folder
         assert fa.drop(timing).equals(fb.drop(timing)), table
     wa = (a.checkpoint(2) / "model" / "model.safetensors").read_bytes()
     wb = (b.checkpoint(2) / "model" / "model.safetensors").read_bytes()
