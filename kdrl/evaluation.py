@@ -218,7 +218,8 @@ def summarize_samples(samples: pl.DataFrame, *, dataset: str) -> pl.DataFrame:
 
 
 def default_out_dir(cfg: EvalConfig, root: str | Path = "evals") -> Path:
-    """evals/<model>--<dataset>-<config hash>: one folder per distinct evaluation.
+    """<root>/<model>--<dataset>-<config hash>: one folder per distinct evaluation (`~` in root
+    is the user's home: a deployment's evaluations outside its checkout).
 
     >>> default_out_dir(EvalConfig(checkpoint="runs/grpo-1/iter_00009/checkpoint")).name[:28]
     'grpo-1-iter_00009--embedded-'
@@ -229,7 +230,7 @@ def default_out_dir(cfg: EvalConfig, root: str | Path = "evals") -> Path:
     path = Path(cfg.checkpoint)
     parts = [p for p in path.parts if p not in ("checkpoint", "model", "runs", ".", "/")][-2:]
     dataset = Path(cfg.data.source).stem if cfg.data.source != "embedded" else "embedded"
-    return Path(root) / f"{slug('-'.join(parts))}--{slug(dataset)}-{cfg.hash()[:8]}"
+    return Path(root).expanduser() / f"{slug('-'.join(parts))}--{slug(dataset)}-{cfg.hash()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -238,9 +239,11 @@ class EvalOutput:
     summary: str
 
 
-def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> EvalOutput:
+def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, evals_dir: str | Path = "evals",
+             log: Callable[[str], None] = print) -> EvalOutput:
     """Evaluate and write ``samples.parquet`` (EVALUATIONS), ``summary.parquet`` (EVAL_SUMMARY)
-    and ``eval.yaml`` under `out_dir`. A folder already holding this evaluation (same config
+    and ``eval.yaml`` under `out_dir` (default: `default_out_dir` under `evals_dir`). A folder
+    already holding this evaluation (same config
     hash) is returned as it is; one holding another evaluation is refused, never overwritten."""
     from kdrl.data import prompt_token_limit
     from kdrl.engines.factory import EngineSpec, build_engine
@@ -250,7 +253,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, log: Callabl
     from kdrl.prompts import warn_if_chat_model
     from kdrl.stages import evaluate_passes
 
-    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(cfg, evals_dir)
     result = EvalOutput(str(out / "samples.parquet"), str(out / "summary.parquet"))
     if Path(result.summary).exists():
         found = read_metadata(result.summary).get("kdrl.config_hash")

@@ -18,9 +18,9 @@ from tasks.report import artifact_key
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_model(config: dict, out_dir: str | None = None) -> EvalOutput:
+def evaluate_model(config: dict, out_dir: str | None = None, evals_dir: str = "evals") -> EvalOutput:
     """Evaluate the model of `config` (an EvalConfig as a dict) → samples and summary Parquet."""
-    return run_eval(EvalConfig.model_validate(config), out_dir, log=get_run_logger().info)
+    return run_eval(EvalConfig.model_validate(config), out_dir, evals_dir=evals_dir, log=get_run_logger().info)
 
 
 @task(cache_policy=NO_CACHE)

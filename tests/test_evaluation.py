@@ -228,6 +228,9 @@ def test_the_eval_flow_writes_the_summary_and_an_artifact(trained_run, tmp_path,
     # keyed by the output folder (two evals of folders named `checkpoint` elsewhere keep their own)
     [artifact] = [a for a in asyncio.run(artifacts()) if a.key == artifact_key(tmp_path / "flow-ev", "eval")]
     assert "| 0.6 | 2 | 4 |" in artifact.data
+    # the deployment's way: no out_dir, a folder per evaluation under evals_dir (outside the checkout)
+    elsewhere = Path(kdrl_eval(str(trained_run), "embedded", ["run.eval_samples=2"], evals_dir=str(tmp_path / "evs")))
+    assert elsewhere.parent.parent == tmp_path / "evs" and "--embedded-" in elsewhere.parent.name
 
 
 def test_an_embedded_evaluation_with_few_train_rows_is_not_checked_as_a_run(tiny_model_dir, tmp_path):

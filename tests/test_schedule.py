@@ -94,6 +94,7 @@ def test_prefect_yaml_deploys_the_nightly_and_manual_deployments(deployed):
     compare, evaluate = _read_deployments(deployed.url, ["kdrl-compare/compare", "kdrl-eval/eval"])
     assert compare.entrypoint == "flows/compare.py:kdrl_compare" and compare.parameters["seeds"] == 3
     assert evaluate.entrypoint == "flows/evaluate.py:kdrl_eval" and evaluate.parameters["dataset"] == "embedded"
+    assert evaluate.parameters["evals_dir"].startswith("~/")  # outside the checkout the worker runs in
     # the deployed flows' parameters are the functions' (a renamed argument breaks the deployment)
     assert "checkpoint" in evaluate.parameter_openapi_schema["required"]
     assert set(compare.parameter_openapi_schema["properties"]) >= {"seeds", "steps", "eval_samples",
