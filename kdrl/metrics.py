@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from kdrl.perf import mfu
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import LOGP_GAPS, RunPaths, read_table
 
@@ -21,9 +22,11 @@ def rollout_logprob_gap(trainer_logp_BT: torch.Tensor, sampler_logp_BT: torch.Te
             "rollout_logp_gap_max": float(gap_BT.max()) if count else 0.0}
 
 
-def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=None) -> dict:
-    """The STEP_METRICS row: update scalars, rewards, lengths, tokens, per-stage seconds and the
-    train/inference log-prob gaps (NaN where not measured)."""
+def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=None, *, peak_flops=None,
+                 devices: int = 1) -> dict:
+    """The STEP_METRICS row: update scalars, rewards, lengths, tokens, per-stage seconds, the
+    train/inference log-prob gaps (NaN where not measured) and the update's MFU against
+    `peak_flops` per device (NaN without one)."""
     lengths = rollouts["completion_token_ids"].list.len()
     truncated = rollouts["finish_reason"] == "length"
     gaps = gaps or {}
@@ -40,6 +43,8 @@ def step_metrics(step, update_metrics, rewards, rollouts, teacher, times, gaps=N
         **reward_stats(rewards),
         "kd_signal_share": float(update_metrics.get("kd_signal_share", float("nan"))),
         "entropy": float(update_metrics.get("entropy", float("nan"))),
+        "model_flops": float(update_metrics.get("model_flops", float("nan"))),
+        "mfu": mfu(update_metrics.get("model_flops", 0.0), times.get("update", 0.0), peak_flops, devices),
         "num_tokens": int(lengths.sum()),
         "teacher_tokens": teacher_tokens,
         "time_generate_s": times.get("generate", 0.0), "time_reward_s": times.get("reward", 0.0),

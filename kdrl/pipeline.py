@@ -27,6 +27,7 @@ from kdrl.engines.factory import build_engine
 from kdrl.handoff import Artifact, RunInfo
 from kdrl.metrics import rollout_logprob_gap, step_metrics
 from kdrl.models import load_causal_lm
+from kdrl.perf import bf16_peak
 from kdrl.stages import (
     batch_table,
     evaluate_passes,
@@ -205,7 +206,9 @@ def write_update(run: RunInfo, student: Student, rollout: Rollout, rollouts: Art
     maybe_fault("update", step)
     write_table(batch_table(batch.keys, result, batch.rewards_PG, batch.completion_mask_BT), paths.advantages(step),
                 table="advantages", metadata=run.metadata)
-    metrics = step_metrics(step, result.metrics, rewards_df, rollouts_df, teacher_df, times, gaps)
+    devices = cfg.trainer.world_size if cfg.cluster.backend == "ray" else 1
+    metrics = step_metrics(step, result.metrics, rewards_df, rollouts_df, teacher_df, times, gaps,
+                           peak_flops=bf16_peak(student.device), devices=devices)
     write_table(pl.DataFrame([metrics], schema=STEP_METRICS), paths.metrics(step), table="step_metrics",
                 metadata=run.metadata)
     student.next_step = step + 1

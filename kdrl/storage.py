@@ -123,8 +123,9 @@ RESPONSE_STATS = "response_len_p50 response_len_p90 response_len_max truncated_f
 # per-token gradient coefficients (`kdrl.losses.signal_norms_sq`; NaN for top-k KD).
 SIGNAL_STATS = "reward_std zero_std_group_frac kd_signal_share".split()
 # The policy's mean entropy (nats, at the sampling temperature) over the step's response positions,
-# before the update (schema 1.3).
-POLICY_STATS = ["entropy"]
+# before the update; the update's model FLOPs (6·N per trained token, `kdrl.perf`) and its MFU
+# against the device's dense bf16 peak (NaN where none is known: CPUs) (schema 1.3).
+POLICY_STATS = ["entropy", "model_flops", "mfu"]
 _STAGE_SECONDS = "time_generate_s time_reward_s time_teacher_s time_update_s time_sync_s time_total_s".split()
 # Train/inference mismatch (NaN where not measured): rollout_* = |log π_trainer − log π_sampler| over
 # the step's rollout tokens before the update (on-policy runs); sync_* = the same for a sample of

@@ -65,6 +65,8 @@ ALIASES = {
     "no_answer_frac": "response/no_answer_frac",
     "num_tokens": "perf/total_num_tokens",
     "tokens_per_s": "perf/tokens_per_s",
+    "model_flops": "perf/total_model_flops",
+    "mfu": "perf/mfu",
     "time_generate_s": "timing_s/gen",
     "time_reward_s": "timing_s/reward",
     "time_teacher_s": "timing_s/teacher",

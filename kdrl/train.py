@@ -44,6 +44,7 @@ from kdrl.losses import (
     reverse_kl_topk_BT,
     signal_norms_sq,
 )
+from kdrl.perf import train_flops
 from kdrl.storage import describe_write_failure
 
 
@@ -364,10 +365,15 @@ def update_step(
         optimizer.zero_grad(set_to_none=True)
         totals = {**sums, "beta": beta, "lr": lr, "grad_norm": float(grad_norm)}
 
-    # policy entropy on the sampled responses' positions (verl's actor/entropy), before the update
+    # policy entropy on the sampled responses' positions (verl's actor/entropy), before the update;
+    # and the model FLOPs of the update's passes over prompt + completion tokens (kdrl.perf)
     entropy_tokens = token_count(batch.completion_mask_BT)
+    flops = torch.tensor(train_flops(model, int(batch.attention_mask_BS.sum()) * loss_cfg.ppo_epochs),
+                         dtype=torch.float64, device=entropy_sum.device)
     if dp is not None:
         entropy_sum, entropy_tokens = dp.sum(torch.stack([entropy_sum, entropy_tokens]))
+        flops = dp.sum(flops)
+    totals["model_flops"] = float(flops)
     totals["entropy"] = float(entropy_sum / entropy_tokens.clamp(min=1))
     if batch.teacher_logp_BT is not None:  # Monte Carlo KL(π_θ‖π_T) per token, over teacher-scored tokens
         scored_BT = kd_mask[:, None] * mask_BT

@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from kdrl.memory import GiB, ModelShape, kv_cache_row, teacher_logits_row, update_rows
+from kdrl.perf import bf16_peak as kdrl_bf16_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = ROOT / "data/fixtures/arch"
@@ -114,15 +115,8 @@ def matmul_params(shape: ModelShape) -> int:
     return sum(i * o for _, i, o in shape.linears) + shape.vocab * shape.hidden
 
 
-BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12}
-"""Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets (SXM parts), for MFU."""
-
-
 def bf16_peak() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+    return kdrl_bf16_peak("cuda")
 
 
 def measured(fn):

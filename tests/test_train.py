@@ -87,6 +87,12 @@ def test_the_update_reports_the_policys_entropy_on_the_sampled_positions(step_ta
                          optim_cfg=optim_cfg, optimizer_step=0, temperature=temperature)
     assert result.metrics["entropy"] == pytest.approx(expected, rel=1e-5)
     assert 0 < expected < math.log(model.config.vocab_size)
+    # and the update's model FLOPs: 6·N per trained token (prompt + completion), per PPO epoch
+    from kdrl.perf import matmul_params
+
+    n = sum(p.numel() for name, p in model.named_parameters() if "proj" in name or "lm_head" in name)
+    assert matmul_params(model) == n
+    assert result.metrics["model_flops"] == 6 * n * int(batch.attention_mask_BS.sum()) * 2
 
 
 def _one_update(model, batch, *, micro, loss_cfg=None, lr=1e-3):
