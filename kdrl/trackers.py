@@ -1,4 +1,4 @@
-"""Experiment trackers (`run.report_to`): TensorBoard and MLflow, as a view of the run's Parquet files.
+"""Experiment trackers (`run.report_to`): TensorBoard, MLflow and W&B, as a view of the run's Parquet files.
 
 The Parquet files stay the record. After each step the flow calls `Trackers.publish(step)`;
 a background thread then sends every step's metrics row that a tracker has not received yet,
@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,11 @@ from kdrl.storage import RunPaths, read_table
 
 Log = Callable[[str], None]
 
-TRACKERS = ("tensorboard", "mlflow")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 """The values `run.report_to` accepts."""
 
-EXTRAS = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "mlflow": ("mlflow", "mlflow")}
+EXTRAS = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "mlflow": ("mlflow", "mlflow"),
+          "wandb": ("wandb", "wandb")}
 """tracker → (the pip extra `kdrl[...]` that installs it, the module it imports)."""
 
 # Flat Parquet column → the name trackers get: verl's namespaces (actor/, critic/, response_length/,
@@ -224,6 +226,46 @@ class MLflowTracker:
             self.client.set_terminated(self.run_id, status="FINISHED" if complete else "KILLED")
 
 
+class WandbTracker:
+    """One W&B run per kdrl run (named after it; its id kept in trackers.json, so a resumed kdrl
+    run resumes it) in project `run.tracker_project`, its files under ``<run>/wandb``. W&B's own
+    settings apply: `WANDB_MODE=offline` writes there only (`wandb sync <run>/wandb/offline-run-*`
+    uploads later), `WANDB_API_KEY` / `wandb login` for online."""
+
+    name = "wandb"
+
+    def __init__(self, paths: RunPaths, config_yaml: str, config: dict[str, Any], *, project: str) -> None:
+        self.paths, self.config, self.project = paths, config, project
+        self.run = None
+
+    def start(self, state: dict[str, Any]) -> None:
+        import wandb
+
+        run_id = state.get("run_id") or uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
+        self.run = wandb.init(project=self.project, name=self.paths.root.name, id=run_id, resume="allow",
+                              dir=str(self.paths.root), config=self.config, reinit="create_new",
+                              settings=wandb.Settings(console="off", save_code=False, x_disable_stats=True))
+        state.update(run_id=run_id, project=self.project)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def log_text(self, name: str, markdown: str, step: int) -> None:
+        self.run.summary[name] = markdown
+
+    def log_figure(self, name: str, figure, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(figure)}, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, complete: bool) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=0 if complete else 1)
+
+
 def mlflow_uri(cfg) -> str:
     """Where MLflow runs go: `run.mlflow_tracking_uri`, $MLFLOW_TRACKING_URI, or a SQLite store
     beside the runs (MLflow 3's file store refuses new runs)."""
@@ -261,6 +303,8 @@ class Trackers:
             elif name == "mlflow":
                 self.trackers.append(MLflowTracker(self.paths, config_yaml, config, uri=mlflow_uri(cfg),
                                                    experiment=cfg.run.tracker_project))
+            elif name == "wandb":
+                self.trackers.append(WandbTracker(self.paths, config_yaml, config, project=cfg.run.tracker_project))
         self.state_file = self.paths.root / "trackers.json"
         self.state: dict[str, dict[str, Any]] = (json.loads(self.state_file.read_text())
                                                  if self.state_file.exists() else {})
@@ -295,16 +339,22 @@ class Trackers:
             if step is None:
                 break
             self._sync(step)
-        summary = self._summary()
-        figure = self._figure() if any(self._sent(t) >= self.steps for t in self.trackers) else None
+        final = [t for t in self.trackers if t.name in self.started and self._sent(t) >= self.steps
+                 and not self.state[t.name].get("final_sent")]
+        summary = self._summary() if final else ""
+        figure = self._figure() if final else None
         for tracker in self.trackers:
             if tracker.name in self.started:
+                state = self.state[tracker.name]
                 complete = self._sent(tracker) >= self.steps
-                if summary and complete:
-                    self._guard(tracker, lambda t: t.log_text("heldout_summary", summary, self.steps))
-                if figure is not None and complete:
-                    self._guard(tracker, lambda t: t.log_figure("learning_curve", figure, self.steps))
+                if complete and not state.get("final_sent"):  # once: the held-out table and the plot
+                    sent = ((not summary or self._guard(tracker, lambda t: t.log_text("heldout_summary", summary,
+                                                                                       self.steps)))
+                            and (figure is None or self._guard(tracker, lambda t: t.log_figure(
+                                "learning_curve", figure, self.steps))))
+                    state["final_sent"] = bool(sent)
                 self._guard(tracker, lambda t: t.close(complete))
+        self._save()
         if figure is not None:
             import matplotlib.pyplot as plt
 
@@ -341,11 +391,13 @@ class Trackers:
     def _sync(self, upto: int) -> None:
         for tracker in self.trackers:
             state = self.state.setdefault(tracker.name, {})
+            first = self._sent(tracker) + 1
+            if first > upto + 1:  # nothing new (a rerun of a finished run): the tracker's run stays as it is
+                continue
             if tracker.name not in self.started:
                 if not self._guard(tracker, lambda t: t.start(state)):
                     continue  # retried at the next step
                 self.started.add(tracker.name)
-            first = self._sent(tracker) + 1
             for tracker_step in range(first, upto + 2):
                 values = self._values(tracker_step)
                 if values is None:  # a file not there (a replayed step): stop here, retried later

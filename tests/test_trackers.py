@@ -1,6 +1,7 @@
 """Experiment trackers for real, offline: TensorBoard event files read back with TensorBoard's own
-reader, MLflow through its client on a local SQLite tracking store, a tracker whose server is
-down (a closed port: warns, trains on, catches up later), and a resumed run (no step twice)."""
+reader, MLflow through its client on a local SQLite tracking store, W&B in offline mode (its run
+file parsed back), a tracker whose server is down (a closed port: warns, trains on, catches up
+later), and a resumed run (no step twice)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,65 @@ def test_a_run_reaches_tensorboard_and_mlflow_and_a_tracker_added_later_is_backf
     (again,) = client.search_runs([experiment.experiment_id])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [s for s, _ in _mlflow_history(uri, run.info.run_id, "actor/pg_loss")] == [1, 2]
+
+
+def _wandb_records(run_dir) -> list:
+    """Every record of a W&B offline run's .wandb file: W&B's header (":W&B", 7 bytes), then the
+    LevelDB log format (32 KiB blocks of CRC32 / length / type chunks; FULL, or FIRST MIDDLE*
+    LAST) holding `wandb_internal_pb2.Record` protobufs. wandb 0.31 ships no Python reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pending = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:  # a block's tail too short for a chunk header is padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if (length, kind) == (0, 0):
+                pos += left
+                continue
+            payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            pending = payload if kind in (1, 2) else pending + payload
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+    return records
+
+
+def test_a_run_reaches_wandb_offline_and_a_rerun_sends_nothing_twice(tmp_path, tiny_run_config, embedded_cache,
+                                                                      monkeypatch):
+    pytest.importorskip("wandb")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONFIG_DIR", tmp_path / "wbc"),
+                        ("WANDB_CACHE_DIR", tmp_path / "wbcache"), ("WANDB_DATA_DIR", tmp_path / "wbdata")):
+        monkeypatch.setenv(name, str(value))
+    cfg = tiny_run_config(tmp_path, **{"run.report_to": "[wandb]", "run.tracker_project": "kdrl-test",
+                                       "run.eval_every": 1, "run.steps": 2})
+    run_dir = tmp_path / "runs" / "wb"
+    train_without_prefect(cfg, run_dir)
+    records = _wandb_records(run_dir)
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.display_name, run.project) == ("wb", "kdrl-test")
+    assert run.run_id == json.loads((run_dir / "trackers.json").read_text())["wandb"]["run_id"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["run"]["steps"] == 2 and config["loss"]["beta_init"] == cfg.loss.beta_init
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    losses = [read_table(RunPaths(run_dir).metrics(s), table="step_metrics")["pg_loss"][0] for s in range(2)]
+    assert [(h["_step"], h["actor/pg_loss"]) for h in history if "actor/pg_loss" in h] == [
+        (1, pytest.approx(losses[0])), (2, pytest.approx(losses[1]))]
+    assert [h["_step"] for h in history if "val/pass_at_1" in h] == [0, 1, 2]
+    assert [h["_step"] for h in history if h.get("learning_curve/_type") == "image-file"] == [2]  # the plot, at the end
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/learning_curve_2_*.png"))
+    # the same command again: everything was sent, so no new W&B run is opened
+    train_without_prefect(cfg, run_dir)
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
 
 def _fake_run(root, steps: int):
