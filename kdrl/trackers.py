@@ -193,7 +193,9 @@ class MLflowTracker:
             client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return
         found = client.get_experiment_by_name(self.experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+        # the experiment kind makes MLflow 3's UI open its runs as model training, not GenAI evaluations
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            self.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         name = self.paths.root.name
         run = client.create_run(experiment_id, run_name=name,
                                 tags={"kdrl.run_dir": str(self.paths.root.resolve()), "kdrl.run_id": name})
