@@ -437,13 +437,13 @@ class RunSection(EvalSampling):
     """Before loading models, estimate the training device's peak memory (parameters, gradients,
     optimizer, activations per token, teacher, vLLM engines) and print it; "refuse" stops a run
     whose estimate exceeds the device's memory, with the arithmetic; "warn" only prints."""
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = []
     """Experiment trackers that get every step's metrics (under verl/TRL names), the held-out
     evaluations and the config, sent from the Parquet files (`kdrl.trackers`; each needs its extra:
     `pip install 'kdrl[tensorboard]'`; wandb reads its own WANDB_* settings, e.g. WANDB_MODE=offline).
     Not in the run's hash: adding one keeps the run's id."""
     tracker_project: str = "kdrl"
-    """The MLflow experiment / W&B project the runs go to."""
+    """The MLflow experiment / W&B or trackio project the runs go to."""
     mlflow_tracking_uri: str | None = None
     """MLflow's tracking URI (a server `http://host:5000`, `sqlite:///path.db`); None:
     $MLFLOW_TRACKING_URI, else `sqlite:///<runs_dir>/mlflow.db`."""

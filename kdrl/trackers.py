@@ -1,4 +1,5 @@
-"""Experiment trackers (`run.report_to`): TensorBoard, MLflow and W&B, as a view of the run's Parquet files.
+"""Experiment trackers (`run.report_to`): TensorBoard, MLflow, W&B and trackio, as a view of the
+run's Parquet files.
 
 The Parquet files stay the record. After each step the flow calls `Trackers.publish(step)`;
 a background thread then sends every step's metrics row that a tracker has not received yet,
@@ -33,11 +34,11 @@ from kdrl.storage import RunPaths, read_table
 
 Log = Callable[[str], None]
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 """The values `run.report_to` accepts."""
 
 EXTRAS = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "mlflow": ("mlflow", "mlflow"),
-          "wandb": ("wandb", "wandb")}
+          "wandb": ("wandb", "wandb"), "trackio": ("trackio", "trackio")}
 """tracker → (the pip extra `kdrl[...]` that installs it, the module it imports)."""
 
 # Flat Parquet column → the name trackers get: verl's namespaces (actor/, critic/, response_length/,
@@ -268,6 +269,51 @@ class WandbTracker:
             self.run.finish(exit_code=0 if complete else 1)
 
 
+class TrackioTracker:
+    """One trackio run per kdrl run (named after it; a resumed kdrl run resumes it) in project
+    `run.tracker_project`, in trackio's local store ($TRACKIO_DIR, else its cache folder:
+    `trackio show` opens the dashboard), or a Space where trackio is configured for one."""
+
+    name = "trackio"
+
+    def __init__(self, paths: RunPaths, config_yaml: str, config: dict[str, Any], *, project: str) -> None:
+        self.paths, self.config, self.project = paths, config, project
+        self.run = None
+
+    def start(self, state: dict[str, Any]) -> None:
+        import trackio
+
+        self.run = trackio.init(project=self.project, name=self.paths.root.name, config=self.config,
+                                resume="allow", auto_log_cpu=False, auto_log_gpu=False)
+        state.update(project=self.project, name=self.paths.root.name)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def log_text(self, name: str, markdown: str, step: int) -> None:
+        import trackio
+
+        self.run.log({name: trackio.Markdown(markdown)}, step=step)
+
+    def log_figure(self, name: str, figure, step: int) -> None:
+        import io
+
+        import trackio
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=80)
+        buffer.seek(0)
+        self.run.log({name: trackio.Image(Image.open(buffer))}, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, complete: bool) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 def mlflow_uri(cfg) -> str:
     """Where MLflow runs go: `run.mlflow_tracking_uri`, $MLFLOW_TRACKING_URI, or a SQLite store
     beside the runs (MLflow 3's file store refuses new runs)."""
@@ -307,6 +353,8 @@ class Trackers:
                                                    experiment=cfg.run.tracker_project))
             elif name == "wandb":
                 self.trackers.append(WandbTracker(self.paths, config_yaml, config, project=cfg.run.tracker_project))
+            elif name == "trackio":
+                self.trackers.append(TrackioTracker(self.paths, config_yaml, config, project=cfg.run.tracker_project))
         self.state_file = self.paths.root / "trackers.json"
         self.state: dict[str, dict[str, Any]] = (json.loads(self.state_file.read_text())
                                                  if self.state_file.exists() else {})

@@ -184,6 +184,13 @@ _HOLD = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _trackio_writes_under_tmp(tmp_path_factory):
+    """trackio reads TRACKIO_DIR once, when it is first imported: set it before any test can, so no
+    test writes into ~/.cache/huggingface/trackio (or reads what an earlier session left there)."""
+    os.environ["TRACKIO_DIR"] = str(tmp_path_factory.mktemp("trackio"))
+
+
 @pytest.fixture(scope="session")
 def locked_by_subprocess():
     """``with locked_by_subprocess(run_dir) as proc``: a child process holds the lock of

@@ -167,6 +167,23 @@ def test_a_run_reaches_wandb_offline_and_a_rerun_sends_nothing_twice(tmp_path, t
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
 
+def test_a_run_reaches_trackio_locally(tmp_path, tiny_run_config, embedded_cache):
+    pytest.importorskip("trackio")  # its store: TRACKIO_DIR, set for the session by conftest (read at import)
+    cfg = tiny_run_config(tmp_path, **{"run.report_to": "[trackio]", "run.tracker_project": "kdrl-test",
+                                       "run.eval_every": 1, "run.steps": 2})
+    run_dir = tmp_path / "runs" / "tio"
+    train_without_prefect(cfg, run_dir)
+    from trackio import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("kdrl-test", "tio")
+    losses = [read_table(RunPaths(run_dir).metrics(s), table="step_metrics")["pg_loss"][0] for s in range(2)]
+    assert [(row["step"], row["actor/pg_loss"]) for row in logs if "actor/pg_loss" in row] == [
+        (1, pytest.approx(losses[0])), (2, pytest.approx(losses[1]))]
+    assert [row["step"] for row in logs if "val/pass_at_1" in row] == [0, 1, 2]
+    assert any("learning_curve" in row for row in logs)
+    assert SQLiteStorage.get_run_config("kdrl-test", "tio")["run"]["steps"] == 2
+
+
 def _fake_run(root, steps: int):
     """A run folder with `steps` metrics rows (what the trackers read), written by kdrl's storage."""
     paths = RunPaths(root)
