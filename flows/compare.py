@@ -43,6 +43,7 @@ def run_comparison(config_path: str | None, overrides: list[str], arms: list[str
             stages(c.summarize, root, wall, plot=False)
         stages(c.summarize, root, wall, plot=True)
         stages.report(c.publish, root)
+        stages(c.track, root)  # the table and plot to run.report_to's trackers (none by default)
     info(f"comparison written to {root}/comparison.md")
     return root
 

@@ -160,6 +160,12 @@ class TensorBoardTracker:
     def log_figure(self, name: str, figure, step: int) -> None:
         self.writer.add_figure(name, figure, global_step=step, close=False)
 
+    def log_png(self, name: str, png: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        self.writer.add_image(name, np.asarray(Image.open(png).convert("RGB")), global_step=step, dataformats="HWC")
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -221,6 +227,9 @@ class MLflowTracker:
     def log_figure(self, name: str, figure, step: int) -> None:
         self.client.log_figure(self.run_id, figure, f"{name}.png")
 
+    def log_png(self, name: str, png: Path, step: int) -> None:
+        self.client.log_artifact(self.run_id, str(png))
+
     def flush(self) -> None:
         pass
 
@@ -260,6 +269,11 @@ class WandbTracker:
         import wandb
 
         self.run.log({name: wandb.Image(figure)}, step=step)
+
+    def log_png(self, name: str, png: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(png))}, step=step)
 
     def flush(self) -> None:
         pass
@@ -306,6 +320,11 @@ class TrackioTracker:
         buffer.seek(0)
         self.run.log({name: trackio.Image(Image.open(buffer))}, step=step)
 
+    def log_png(self, name: str, png: Path, step: int) -> None:
+        import trackio
+
+        self.run.log({name: trackio.Image(str(png))}, step=step)
+
     def flush(self) -> None:
         pass
 
@@ -319,6 +338,50 @@ def mlflow_uri(cfg) -> str:
     beside the runs (MLflow 3's file store refuses new runs)."""
     return (cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{(Path(cfg.run.runs_dir) / 'mlflow.db').resolve()}")
+
+
+def build_trackers(cfg, paths: RunPaths, config_yaml: str, config: dict[str, Any]) -> list[Any]:
+    """The tracker objects of `cfg.run.report_to` for the folder `paths` (not started)."""
+    project = cfg.run.tracker_project
+    made = {"tensorboard": lambda: TensorBoardTracker(paths, config_yaml, config),
+            "mlflow": lambda: MLflowTracker(paths, config_yaml, config, uri=mlflow_uri(cfg), experiment=project),
+            "wandb": lambda: WandbTracker(paths, config_yaml, config, project=project),
+            "trackio": lambda: TrackioTracker(paths, config_yaml, config, project=project)}
+    return [made[name]() for name in cfg.run.report_to]
+
+
+def report_comparison(cfg, root: str | Path, *, log: Log = print) -> None:
+    """`kdrl compare`'s table (comparison.md) and plot (comparison.png) as one tracker run named
+    after the comparison folder, beside its arms' runs; `cfg` is an arm's config (where to report).
+    Sent again only when the table changed (`<folder>/trackers.json`); a failure warns."""
+    import hashlib
+
+    import yaml
+
+    root = Path(root)
+    if not cfg.run.report_to:
+        return
+    markdown = (root / "comparison.md").read_text()
+    png = root / "comparison.png"
+    digest = hashlib.sha256(markdown.encode() + (png.read_bytes() if png.exists() else b"")).hexdigest()[:16]
+    state_file = root / "trackers.json"
+    states: dict[str, dict[str, Any]] = json.loads(state_file.read_text()) if state_file.exists() else {}
+    plan_yaml = (root / "compare.yaml").read_text() if (root / "compare.yaml").exists() else ""
+    for tracker in build_trackers(cfg, RunPaths(root), plan_yaml, yaml.safe_load(plan_yaml) or {}):
+        state = states.setdefault(tracker.name, {})
+        if state.get("sent") == digest:
+            continue
+        try:
+            tracker.start(state)
+            tracker.log_text("comparison", markdown, 0)
+            if png.exists():
+                tracker.log_png("comparison", png, 0)
+            tracker.close(True)
+            state["sent"] = digest
+        except Exception as err:  # noqa: BLE001 (a tracker must not fail the comparison)
+            log(f"[kdrl] tracker {tracker.name}: the comparison was not sent ({type(err).__name__}: "
+                f"{str(err)[:300]}); comparison.md and comparison.png are in {root}")
+    state_file.write_text(json.dumps(states, indent=2, sort_keys=True) + "\n")
 
 
 def check_installed(report_to: list[str]) -> None:
@@ -343,18 +406,7 @@ class Trackers:
         self.paths = RunPaths(Path(run_dir))
         self.steps, self.log = cfg.run.steps, log
         self.devices = cfg.trainer.world_size if cfg.cluster.backend == "ray" else 1
-        config_yaml, config = dump_config(cfg), cfg.model_dump(mode="json")
-        self.trackers: list[Any] = []
-        for name in cfg.run.report_to:
-            if name == "tensorboard":
-                self.trackers.append(TensorBoardTracker(self.paths, config_yaml, config))
-            elif name == "mlflow":
-                self.trackers.append(MLflowTracker(self.paths, config_yaml, config, uri=mlflow_uri(cfg),
-                                                   experiment=cfg.run.tracker_project))
-            elif name == "wandb":
-                self.trackers.append(WandbTracker(self.paths, config_yaml, config, project=cfg.run.tracker_project))
-            elif name == "trackio":
-                self.trackers.append(TrackioTracker(self.paths, config_yaml, config, project=cfg.run.tracker_project))
+        self.trackers = build_trackers(cfg, self.paths, dump_config(cfg), cfg.model_dump(mode="json"))
         self.state_file = self.paths.root / "trackers.json"
         self.state: dict[str, dict[str, Any]] = (json.loads(self.state_file.read_text())
                                                  if self.state_file.exists() else {})

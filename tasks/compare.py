@@ -20,6 +20,7 @@ from kdrl.compare import (
     prepare,
     write_comparison,
 )
+from tasks.logs import info
 from tasks.report import artifact_key
 
 
@@ -37,6 +38,15 @@ def summarize(root: str, wall_s: list[tuple[str, int, float]], plot: bool = True
     """(Re)write runs/curves/comparison Parquet, comparison.md and (plot) comparison.png.
     wall_s: (arm, seed, seconds) measured by the flow for the runs it trained."""
     return write_comparison(load_plan(root), {(arm, seed): s for arm, seed, s in wall_s}, plot=plot)
+
+
+@task(cache_policy=NO_CACHE)
+def track(root: str) -> None:
+    """The comparison's table and plot to the arms' trackers (run.report_to), as one run of its own."""
+    from kdrl.trackers import report_comparison
+
+    plan = load_plan(root)
+    report_comparison(plan.config(plan.arms[0], plan.seeds[0]), root, log=info)
 
 
 @task(cache_policy=NO_CACHE)

@@ -210,7 +210,8 @@ def test_the_plot_reads_from_zero_on_integer_steps_with_labelled_bands_for_few_a
 def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_harness, embedded_cache):
     """The CI smoke comparison: all default arms on the tiny models, through the kdrl-compare
     flow (one kdrl-train subflow per arm); then the same command again skips every run."""
-    settings = {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache}
+    settings = {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": embedded_cache,
+                "run.report_to": "[tensorboard]"}
     argv = ["compare", "--seeds", "1", "--steps", "2", "--eval-samples", "2", "--eval-every", "1", "--name", "smoke",
             *[arg for s in _sets(settings) for arg in ("--set", s)]]
     assert main(argv) == 0
@@ -227,6 +228,13 @@ def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_ha
     assert sorted(curves["steps_trained"].unique().to_list()) == [0, 1, 2]  # eval_every 1
     assert (root / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "kdrl_k3" in (root / "comparison.md").read_text() and "kdrl_k3" in out
+    # run.report_to: every arm is a TensorBoard run, and the comparison one of its own (table + plot)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert all((root / f"{arm}-s0" / "tensorboard").is_dir() for arm in DEFAULT_ARMS)
+    events = EventAccumulator(str(root / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["comparison"] and "comparison/text_summary" in events.Tags()["tensors"]
 
     from prefect.client.orchestration import get_client
 

@@ -184,6 +184,53 @@ def test_a_run_reaches_trackio_locally(tmp_path, tiny_run_config, embedded_cache
     assert SQLiteStorage.get_run_config("kdrl-test", "tio")["run"]["steps"] == 2
 
 
+def test_a_comparison_reaches_every_tracker_once(tmp_path, tiny_run_config, monkeypatch):
+    """kdrl compare's table and plot as one run per tracker, named after the comparison folder;
+    the same comparison again sends nothing (the state file holds the table's digest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdrl.trackers import report_comparison
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONFIG_DIR", tmp_path / "wbc"),
+                        ("WANDB_CACHE_DIR", tmp_path / "wbcache"), ("WANDB_DATA_DIR", tmp_path / "wbdata")):
+        monkeypatch.setenv(name, str(value))
+    root = tmp_path / "runs" / "compare-x"
+    root.mkdir(parents=True)
+    (root / "comparison.md").write_text("| method | pass@1 |\n|---|---|\n| kdrl | 0.5 |\n")
+    (root / "compare.yaml").write_text("arms: [grpo, kdrl]\nseeds: [0]\n")
+    fig = plt.figure(figsize=(2, 2))
+    fig.savefig(root / "comparison.png")
+    plt.close(fig)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_run_config(tmp_path, **{"run.report_to": "[tensorboard, mlflow, wandb, trackio]",
+                                       "run.mlflow_tracking_uri": uri, "run.tracker_project": "kdrl-cmp"})
+    messages: list[str] = []
+    for _ in range(2):
+        report_comparison(cfg, root, log=messages.append)
+    assert messages == []
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("kdrl-cmp").experiment_id])
+    assert run.info.run_name == "compare-x"
+    assert {"comparison.md", "comparison.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(list(root.glob("wandb/offline-run-*"))) == 1
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+               for r in _wandb_records(root) if r.WhichOneof("record_type") == "history"]
+    assert any("comparison/_type" in h for h in history)
+    from trackio import SQLiteStorage
+
+    assert any("comparison" in row for row in SQLiteStorage.get_logs("kdrl-cmp", "compare-x"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("comparison")] == [0]
+
+
 def _fake_run(root, steps: int):
     """A run folder with `steps` metrics rows (what the trackers read), written by kdrl's storage."""
     paths = RunPaths(root)
