@@ -117,3 +117,53 @@ class Progress:
         elif self.logged:
             self.log(f"[kdrl] {self.label}: done, {self.done:,}/{self.total:,} {self.unit}, {self.tokens:,} tokens "
                      f"in {seconds:.0f} s ({_rate(self.tokens, seconds)} tokens/s)")
+
+
+class VLLMProgress:
+    """What vLLM's `LLM.generate(..., use_tqdm=...)` asks of a tqdm bar, over a `Progress`: pass
+    ``use_tqdm=VLLMProgress.factory("generate", unit="sequences")``. vLLM counts finished sequences
+    (`update(n)`; n samples of a prompt are n) and reports its output speed in `postfix`, from which
+    the token count is taken (an estimate: speed × elapsed).
+    Requests run together, so most of them finish near the end: the lines say how many are done."""
+
+    def __init__(self, name: str, *, total: int, unit: str) -> None:
+        self.progress = Progress(name, total=total, unit=unit)
+        self.n = 0
+        self._postfix = ""
+
+    @classmethod
+    def factory(cls, name: str, *, unit: str):
+        """The callable vLLM calls as ``tqdm_func(total=..., desc=..., postfix=...)`` for the engine
+        loop, and as ``tqdm_func(iterable, desc=...)`` around the prompts it renders first: that
+        one gets the iterable back, unwrapped (rendering is quick)."""
+        def make(iterable=None, *_, total: int = 0, **__):
+            return iterable if iterable is not None else cls(name, total=total, unit=unit)
+
+        return make
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        return {"elapsed": max(time.perf_counter() - self.progress.start, 1e-9)}
+
+    @property
+    def postfix(self) -> str:
+        return self._postfix
+
+    @postfix.setter
+    def postfix(self, text: str) -> None:  # "est. speed input: 1.00 toks/s, output: 2.00 toks/s"
+        self._postfix = text
+        speed = text.rpartition("output:")[2].split("toks/s")[0].strip()
+        try:
+            self.progress.set_tokens(int(float(speed) * self.format_dict["elapsed"]))
+        except ValueError:
+            pass
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.progress.update(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.progress.close()

@@ -111,6 +111,27 @@ def test_sync_makes_vllm_score_the_updated_weights(llms, tiny_tokenizer, tiny_st
     engine.sync_weights()
 
 
+def test_vllm_generation_and_scoring_report_progress(llms, tiny_tokenizer):
+    """vLLM drives a kdrl Progress through its use_tqdm hook: requests done and output tokens."""
+    import re
+
+    from kdrl.engines.vllm import VLLMRolloutEngine, VLLMTeacherScorer
+    from kdrl.progress import reporting
+
+    prompts = _prompts(tiny_tokenizer)
+    lines: list[str] = []
+    with reporting(lines.append, "generate step 5", every_s=0.0):
+        out = VLLMRolloutEngine(llms["student"], tiny_tokenizer).generate(prompts, n=2, max_new_tokens=8, seed=0)
+    done = [line for line in lines if line.startswith("[kdrl] generate step 5: done, 8/8 sequences, ")]  # 4 × n
+    assert len(done) == 1, lines
+    tokens = int(re.search(r"([\d,]+) tokens in", done[0]).group(1).replace(",", ""))
+    assert 0 < tokens <= 2 * sum(map(len, out.completion_token_ids))  # vLLM's own speed × time: an estimate
+    lines.clear()
+    with reporting(lines.append, "teacher scoring step 5", every_s=0.0):
+        VLLMTeacherScorer(llms["teacher"]).score(out.prompt_token_ids, out.completion_token_ids)
+    assert lines[-1].startswith("[kdrl] teacher scoring step 5: done, 8/8 rows, "), lines
+
+
 def test_sleep_is_a_no_op_without_sleep_mode(llms, tiny_tokenizer):
     """On CPU vLLM has no sleep mode: the engine must not call it (and must keep working)."""
     from kdrl.engines.vllm import VLLMRolloutEngine, VLLMSettings

@@ -41,6 +41,7 @@ import torch
 
 from kdrl.config import VLLMConfig
 from kdrl.engines.base import check_generate_args, check_score_args
+from kdrl.progress import VLLMProgress
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
 
@@ -164,7 +165,8 @@ class VLLMRolloutEngine:
             max_tokens=max_new_tokens, logprobs=0, ignore_eos=False, skip_special_tokens=True,
             seed=seed if self._per_request_seed and not greedy else None,
         )
-        outputs = self.llm.generate([_tokens_prompt(p) for p in prompt_token_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([_tokens_prompt(p) for p in prompt_token_ids], params,
+                                    use_tqdm=VLLMProgress.factory("generate", unit="sequences"))
         rows = Rollouts([], [], [], [], [], [], [])
         for p, output in enumerate(outputs):
             for g, completion in enumerate(sorted(output.outputs, key=lambda c: c.index)):
@@ -261,7 +263,8 @@ class VLLMTeacherScorer:
         if rows:
             params = SamplingParams(max_tokens=1, prompt_logprobs=max(top_k, 0), detokenize=False)
             prompts = [_tokens_prompt(prompt_token_ids[r] + completion_token_ids[r]) for r in rows]
-            for r, output in zip(rows, self.llm.generate(prompts, params, use_tqdm=False)):
+            scoring = VLLMProgress.factory("teacher scoring", unit="rows")
+            for r, output in zip(rows, self.llm.generate(prompts, params, use_tqdm=scoring)):
                 start = len(prompt_token_ids[r])
                 for t, token in enumerate(completion_token_ids[r]):
                     position = output.prompt_logprobs[start + t]
