@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -131,6 +131,22 @@ def flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, type(None), bool)) else str(value)
     return out
+
+
+class Tracker(Protocol):
+    """What `Trackers` asks of one tracker. `start` opens (or resumes, from `state`, which it may
+    update and which is saved in trackers.json) the tracker's run; every other call logs into it;
+    any may raise (the caller warns and retries)."""
+
+    name: str
+
+    def start(self, state: dict[str, Any]) -> None: ...
+    def log(self, values: dict[str, float], step: int) -> None: ...
+    def log_text(self, name: str, markdown: str, step: int) -> None: ...
+    def log_figure(self, name: str, figure: Any, step: int) -> None: ...
+    def log_png(self, name: str, png: Path, step: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self, complete: bool) -> None: ...
 
 
 class TensorBoardTracker:
@@ -340,7 +356,7 @@ def mlflow_uri(cfg) -> str:
             or f"sqlite:///{(Path(cfg.run.runs_dir) / 'mlflow.db').resolve()}")
 
 
-def build_trackers(cfg, paths: RunPaths, config_yaml: str, config: dict[str, Any]) -> list[Any]:
+def build_trackers(cfg, paths: RunPaths, config_yaml: str, config: dict[str, Any]) -> list[Tracker]:
     """The tracker objects of `cfg.run.report_to` for the folder `paths` (not started)."""
     project = cfg.run.tracker_project
     made = {"tensorboard": lambda: TensorBoardTracker(paths, config_yaml, config),

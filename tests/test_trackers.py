@@ -40,6 +40,16 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # nothing listens once it is closed
 
 
+def test_the_config_accepts_exactly_the_trackers_there_are():
+    import typing
+
+    from kdrl.config import RunSection
+    from kdrl.trackers import TRACKERS
+
+    (literal,) = typing.get_args(RunSection.model_fields["report_to"].annotation)
+    assert set(typing.get_args(literal)) == set(TRACKERS) == set(EXTRAS)
+
+
 def test_every_step_metric_has_one_tracker_name():
     names = [c for c in STEP_METRICS if c != "step"]
     assert sorted(ALIASES) == sorted(names), set(names) ^ set(ALIASES)
