@@ -218,7 +218,8 @@ class MLflowTracker:
         found = client.get_experiment_by_name(self.experiment)
         # the experiment kind makes MLflow 3's UI open its runs as model training, not GenAI evaluations
         experiment_id = found.experiment_id if found else client.create_experiment(
-            self.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+            self.experiment, artifact_location=local_artifact_location(self.uri),
+            tags={"mlflow.experimentKind": "custom_model_development"})
         name = self.paths.root.name
         run = client.create_run(experiment_id, run_name=name,
                                 tags={"kdrl.run_dir": str(self.paths.root.resolve()), "kdrl.run_id": name})
@@ -347,6 +348,19 @@ class TrackioTracker:
     def close(self, complete: bool) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def local_artifact_location(uri: str) -> str | None:
+    """Where a local SQLite store's experiment keeps its artifacts: `mlflow-artifacts/` beside the
+    database (MLflow's default, ./mlruns, is relative to the process's working directory: a
+    checkout). None for a server, which decides itself.
+
+    >>> local_artifact_location("sqlite:////data/runs/mlflow.db"), local_artifact_location("http://h:5000")
+    ('file:///data/runs/mlflow-artifacts', None)
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").absolute().as_uri()
 
 
 def mlflow_uri(cfg) -> str:

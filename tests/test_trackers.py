@@ -97,6 +97,7 @@ def test_a_run_reaches_tensorboard_and_mlflow_and_a_tracker_added_later_is_backf
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("kdrl-test")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()  # beside the store, not ./mlruns
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["run.steps"] == "2" and run.data.tags["kdrl.run_id"] == "tracked"
