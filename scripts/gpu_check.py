@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 
 from kdrl.memory import GiB, ModelShape, kv_cache_row, teacher_logits_row, update_rows
 from kdrl.perf import bf16_peak as kdrl_bf16_peak
+from kdrl.perf import matmul_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = ROOT / "data/fixtures/arch"
@@ -110,11 +111,6 @@ def build(config: PretrainedConfig, plan: Plan, dtype: torch.dtype) -> torch.nn.
     return model
 
 
-def matmul_params(shape: ModelShape) -> int:
-    """N of the 2·N/6·N rule: every linear layer and the output head (the input embedding is a lookup)."""
-    return sum(i * o for _, i, o in shape.linears) + shape.vocab * shape.hidden
-
-
 def bf16_peak() -> float | None:
     return kdrl_bf16_peak("cuda")
 
@@ -158,7 +154,7 @@ def section_generate(plan: Plan) -> list[Result]:
     tokens = sum(len(c) for c in rollouts.completion_token_ids)
     d = plan.dtype.itemsize
     kv = kv_cache_row(shape, d=d, seqs=plan.prompts * plan.samples, row_tokens=plan.prompt_tokens + plan.new_tokens)
-    n = matmul_params(shape)
+    n = matmul_params(model)
     results = [Result("generate", tokens, seconds, peak, shape.params * d + kv.bytes,
                       f"{plan.prompts}×{plan.samples} rows, {kv.arithmetic}", flops=2 * n * tokens)]
     # The same rows through bare transformers generate (no sampled-log-prob recorder, no EOS cut, no
@@ -220,7 +216,7 @@ def section_teacher(plan: Plan) -> list[Result]:
     scored = sum(map(len, completions)) + sum(map(len, prompts))
     return [Result("teacher scoring", sum(map(len, completions)), seconds, peak, shape.params * d + logits.bytes,
                    f"{rows} rows packed ≤ {budget} tokens; {logits.arithmetic}",
-                   flops=2 * matmul_params(shape) * scored)]
+                   flops=2 * matmul_params(model) * scored)]
 
 
 def step_batch(plan: Plan, vocab: int):
@@ -263,6 +259,7 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     model = build(plan.student, plan, dtype)
     # as kdrl.workers.load_run does
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = matmul_params(model)  # the base model's: a LoRA student's adapter FLOPs are left out
     if lora:
         model = apply_lora(model, LoraConfig(r=16), seed=0).to(plan.device)
     batch = step_batch(plan, plan.student.vocab_size).to(torch.device(plan.device))
@@ -289,7 +286,6 @@ def section_update(plan: Plan, *, dtype: torch.dtype, lora: bool) -> list[Result
     on_cuda = plan.device == "cuda"
     estimate = resident + max(sum(r.bytes for r in phase), trainable * trainable_d * (2 if on_cuda else 1))
     trained = sum(completion_lens) + sum(prompt_lens)
-    n = matmul_params(shape)
     # A LoRA backward computes the input gradients but no gradient of a frozen base weight: 4·N per token.
     per_token = 4 * n if lora else 6 * n
     return [Result(name, sum(completion_lens), seconds, peak, estimate,
