@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--steps", type=int, default=None,
                       help="optimizer steps per run (default: the config's run.steps)")
     cmp_.add_argument("--methods", default=None, help="comma-separated arms (default: sft,grpo,kd_rkl,kdrl,kdrl_anneal,"
-                      "kdrl_mask_response,kdrl_mask_group,kdrl_k3; also kdrl_topk)")
+                      "kdrl_mask_response,kdrl_mask_group,kdrl_k3; also kdrl_topk, kdrl_beta10)")
     cmp_.add_argument("--eval-samples", type=int, help="k samples per held-out prompt for pass@1, run.eval_samples "
                       f"(default {COMPARE_PROTOCOL['run.eval_samples']})")
     cmp_.add_argument("--eval-temperature", type=float, help="temperature of those samples, run.eval_temperature "
@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--name", default=None,
                       help="comparison folder name under run.runs_dir (default: compare-<hash>)")
     cmp_.add_argument("--no-prefect", action="store_true", help="run the arms in a plain Python loop")
+    cmp_.epilog = ("Run the same command again in another terminal to share the work: each run is trained by "
+                   "one process, the others skip it.")
     show = sub.add_parser("show", help="print a run's metrics, one line per step")
     show.add_argument("run", metavar="RUN", help="run id under --runs-dir, or the path of a run directory")
     _runs_dir_arguments(show)
@@ -355,8 +357,9 @@ def _compare(args: argparse.Namespace) -> int:
         _in_prefect(kdrl_compare, config_path=config_path, overrides=overrides, arms=arms, seeds=args.seeds,
                     name=args.name)
     table = read_table(plan.root / "comparison.parquet", table="comparison")
-    print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", "greedy", "mean_len",
-                                       "teacher_tokens", "wall_s"]))
+    ood = ["ood_pass_at_1", "ood_pass_at_1_ci95"] if table["ood_pass_at_1"].is_not_null().any() else []
+    print(format_table(table, columns=["method", "seeds", "pass_at_1", "pass_at_1_ci95", *ood, "greedy", "mean_len",
+                                       "teacher_tokens", "kd_signal_share", "wall_s"]))
     print(f"\ntable, plot and per-run files: {plan.root}/comparison.md")
     return 0
 

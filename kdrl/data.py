@@ -1,7 +1,8 @@
-"""Prompt sets: the embedded arithmetic task, or any `datasets` source with question/answer columns.
+"""Prompt sets: a built-in task family (`kdrl.families`), or any `datasets` source with
+question/answer columns.
 
-The embedded task is column addition with a worked answer that ends in ``#### N`` — reasoning
-a tiny model can learn, with responses whose length grows with the number of digits:
+The default embedded task is column addition with a worked answer that ends in ``#### N`` —
+reasoning a tiny model can learn, with responses whose length grows with the number of digits:
 
     question  "47+85="
     answer    "7+5=12;4+8+1=13;#### 132"
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdrl.config import DataConfig
+from kdrl.families import embedded_arithmetic, family, is_embedded, worked_answer  # noqa: F401  (re-exported)
 from kdrl.prompts import render_prompts
 from kdrl.sources import is_generated, load_generated
 
@@ -37,57 +39,6 @@ if TYPE_CHECKING:
     from kdrl.config import RunConfig
 
 logger = logging.getLogger(__name__)
-
-
-def worked_answer(a: int, b: int) -> str:
-    """The column-addition solution of a + b, ending in ``#### a+b``.
-
-    >>> worked_answer(47, 85)
-    '7+5=12;4+8+1=13;#### 132'
-    >>> worked_answer(5, 3)
-    '5+3=8;#### 8'
-    >>> worked_answer(123, 9)
-    '3+9=12;2+0+1=3;1+0=1;#### 132'
-    """
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        total = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
-        carry = total // 10
-    return ";".join(steps) + f";#### {a + b}"
-
-
-def embedded_arithmetic(n: int, *, seed: int, min_digits: int = 1, max_digits: int = 3) -> datasets.Dataset:
-    """`n` distinct addition problems as a `datasets.Dataset` with question and answer columns.
-
-    Operand lengths are drawn uniformly in [min_digits, max_digits], so responses vary in length.
-
-    >>> ds = embedded_arithmetic(3, seed=0)
-    >>> ds.column_names, len(ds)
-    (['question', 'answer'], 3)
-    """
-    import datasets
-
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-    capacity = sum(9 * 10 ** (d - 1) for d in range(min_digits, max_digits + 1)) ** 2
-    if n > capacity // 2:
-        raise ValueError(f"{n} distinct problems requested; digits {min_digits}..{max_digits} support at most "
-                         f"{capacity // 2} (half the {capacity} pairs, so sampling stays fast)")
-    rng = random.Random(seed)
-    seen: set[tuple[int, int]] = set()
-    rows: dict[str, list[str]] = {"question": [], "answer": []}
-    while len(seen) < n:
-        a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in (rng.randint(min_digits, max_digits) for _ in "ab"))
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        rows["question"].append(f"{a}+{b}=")
-        rows["answer"].append(worked_answer(a, b))
-    return datasets.Dataset.from_dict(rows)
 
 
 class DatasetError(ValueError):
@@ -209,10 +160,8 @@ def load_source(cfg: DataConfig) -> datasets.Dataset:
     folder of them), or a Hugging Face hub name. Checks the configured columns exist."""
     import datasets
 
-    if cfg.source == "embedded":
-        ds = embedded_arithmetic(cfg.num_train + cfg.num_heldout, seed=cfg.seed,
-                                 min_digits=cfg.min_digits, max_digits=cfg.max_digits)
-        return ds
+    if is_embedded(cfg.source):  # a built-in family (kdrl/families.py)
+        return family(cfg.source).problems(cfg.num_train + cfg.num_heldout, cfg)
     path = Path(cfg.source)
     if is_generated(cfg.source):  # "reasoning-gym:<task>" (kdrl/sources.py)
         ds = load_generated(cfg)
@@ -300,7 +249,9 @@ def _take_rows(cfg: DataConfig, ds: datasets.Dataset, tokenizer, order: list[int
 def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = None,
                   max_prompt_tokens: int | PromptLimit | None = None, fewer_ok: bool = False) -> pl.DataFrame:
     """The PROMPTS table: a seeded, disjoint train/held-out split, rendered (plain template or the
-    tokenizer's chat template: `kdrl.prompts`) and tokenized.
+    tokenizer's chat template: `kdrl.prompts`) and tokenized. A built-in family with an
+    out-of-domain split (`kdrl.families`) adds num_heldout rows of it, split "ood", after the
+    others: never trained on, evaluated beside "heldout".
 
     Rows are de-duplicated first, by `normalised_question` (whitespace collapsed, case-folded;
     the first row of each question is kept, a WARNING gives the count), so no question can be
@@ -327,7 +278,7 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         examples = "; ".join(f"row {row} repeats row {first}" for row, first in list(duplicates.items())[:3])
         logger.warning("%s: %d duplicate row(s) dropped (same question once whitespace is collapsed and case "
                        "folded: %s); %d distinct questions remain", cfg.source, len(duplicates), examples, len(order))
-    if cfg.source != "embedded" and not is_generated(cfg.source):
+    if not is_embedded(cfg.source) and not is_generated(cfg.source):
         # Not the generator's rows: they are seeded-random already and a larger num_train only
         # appends to them, whereas shuffling a longer list would move every held-out prompt.
         random.Random(cfg.seed).shuffle(order)
@@ -350,10 +301,18 @@ def build_prompts(cfg: DataConfig, tokenizer, *, ds: datasets.Dataset | None = N
         logger.warning("%s: %d of %d gold answers are not numbers (rows %s; row %d: %r); the reward compares answers "
                        "as numbers or LaTeX maths, so check data.answer_field", cfg.source, len(not_numeric),
                        len(taken), _row_indices(not_numeric), not_numeric[0], str(first)[:80])
+    splits = ["heldout" if rank < cfg.num_heldout else "train" for rank in range(len(taken))]
+    if is_embedded(cfg.source) and family(cfg.source).has_ood and not fewer_ok:
+        # The family's out-of-domain problems, as many as held out, after every other row: their
+        # prompt ids follow, so the in-domain rows are numbered as without them.
+        ood = family(cfg.source).problems(cfg.num_heldout, cfg, ood=True)
+        ood_rows, _ = _take_rows(cfg, ood, tokenizer, list(range(len(ood))), len(ood), limit and limit.tokens)
+        taken += ood_rows
+        splits += ["ood"] * len(ood_rows)
     return pl.DataFrame(
         {
             "prompt_id": list(range(len(taken))),
-            "split": ["heldout" if rank < cfg.num_heldout else "train" for rank in range(len(taken))],
+            "split": splits,
             "question": [question for _, question, _, _, _ in taken],
             "answer": [gold for _, _, gold, _, _ in taken],
             "prompt_text": [text for _, _, _, text, _ in taken],

@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kdrl.config import RunConfig
-from kdrl.data import build_prompts, embedded_arithmetic, worked_answer
+from kdrl.data import build_prompts
 from kdrl.engines.hf import HFRolloutEngine
+from kdrl.families import family, is_embedded
 from kdrl.models import (
     TINY_STUDENT,
     TINY_TEACHER,
@@ -33,8 +34,11 @@ from kdrl.models import (
     save_model,
 )
 from kdrl.rewards import reference_answer, score_batch
+from kdrl.runlock import hold_run_lock
 
 ROLES = {"teacher": TINY_TEACHER, "student": TINY_STUDENT}
+TRAIN_WAIT_S = 3 * 3600.0
+"""How long a process waits for another one that is warm-starting the same embedded model."""
 _RECIPE_VERSION = "4"  # bump when the warm-start recipe changes, to invalidate caches
 
 
@@ -49,10 +53,13 @@ CACHE_KEY_FIELDS = {
 
 
 def cache_key(cfg: RunConfig) -> str:
-    """Hash of what determines the embedded models: `CACHE_KEY_FIELDS`, the architectures and
-    the warm-start recipe's version."""
+    """Hash of what determines the embedded models: `CACHE_KEY_FIELDS`, the task family (when
+    not the default, whose keys stay as they were), the architectures and the warm-start
+    recipe's version."""
     fields = {f"{section}.{name}": getattr(getattr(cfg, section), name)
               for section, names in CACHE_KEY_FIELDS.items() for name in names}
+    if family(cfg.data.source).name != "addition":
+        fields["data.source"] = cfg.data.source
     blob = json.dumps({"fields": fields, "roles": ROLES, "recipe": _RECIPE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -70,22 +77,28 @@ def resolve_model_path(name_or_path: str, cfg: RunConfig, *, log=print,
     role = name_or_path.split(":", 1)[1]
     if role not in ROLES:
         raise ValueError(f"unknown embedded model {name_or_path!r}; use embedded:teacher or embedded:student")
-    if cfg.data.source != "embedded":
-        raise ValueError(f"{name_or_path!r} is trained on the embedded task; data.source is {cfg.data.source!r}")
+    if not is_embedded(cfg.data.source):
+        raise ValueError(f"{name_or_path!r} is trained on an embedded task; data.source is {cfg.data.source!r} "
+                         f"(use embedded or embedded:<family>)")
     path = embedded_dir(cfg) / role
     if not (path / "config.json").exists():
-        train_embedded_model(role, cfg, path, log=log, progress=progress)
+        # One process trains it; another that needs it meanwhile (a second `kdrl compare`, a Ray
+        # worker) waits for the lock and then finds it made.
+        with hold_run_lock(path.with_name(f".{role}-lock"), wait_s=TRAIN_WAIT_S):
+            if not (path / "config.json").exists():
+                train_embedded_model(role, cfg, path, log=log, progress=progress)
     return str(path)
 
 
 def _training_pairs(cfg: RunConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, worked answer ids + EOS) of the training prompts: the family's worked answers."""
     prompts = build_prompts(cfg.data, tokenizer)
     train = prompts.filter(prompts["split"] == "train")
+    task = family(cfg.data.source)
     pairs = []
     for question, prompt_ids in zip(train["question"].to_list(), train["prompt_token_ids"].to_list()):
-        a, b = (int(x) for x in question.rstrip("=").split("+"))
-        completion = tokenizer(worked_answer(a, b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        pairs.append((prompt_ids, completion))
+        completion = tokenizer(task.worked(question, cfg.data), add_special_tokens=False)["input_ids"]
+        pairs.append((prompt_ids, completion + [tokenizer.eos_token_id]))
     return pairs
 
 
@@ -93,8 +106,7 @@ def validation_problems(cfg: RunConfig, tokenizer) -> tuple[list[list[int]], lis
     """(prompt token ids, reference answers) of `embedded.num_validation` problems drawn after the
     train and held-out ones by the same generator, hence disjoint from both."""
     need = cfg.data.num_train + cfg.data.num_heldout
-    ds = embedded_arithmetic(need + cfg.embedded.num_validation, seed=cfg.data.seed,
-                             min_digits=cfg.data.min_digits, max_digits=cfg.data.max_digits)
+    ds = family(cfg.data.source).problems(need + cfg.embedded.num_validation, cfg.data)
     rows = ds.select(range(need, len(ds)))
     texts = [cfg.data.prompt_template.format(question=q) for q in rows["question"]]
     return tokenizer(texts, add_special_tokens=True)["input_ids"], [reference_answer(a) for a in rows["answer"]]
@@ -321,6 +333,6 @@ def missing_embedded_models(cfg: RunConfig) -> list[str]:
     """The embedded models a run of `cfg` loads ("student", "teacher", in the order a session
     loads them) whose cached folder does not exist yet."""
     names = [cfg.model.name_or_path, *([cfg.teacher.name_or_path] if cfg.loads_teacher else [])]
-    names = names if cfg.data.source == "embedded" else []
+    names = names if is_embedded(cfg.data.source) else []
     roles = [n.split(":", 1)[1] for n in names if n.startswith("embedded:") and n.split(":", 1)[1] in ROLES]
     return [r for r in dict.fromkeys(roles) if not (embedded_dir(cfg) / r / "config.json").exists()]

@@ -42,6 +42,7 @@ from kdrl.config import (
     validate_config,
 )
 from kdrl.data import PromptLimit
+from kdrl.families import is_embedded
 from kdrl.runs import summarize_evaluation
 from kdrl.storage import EVAL_SUMMARY, RunPaths, read_metadata, read_table, write_table
 
@@ -166,7 +167,7 @@ def build_eval_config(checkpoint: str, dataset: str = "embedded",
         values = merge_dicts(values, fixed)
         if dataset == "embedded":  # the run's own held-out prompts
             values["data"] = run_cfg.data.model_dump(mode="json")
-            if run_cfg.data.source != "embedded":  # they come first in the seeded order (see build_prompts)
+            if not is_embedded(run_cfg.data.source):  # they come first in the seeded order (see build_prompts)
                 values["limit"] = run_cfg.data.num_heldout
                 dataset = run_cfg.data.source
     values = merge_dicts(values, {"checkpoint": checkpoint, "data": {"source": dataset}})
@@ -183,7 +184,7 @@ def eval_prompts(cfg: EvalConfig, tokenizer, *, max_prompt_tokens: int | PromptL
     duplicate or over-long row is replaced by the next one; see `build_prompts`)."""
     from kdrl.data import build_prompts, load_source
 
-    if cfg.data.source == "embedded":
+    if is_embedded(cfg.data.source):
         return build_prompts(cfg.data, tokenizer, max_prompt_tokens=max_prompt_tokens).filter(
             pl.col("split") == "heldout")
     ds = load_source(cfg.data)
@@ -264,7 +265,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path | None = None, *, evals_dir: s
         return result
     # Only carries the data settings that key the embedded models' cache: not a run, so not
     # validated as one (e.g. rollout.prompts_per_step against this evaluation's data.num_train).
-    run_cfg = RunConfig.model_construct(data=cfg.data) if cfg.data.source == "embedded" else None
+    run_cfg = RunConfig.model_construct(data=cfg.data) if is_embedded(cfg.data.source) else None
     model = resolve_checkpoint(cfg.checkpoint, run_cfg=run_cfg, log=log)
     tokenizer = load_tokenizer(model.adapter or model.path)
     warn_if_chat_model(cfg.data, tokenizer, model.path)

@@ -234,7 +234,8 @@ def write_evaluation(run: RunInfo, student: Student, rollout: Rollout, teacher: 
         raise ValueError(f"cannot evaluate step {step}: the student is at step {student.next_step - 1}")
 
     def write():
-        heldout = read_table(prompts.path, table="prompts").filter(pl.col("split") == "heldout")
+        # The held-out prompts, and a task family's out-of-domain ones where it has them.
+        heldout = read_table(prompts.path, table="prompts").filter(pl.col("split").is_in(["heldout", "ood"]))
 
         def passes(name: str, engine) -> pl.DataFrame:
             return evaluate_passes(engine, heldout, step=step, model_name=name, k=cfg.run.eval_samples,

@@ -56,9 +56,11 @@ class RunNotFoundError(FileNotFoundError):
     """A run id or path that names no run directory (one holding a config.yaml)."""
 
 
-def summarize_evaluation(evaluations: pl.DataFrame) -> pl.DataFrame:
+def summarize_evaluation(evaluations: pl.DataFrame, split: str = "heldout") -> pl.DataFrame:
     """One row per (step, model, temperature): pass@1 averaged over the k samples of each
-    prompt (the mean of per-prompt accuracies), mean and p90 response length.
+    prompt (the mean of per-prompt accuracies), mean and p90 response length; over the rows of
+    `split` ("heldout": the in-domain held-out prompts, also rows without a split; "ood": a task
+    family's out-of-domain ones).
 
     >>> ev = pl.DataFrame({"step": [0, 0, 0], "prompt_id": [1, 1, 2], "model": ["student"] * 3,
     ...                    "temperature": [1.0] * 3, "correct": [True, False, True],
@@ -66,6 +68,11 @@ def summarize_evaluation(evaluations: pl.DataFrame) -> pl.DataFrame:
     >>> summarize_evaluation(ev).select("pass_at_1", "num_prompts", "mean_len").row(0)
     (0.75, 2, 5.0)
     """
+    if "split" in evaluations.columns:
+        in_split = pl.col("split") == split
+        evaluations = evaluations.filter((in_split | pl.col("split").is_null()) if split == "heldout" else in_split)
+    elif split != "heldout":
+        evaluations = evaluations.clear()
     return (
         evaluations.group_by("step", "model", "temperature", "prompt_id")
         .agg(pl.col("correct").mean().alias("acc"), pl.col("completion_len").mean().alias("len"),

@@ -151,15 +151,18 @@ def grade_samples(
     seed: int,
     top_p: float = 1.0,
 ) -> pl.DataFrame:
-    """EVALUATIONS rows: k samples per held-out prompt (greedy when temperature is 0)."""
+    """EVALUATIONS rows: k samples per held-out prompt (greedy when temperature is 0), each with
+    its prompt's split (PROMPTS' split column; "heldout" where `prompts` has none)."""
     rollouts = generate_rollouts(engine, prompts, step=step, n=k, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed)
     rewards = score_rewards(rollouts, prompts, reward_cfg)
+    split_of = dict(zip(prompts["prompt_id"], prompts["split"])) if "split" in prompts.columns else {}
     return pl.DataFrame(
         {
             "step": rollouts["step"],
             "prompt_id": rollouts["prompt_id"],
             "sample_idx": rollouts["sample_idx"],
+            "split": [split_of.get(i, "heldout") for i in rollouts["prompt_id"].to_list()],
             "model": [model_name] * len(rollouts),
             "temperature": [temperature] * len(rollouts),
             "completion_text": rollouts["completion_text"],

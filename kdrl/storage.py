@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 import kdrl
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 KEY = ("step", "prompt_id", "sample_idx")
 
 _KEY_SCHEMA = {"step": pl.Int64, "prompt_id": pl.Int64, "sample_idx": pl.Int32}
@@ -150,10 +150,12 @@ STEP_METRICS = pl.Schema(
 )
 
 # One row per evaluation sample: model ("student"/"teacher") at a temperature (0 = greedy);
-# extracted_answer is null when none was found.
+# extracted_answer is null when none was found. split is the prompt's ("heldout", or "ood": a task
+# family's out-of-domain problems) (schema 1.4; older files read it as null, meaning "heldout").
 EVALUATIONS = pl.Schema(
     {
         **_KEY_SCHEMA,
+        "split": pl.String,
         "model": pl.String,
         "temperature": pl.Float32,
         "completion_text": pl.String,
@@ -193,11 +195,13 @@ COMPARE_RUNS = pl.Schema(
         "teacher_tokens": pl.Int64,
         "train_time_s": pl.Float64,
         "wall_s": pl.Float64,
+        "kd_signal_share": pl.Float64,
     }
 )
 
 # ``kdrl compare``: held-out summary of every evaluation of every run. steps_trained = step + 1
-# (0 is the baseline before training); temperature 0 rows are greedy.
+# (0 is the baseline before training); temperature 0 rows are greedy; ood_* are the same over a task
+# family's out-of-domain prompts (null without them).
 COMPARE_CURVES = pl.Schema(
     {
         "method": pl.String,
@@ -207,6 +211,8 @@ COMPARE_CURVES = pl.Schema(
         "pass_at_1": pl.Float64,
         "mean_len": pl.Float64,
         "p90_len": pl.Float64,
+        "ood_pass_at_1": pl.Float64,
+        "ood_mean_len": pl.Float64,
     }
 )
 
@@ -225,6 +231,23 @@ COMPARISON = pl.Schema(
         "mean_len_ci95": pl.Float64,
         "teacher_tokens": pl.Float64,
         "wall_s": pl.Float64,
+        "ood_pass_at_1": pl.Float64,
+        "ood_pass_at_1_ci95": pl.Float64,
+        "kd_signal_share": pl.Float64,
+    }
+)
+
+# ``kdrl compare``: each arm against a reference arm (GRPO, KD-RKL, KDRL), paired by seed (same prompts,
+# same sampling seeds): the mean over seeds of (arm − reference) at the end of training, with the
+# half-width of its Student-t 95% interval (null with one seed).
+COMPARE_PAIRED = pl.Schema(
+    {
+        "method": pl.String,
+        "reference": pl.String,
+        "metric": pl.String,
+        "seeds": pl.Int64,
+        "diff": pl.Float64,
+        "diff_ci95": pl.Float64,
     }
 )
 
@@ -240,11 +263,15 @@ SCHEMAS: dict[str, pl.Schema] = {
     "compare_runs": COMPARE_RUNS,
     "compare_curves": COMPARE_CURVES,
     "comparison": COMPARISON,
+    "compare_paired": COMPARE_PAIRED,
 }
 
 # Columns added to a table after its first release (minor schema versions): a file written
 # before them is read with the column null, so runs made by an older kdrl stay readable.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS, *POLICY_STATS)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"step_metrics": (*RESPONSE_STATS, *SIGNAL_STATS, *POLICY_STATS),
+                                             "evaluations": ("split",), "compare_runs": ("kd_signal_share",),
+                                             "compare_curves": ("ood_pass_at_1", "ood_mean_len"),
+                                             "comparison": ("ood_pass_at_1", "ood_pass_at_1_ci95", "kd_signal_share")}
 
 # Tables whose files carry the run's id as their first column, `run_id` (the writer's
 # ``kdrl.run_id`` metadata; null where none, e.g. `kdrl eval` outside a run), so one glob over many
@@ -269,6 +296,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "compare_runs": ("method", "seed"),
     "compare_curves": ("method", "seed", "steps_trained", "temperature"),
     "comparison": ("method",),
+    "compare_paired": ("method", "reference", "metric"),
 }
 
 _RESERVED_METADATA = ("kdrl.table", "kdrl.schema_version", "kdrl.code_version")

@@ -105,16 +105,18 @@ def tracker_metrics(row: dict[str, Any], *, devices: int = 1) -> dict[str, float
 
 def heldout_metrics(evaluations: pl.DataFrame) -> dict[str, float]:
     """`val/pass_at_1` and `val/mean_len` of the student (lowest temperature evaluated), and
-    `val/teacher_pass_at_1` where the file evaluated the teacher too (the baseline does)."""
+    `val/teacher_pass_at_1` where the file evaluated the teacher too (the baseline does); the
+    same as `val/ood_*` over a task family's out-of-domain prompts, where it has them."""
     from kdrl.runs import summarize_evaluation
 
     out: dict[str, float] = {}
-    summary = summarize_evaluation(evaluations).sort("temperature")
-    for model, prefix in (("student", "val/"), ("teacher", "val/teacher_")):
-        rows = summary.filter(pl.col("model") == model)
-        if len(rows):
-            out[prefix + "pass_at_1"] = float(rows["pass_at_1"][0])
-            out[prefix + "mean_len"] = float(rows["mean_len"][0])
+    for split, infix in (("heldout", ""), ("ood", "ood_")):
+        summary = summarize_evaluation(evaluations, split=split).sort("temperature")
+        for model, prefix in (("student", "val/"), ("teacher", "val/teacher_")):
+            rows = summary.filter(pl.col("model") == model)
+            if len(rows):
+                out[prefix + infix + "pass_at_1"] = float(rows["pass_at_1"][0])
+                out[prefix + infix + "mean_len"] = float(rows["mean_len"][0])
     return out
 
 

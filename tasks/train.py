@@ -125,8 +125,12 @@ def evaluate(run: RunInfo, student: Student, rollout: Rollout, teacher: Teacher 
     """Held-out evaluation after `step` (−1: baseline of student and teacher)."""
     with reporting(info, "evaluate before training" if step < 0 else f"evaluate step {step}"):
         out = write_evaluation(run, student, rollout, teacher, prompts, step, include_teacher=include_teacher)
-    title = "before training (held-out)" if step < 0 else f"after step {step} (held-out)"
-    info(format_summary(title, summarize_evaluation(read_table(out.path, table="evaluations"))))
+    title = "before training" if step < 0 else f"after step {step}"
+    evaluations = read_table(out.path, table="evaluations")
+    info(format_summary(f"{title} (held-out)", summarize_evaluation(evaluations)))
+    ood = summarize_evaluation(evaluations, split="ood")
+    if ood.height:
+        info(format_summary(f"{title} (out-of-domain)", ood))
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from pathlib import Path
 
 import polars as pl
@@ -67,6 +68,7 @@ def test_every_arm_shares_data_and_budget_and_differs_only_in_its_method(tmp_pat
     assert configs[("kdrl_anneal", 0)].loss.beta_schedule == "linear"
     assert configs[("kdrl_mask_group", 1)].loss.kd_mask == "group"
     assert configs[("kdrl_topk", 0)].teacher.top_k == 16
+    assert configs[("kdrl_beta10", 0)].loss.beta_init == 10 * configs[("kdrl", 0)].loss.beta_init
     # the same command plans the same folder; another budget another one
     same_budget = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 7}), arms=tuple(ARMS), seeds=2)
     assert same_budget.root == plan.root
@@ -82,6 +84,7 @@ ARMS_BEFORE = {
     "kdrl_mask_response": ("run.method=kdrl_mask_response",), "kdrl_mask_group": ("run.method=kdrl_mask_group",),
     "kdrl_k3": ("run.method=kdrl", "loss.kl_estimator=k3"),
     "kdrl_topk": ("run.method=kdrl", "loss.kl_estimator=topk", "teacher.top_k=16"),
+    "kdrl_beta10": ("run.method=kdrl", "loss.beta_init=0.05"),  # added with the chain task
 }
 
 
@@ -118,8 +121,11 @@ def test_a_folder_holding_another_comparison_is_refused(tmp_path):
     assert load_plan(plan.root) == plan
 
 
-def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: int, teacher_tokens: int):
-    """A run folder as a finished run leaves it: config, baseline + final evaluations, metrics."""
+def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: int, teacher_tokens: int,
+              ood_acc: float | None = None, kd_share: float = 0.0):
+    """A run folder as a finished run leaves it: config, baseline + final evaluations, metrics.
+    With `ood_acc`, 10 out-of-domain prompts too, answered `ood_acc` times as well as the others
+    with responses twice as long."""
     paths = RunPaths(plan.run_dir(arm, seed))
     paths.root.mkdir(parents=True)
     paths.config.write_text(f"run: {{method: {arm}, steps: 2}}\n")
@@ -131,10 +137,14 @@ def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: i
             for temperature, k, p in ((0.6, 4, acc), (0.0, 1, greedy)):
                 for prompt in range(10):  # 10 prompts, accuracy p: the first p*10 prompts right
                     for sample in range(k):
-                        rows.append({"step": step, "prompt_id": prompt, "sample_idx": sample, "model": model,
-                                     "temperature": temperature, "completion_text": "x", "completion_len": length,
-                                     "finish_reason": "stop", "extracted_answer": "1",
+                        rows.append({"step": step, "prompt_id": prompt, "sample_idx": sample, "split": "heldout",
+                                     "model": model, "temperature": temperature, "completion_text": "x",
+                                     "completion_len": length, "finish_reason": "stop", "extracted_answer": "1",
                                      "correct": prompt < round(p * 10)})
+                for prompt in range(10, 20) if ood_acc is not None else ():  # 10 out-of-domain prompts
+                    for sample in range(k):
+                        rows.append({**rows[-1], "prompt_id": prompt, "sample_idx": sample, "split": "ood",
+                                     "completion_len": 2 * length, "correct": prompt - 10 < round(ood_acc * p * 10)})
         return pl.DataFrame(rows)
 
     # the teacher is evaluated beside the baseline only where the run loads one (not GRPO's)
@@ -143,7 +153,7 @@ def _fake_run(plan, arm, seed, *, final_acc: float, greedy_acc: float, length: i
     write_table(evaluations(steps - 1, final_acc, greedy_acc), paths.evaluation(steps - 1), table="evaluations")
     for step in range(steps):
         row = {name: 0.0 for name in STEP_METRICS}
-        row.update(step=step, num_tokens=100, teacher_tokens=teacher_tokens, time_total_s=1.5)
+        row.update(step=step, num_tokens=100, teacher_tokens=teacher_tokens, time_total_s=1.5, kd_signal_share=kd_share)
         write_table(pl.DataFrame([row], schema=STEP_METRICS), paths.metrics(step), table="step_metrics")
 
 
@@ -261,3 +271,89 @@ def test_smoke_compare_every_arm_one_seed_two_steps(tmp_path, capsys, prefect_ha
     assert main(argv) == 0  # complete runs are skipped, the tables are rewritten the same
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/iter_*/metrics.parquet")} == before
     assert read_table(root / "comparison.parquet", table="comparison").equals(table)
+
+
+def test_out_of_domain_columns_and_paired_differences_by_hand(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from kdrl.compare import final_rows, paired_differences, panels_figure
+
+    plan = plan_compare(None, _sets({"run.runs_dir": tmp_path, "run.steps": 2, "run.eval_samples": 4,
+                                     "run.eval_temperature": 0.6}),
+                        arms=("grpo", "kd_rkl", "kdrl"), seeds=3, name="ood")
+    prepare(plan)
+    accs = {"grpo": (0.5, 0.6, 0.7), "kd_rkl": (0.6, 0.6, 0.9), "kdrl": (0.7, 0.8, 0.8)}
+    for arm, values in accs.items():
+        for seed, acc in enumerate(values):
+            _fake_run(plan, arm, seed, final_acc=acc, greedy_acc=acc, length=20 + seed, teacher_tokens=0,
+                      ood_acc=0.5, kd_share=0.0 if arm == "grpo" else 0.1 * (seed + 1))
+    runs, curves = collect(plan)
+    assert runs.filter(method="kdrl")["kd_signal_share"].to_list() == pytest.approx([0.1, 0.2, 0.3])
+    final = final_rows(plan, curves)
+    # 10 OOD prompts answered half as often as the in-domain ones: round(0.5 * acc * 10) of them
+    assert final.filter(method="grpo").sort("seed")["ood_pass_at_1"].to_list() == pytest.approx([0.2, 0.3, 0.4])
+    assert final.filter(method="grpo", seed=0)["ood_mean_len"][0] == 40
+    table = comparison_table(plan, runs, curves)
+    kdrl = table.filter(method="kdrl").row(0, named=True)
+    assert kdrl["ood_pass_at_1"] == pytest.approx(0.4) and kdrl["kd_signal_share"] == pytest.approx(0.2)
+    assert kdrl["ood_pass_at_1_ci95"] == pytest.approx(0)  # 0.4 on each seed: round(0.35·10) = round(0.4·10) = 4
+    paired = paired_differences(plan.arms, final)
+    # kdrl − grpo per seed: 0.2, 0.2, 0.1 → mean 0.1667, sd 0.0577, t(2) = 4.303
+    row = paired.filter(method="kdrl", reference="grpo", metric="pass_at_1").row(0, named=True)
+    assert row["seeds"] == 3 and row["diff"] == pytest.approx(0.5 / 3)
+    assert row["diff_ci95"] == pytest.approx(4.303 * math.sqrt(1 / 300) / math.sqrt(3))
+    # lengths are equal seed by seed: the paired difference is exactly 0 while each arm varies
+    length = paired.filter(method="kdrl", reference="grpo", metric="mean_len").row(0, named=True)
+    assert length["diff"] == 0 and length["diff_ci95"] == 0
+    assert set(paired["reference"]) == {"grpo", "kd_rkl", "kdrl"}
+    assert paired.filter(method="grpo", reference="grpo").height == 0 and paired.height == 6 * 3
+    out = write_comparison(plan)
+    assert read_table(out.paired, table="compare_paired").equals(paired)
+    markdown = Path(out.markdown).read_text()
+    assert "| OOD pass@1 | KD share |" in markdown and "| kdrl | grpo | 3 | +0.167 ± 0.143 |" in markdown
+    assert "comparison-panels.png" in markdown and Path(out.panels).read_bytes()[:4] == b"\x89PNG"
+    fig = panels_figure(plan, curves)  # rows: in-domain, out-of-domain, length; one column per arm
+    assert len(fig.axes) == 9 and [ax.get_title() for ax in fig.axes[:3]] == ["grpo", "kd_rkl", "kdrl"]
+    plt.close(fig)
+
+
+@pytest.mark.slow
+def test_chain_task_smoke_two_processes_share_one_comparison(tmp_path):
+    """The CI smoke of the chain task (1 seed, 2 steps, tiny models; data/configs/chain.yaml): two
+    `kdrl compare` processes started together on the same folder and an empty model cache. One
+    warm-starts the embedded models while the other waits for them; each run is trained once; the
+    tables hold every arm, with out-of-domain pass@1 and the paired differences."""
+    import os
+    import subprocess
+    import sys
+
+    root_dir = Path(__file__).resolve().parents[1]
+    settings = {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
+                "data.max_digits": 1, "rollout.max_new_tokens": 24}
+    argv = [sys.executable, "-m", "flows.cli", "compare", "--config", str(root_dir / "data/configs/chain.yaml"),
+            "--no-prefect", "--seeds", "1", "--steps", "2", "--eval-samples", "2", "--methods", "grpo,kd_rkl,kdrl",
+            "--name", "chain-smoke", *[arg for s in _sets(settings) for arg in ("--set", s)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen(argv, cwd=root_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    logs = "\n".join(outs)
+    assert logs.count("training the tiny teacher") == 1 and logs.count("training the tiny student") == 1
+    root = tmp_path / "runs" / "chain-smoke"
+    runs = read_table(root / "runs.parquet", table="compare_runs")
+    assert sorted(runs["method"]) == ["grpo", "kd_rkl", "kdrl"] and runs["steps_done"].to_list() == [2, 2, 2]
+    skipped = re.compile(r"(\S+-s0)(?: is complete| is being trained by PID \d+ on \S+|: .*locked.*): skipped")
+    # each run trained by one of the two and skipped by the other
+    assert sorted(m.group(1) for m in skipped.finditer(logs)) == ["grpo-s0", "kd_rkl-s0", "kdrl-s0"], logs
+    table = read_table(root / "comparison.parquet", table="comparison")
+    assert table["method"].to_list() == ["student@0", "teacher", "grpo", "kd_rkl", "kdrl"]
+    assert table["ood_pass_at_1"].is_not_null().all()
+    paired = read_table(root / "paired.parquet", table="compare_paired")
+    assert set(zip(paired["method"], paired["reference"])) == {
+        ("kd_rkl", "grpo"), ("kdrl", "grpo"), ("grpo", "kd_rkl"), ("kdrl", "kd_rkl"), ("grpo", "kdrl"),
+        ("kd_rkl", "kdrl")}
+    assert set(paired["metric"]) == {"pass_at_1", "ood_pass_at_1", "mean_len"}
+    evaluations = read_table(root / "kdrl-s0" / "offline" / "eval_baseline.parquet", table="evaluations")
+    assert evaluations.group_by("model", "split").len().height == 4  # student and teacher, in and out of domain
+    assert (root / "comparison-panels.png").read_bytes()[:4] == b"\x89PNG"

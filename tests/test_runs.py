@@ -36,7 +36,7 @@ def _evaluations(step: int, correct_PK: list[list[bool]], *, model: str = "stude
     n = len(rows)
     return pl.DataFrame(
         {"step": [step] * n, "prompt_id": [r[0] for r in rows], "sample_idx": [r[1] for r in rows],
-         "model": [model] * n, "temperature": [temperature] * n, "completion_text": [""] * n,
+         "split": ["heldout"] * n, "model": [model] * n, "temperature": [temperature] * n, "completion_text": [""] * n,
          "completion_len": [length] * n, "finish_reason": ["stop"] * n, "extracted_answer": [None] * n,
          "correct": [r[2] for r in rows]},
         schema=EVALUATIONS,

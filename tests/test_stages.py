@@ -235,7 +235,7 @@ def test_score_teacher_with_nothing_needed(rollouts, tiny_teacher, tiny_tokenize
 
 
 def _evaluations(correct_PK: list[list[bool]], lens_PK: list[list[int]], *,
-                 model: str = "student", step: int = 0) -> pl.DataFrame:
+                 model: str = "student", step: int = 0, split: str | None = "heldout") -> pl.DataFrame:
     """EVALUATIONS rows for prompts 0..P-1; prompt p has len(correct_PK[p]) samples."""
     rows = [
         (p, k, c, n)
@@ -247,6 +247,7 @@ def _evaluations(correct_PK: list[list[bool]], lens_PK: list[list[int]], *,
             "step": [step] * len(rows),
             "prompt_id": [r[0] for r in rows],
             "sample_idx": [r[1] for r in rows],
+            "split": [split] * len(rows),
             "model": [model] * len(rows),
             "temperature": [1.0] * len(rows),
             "completion_text": [""] * len(rows),
@@ -273,6 +274,17 @@ def test_summarize_evaluation_by_hand():
     assert row["pass_at_1"] == pytest.approx(0.4, abs=1e-12)
     assert row["mean_len"] == pytest.approx(5.5, abs=1e-12)
     assert row["p90_len"] == 9
+
+
+def test_summaries_are_per_split_and_rows_without_one_are_heldout():
+    heldout = _evaluations([[True, False]], [[4, 6]])
+    dtype = heldout["prompt_id"].dtype
+    ood = _evaluations([[False, False]], [[10, 12]], split="ood").with_columns(prompt_id=pl.lit(1, dtype))
+    older = _evaluations([[True, True]], [[2, 2]], split=None).with_columns(prompt_id=pl.lit(2, dtype))  # < 1.4
+    both = pl.concat([heldout, ood, older])
+    assert summarize_evaluation(both).select("pass_at_1", "num_prompts", "mean_len").row(0) == (0.75, 2, 3.5)
+    assert summarize_evaluation(both, split="ood").select("pass_at_1", "num_prompts", "mean_len").row(0) == (0, 1, 11)
+    assert summarize_evaluation(heldout.drop("split"), split="ood").height == 0
 
 
 def test_pass_at_1_weights_prompts_not_samples():

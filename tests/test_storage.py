@@ -87,6 +87,7 @@ def _frames(step: int = 0) -> dict[str, pl.DataFrame]:
         "evaluations": pl.DataFrame(
             {
                 **_keys(step),
+                "split": ["heldout", "ood"],
                 "model": ["student", "teacher"],
                 "temperature": [0.0, 0.0],
                 "completion_text": ["2", "x"],
@@ -103,17 +104,24 @@ def _frames(step: int = 0) -> dict[str, pl.DataFrame]:
         ),
         "compare_runs": pl.DataFrame(
             {"method": ["grpo", "kdrl"], "seed": [0, 0], "run_id": ["grpo-s0", "kdrl-s0"], "steps_done": [2, 1],
-             "rollout_tokens": [100, 50], "teacher_tokens": [0, 50], "train_time_s": [1.5, 1.0], "wall_s": [3.0, None]}
+             "rollout_tokens": [100, 50], "teacher_tokens": [0, 50], "train_time_s": [1.5, 1.0], "wall_s": [3.0, None],
+             "kd_signal_share": [None, 0.1]}
         ),
         "compare_curves": pl.DataFrame(
             {"method": ["grpo", "grpo"], "seed": [0, 0], "steps_trained": [0, 2], "temperature": [0.6, 0.6],
-             "pass_at_1": [0.2, 0.4], "mean_len": [20.0, 18.5], "p90_len": [25.0, 24.0]}
+             "pass_at_1": [0.2, 0.4], "mean_len": [20.0, 18.5], "p90_len": [25.0, 24.0], "ood_pass_at_1": [0.1, None],
+             "ood_mean_len": [30.0, None]}
         ),
         "comparison": pl.DataFrame(
             {"method": ["teacher", "grpo"], "seeds": [None, 3], "steps": [0, 60], "pass_at_1": [0.9, 0.5],
              "pass_at_1_ci95": [None, 0.05], "greedy": [0.95, 0.55], "greedy_ci95": [None, 0.04],
              "mean_len": [25.0, 26.0], "mean_len_ci95": [None, 1.0], "teacher_tokens": [None, 0.0],
-             "wall_s": [None, 80.0]}
+             "wall_s": [None, 80.0], "ood_pass_at_1": [0.5, 0.2], "ood_pass_at_1_ci95": [None, 0.03],
+             "kd_signal_share": [None, 0.0]}
+        ),
+        "compare_paired": pl.DataFrame(
+            {"method": ["kdrl", "kdrl"], "reference": ["grpo", "grpo"], "metric": ["pass_at_1", "mean_len"],
+             "seeds": [5, 5], "diff": [0.02, -1.5], "diff_ci95": [0.01, 0.5]}
         ),
     }
 
