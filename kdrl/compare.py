@@ -171,7 +171,9 @@ def _run_row(plan: ComparePlan, arm: str, seed: int, wall_s: float | None) -> di
     metrics = pl.concat(frames) if frames else pl.DataFrame(
         schema={"num_tokens": pl.Int64, "teacher_tokens": pl.Int64, "time_total_s": pl.Float64,
                 "kd_signal_share": pl.Float64})
-    share = metrics["kd_signal_share"].fill_nan(None).mean()  # over the steps that measured it
+    # The median over the steps that measured it: a step whose groups all have equal rewards has
+    # no GRPO signal and an infinite share (KD-RKL's every step), which a mean would let dominate.
+    share = metrics["kd_signal_share"].fill_nan(None).median()
     return {"method": arm, "seed": seed, "run_id": plan.run_id(arm, seed), "steps_done": len(frames),
             "rollout_tokens": int(metrics["num_tokens"].sum()), "teacher_tokens": int(metrics["teacher_tokens"].sum()),
             "train_time_s": float(metrics["time_total_s"].sum()), "wall_s": wall_s,
@@ -240,8 +242,8 @@ def comparison_table(plan: ComparePlan, runs: pl.DataFrame, curves: pl.DataFrame
     """COMPARISON: per arm, over the seeds whose run finished, the final held-out pass@1 (at the
     evaluation temperature) and greedy accuracy with 95% intervals, mean response length, teacher
     tokens scored, wall time per run, the out-of-domain pass@1 (task families with that split)
-    and the KD signal share averaged over training. Two reference rows come first: the student before
-    training ("student@0") and the teacher."""
+    and the KD signal share (per run the median over training steps). Two reference rows come
+    first: the student before training ("student@0") and the teacher."""
     steps = plan.config(plan.arms[0], plan.seeds[0]).run.steps
     temperature = eval_temperature(plan)
 
@@ -302,8 +304,8 @@ def paired_differences(arms: tuple[str, ...], final: pl.DataFrame,
     >>> final = pl.DataFrame({"method": ["grpo", "grpo", "kdrl", "kdrl"], "seed": [0, 1, 0, 1],
     ...                       "pass_at_1": [0.5, 0.7, 0.6, 0.9], "ood_pass_at_1": [None] * 4,
     ...                       "mean_len": [20.0, 20.0, 18.0, 19.0]})
-    >>> paired_differences(("grpo", "kdrl"), final).select("metric", "seeds", "diff").rows()
-    [('pass_at_1', 2, 0.15000000000000002), ('mean_len', 2, -1.5)]
+    >>> paired_differences(("grpo", "kdrl"), final).select("method", "reference", "metric", "diff").rows()[:2]
+    [('kdrl', 'grpo', 'pass_at_1', 0.15000000000000002), ('kdrl', 'grpo', 'mean_len', -1.5)]
     """
     rows = []
     for reference in (r for r in references if r in arms):
@@ -353,7 +355,7 @@ def comparison_markdown(plan: ComparePlan, table: pl.DataFrame, *, image: str | 
         f"pass@1 = mean accuracy of {k} sample(s) at T={t}; "
         "± = half-width of the 95% Student-t interval over seeds; teacher tokens = tokens the teacher scored "
         "per run; wall = seconds per run; KD share = ‖β·KD‖/‖GRPO‖ of the per-token gradient coefficients, "
-        "averaged over training.", "",
+        "the median over training steps (∞: no GRPO term, KD-RKL).", "",
         f"| method | seeds | pass@1 (k={k}, T={t}) | greedy | mean length | teacher tokens | wall s |"
         f"{' OOD pass@1 |' if ood else ''} KD share |",
         f"|---|---|---|---|---|---|---|{'---|' if ood else ''}---|",
@@ -361,7 +363,8 @@ def comparison_markdown(plan: ComparePlan, table: pl.DataFrame, *, image: str | 
     for r in table.iter_rows(named=True):
         tokens = "–" if r["teacher_tokens"] is None else f"{r['teacher_tokens']:,.0f}"
         wall = "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
-        share = "–" if r["kd_signal_share"] is None else f"{r['kd_signal_share']:.3f}"
+        share = ("–" if r["kd_signal_share"] is None else "∞" if math.isinf(r["kd_signal_share"])
+                 else f"{r['kd_signal_share']:.3f}")
         ood_cell = f" {_fmt(r['ood_pass_at_1'], r['ood_pass_at_1_ci95'])} |" if ood else ""
         lines.append(f"| {r['method']} | {r['seeds'] if r['seeds'] is not None else '–'} | "
                      f"{_fmt(r['pass_at_1'], r['pass_at_1_ci95'])} | {_fmt(r['greedy'], r['greedy_ci95'])} | "

@@ -463,7 +463,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     ...     p = write_table(df, Path(d) / "r.parquet", table="rewards", metadata={"kdrl.seed": "1"})
     ...     m = read_metadata(p)
     >>> (m["kdrl.table"], m["kdrl.schema_version"], m["kdrl.seed"])
-    ('rewards', '1.3', '1')
+    ('rewards', '1.4', '1')
     """
     path = Path(path)
     try:

@@ -329,7 +329,7 @@ def test_chain_task_smoke_two_processes_share_one_comparison(tmp_path):
 
     root_dir = Path(__file__).resolve().parents[1]
     settings = {**TINY, "run.runs_dir": tmp_path / "runs", "run.cache_dir": tmp_path / "cache",
-                "data.max_digits": 1, "rollout.max_new_tokens": 24}
+                "data.max_digits": 2, "rollout.max_new_tokens": 24}
     argv = [sys.executable, "-m", "flows.cli", "compare", "--config", str(root_dir / "data/configs/chain.yaml"),
             "--no-prefect", "--seeds", "1", "--steps", "2", "--eval-samples", "2", "--methods", "grpo,kd_rkl,kdrl",
             "--name", "chain-smoke", *[arg for s in _sets(settings) for arg in ("--set", s)]]
