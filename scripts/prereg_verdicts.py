@@ -152,6 +152,35 @@ def main() -> int:
         if arm != "grpo":
             cells = [fmt(by_step[s].get((arm, "grpo", "pass_at_1"))) for s in evals if s]
             print(f"| {arm} | " + " | ".join(cells) + " |")
+    # The KD signal share along training, from every run's step metrics
+    frames = []
+    for arm, seed in plan.runs():
+        files = sorted(plan.run_dir(arm, seed).glob("iter_*/metrics.parquet"))
+        if files:
+            frames.append(pl.concat([read_table(f, table="step_metrics") for f in files])
+                          .select("step", "kd_signal_share", "zero_std_group_frac", "teacher_tokens")
+                          .with_columns(method=pl.lit(arm), seed=pl.lit(seed)))
+    if frames:
+        window = 10
+        metrics = pl.concat(frames).with_columns(window=pl.col("step") // window * window)
+        print(f"\nKD signal share along training (median over the steps of each {window}-step window and the seeds; "
+              "∞: no GRPO signal) and the share of groups with equal rewards:\n")
+        windows = sorted(metrics["window"].unique().to_list())
+        print("| method | " + " | ".join(f"steps {w}–{w + window - 1}" for w in windows) + " |\n|---|"
+              + "---|" * len(windows))
+        summary = metrics.group_by("method", "window").agg(
+            pl.col("kd_signal_share").fill_nan(None).median(), pl.col("zero_std_group_frac").mean())
+        for arm in plan.arms:
+            mine = {r["window"]: r for r in summary.filter(pl.col("method") == arm).iter_rows(named=True)}
+
+            def share_cell(r: dict | None) -> str:
+                if r is None:
+                    return "–"
+                value = r["kd_signal_share"]
+                shown = "–" if value is None else "∞" if value == float("inf") else f"{value:.3f}"
+                return f"{shown} ({r['zero_std_group_frac']:.2f})"
+
+            print(f"| {arm} | " + " | ".join(share_cell(mine.get(w)) for w in windows) + " |")
     return 0
 
 
