@@ -17,11 +17,12 @@ another shape, evaluated beside the in-domain held-out split but never trained o
 **chain** (``embedded:chain``): the sum of a chain of two or four numbers (half each), one column
 at a time, and a worked answer that re-checks a column at random (each with probability 1/2) by
 adding it again in reverse order — redundant work, so that response length varies and is
-something training can change. The out-of-domain split is chains of *three* numbers, a length
-never trained on::
+something training can change. The out-of-domain split is the same chains with one number
+replaced by **0**, an operand that never appears in training (numbers there are 1 to 99)::
 
     question  "47+85+36+2="
     answer    "7+5+6+2=20;2+6+5+7=20;4+8+3+0+2=17;#### 170"      (the first column re-checked)
+    ood       "47+0+36+2="
 
 Why this family: `docs/experiments.md` ("The chain task") — a student that rarely succeeds (most
 GRPO groups all-zero), a teacher that does, out-of-domain problems for both, and a teacher whose
@@ -111,6 +112,26 @@ def _draw(n: int, *, seed: int | str, terms: int | tuple[int, ...], min_digits: 
     return rows
 
 
+def _draw_with_zero(n: int, *, seed: str, terms: int | tuple[int, ...], min_digits: int,
+                    max_digits: int) -> list[list[int]]:
+    """`n` distinct tuples drawn as `_draw` draws them, each with the number at one uniformly drawn
+    position replaced by 0; row i depends only on (seed, i).
+
+    >>> _draw_with_zero(3, seed="s", terms=(2, 4), min_digits=1, max_digits=2)
+    [[3, 1, 0, 50], [0, 43, 70, 7], [5, 0]]
+    """
+    rng = random.Random(seed)
+    seen: set[tuple[int, ...]] = set()
+    rows = []
+    while len(rows) < n:
+        numbers = _draw(1, seed=rng.random(), terms=terms, min_digits=min_digits, max_digits=max_digits)[0]
+        numbers[rng.randrange(len(numbers))] = 0
+        if tuple(numbers) not in seen:
+            seen.add(tuple(numbers))
+            rows.append(numbers)
+    return rows
+
+
 def _dataset(questions: list[str], answers: list[str]) -> datasets.Dataset:
     import datasets
 
@@ -138,15 +159,15 @@ class Family:
 
     name: str
     terms: int | tuple[int, ...]
-    """Numbers per in-domain problem (a tuple: one of them, uniformly)."""
-    ood_terms: int | tuple[int, ...] | None
-    """Numbers per out-of-domain problem; None: no such split."""
+    """Numbers per problem (a tuple: one of them, uniformly)."""
+    ood_zero: bool
+    """Whether the family has an out-of-domain split: its problems with one number set to 0."""
     recheck_p: float
     """Probability that the worked answer re-checks a column."""
 
     @property
     def has_ood(self) -> bool:
-        return self.ood_terms is not None
+        return self.ood_zero
 
     def worked(self, question: str, cfg: DataConfig) -> str:
         if not self.recheck_p:
@@ -158,18 +179,21 @@ class Family:
     def problems(self, n: int, cfg: DataConfig, *, ood: bool = False) -> datasets.Dataset:
         if ood and not self.has_ood:
             raise ValueError(f"embedded:{self.name} has no out-of-domain split")
-        terms = self.ood_terms if ood else self.terms
         # The seed of the in-domain rows of addition is data.seed itself (the default task's
         # problems are what they always were); the out-of-domain rows come from another stream.
-        seed = f"{cfg.seed}-ood" if ood else cfg.seed if self.name == "addition" else f"{cfg.seed}-{self.name}"
-        rows = _draw(n, seed=seed, terms=terms, min_digits=cfg.min_digits, max_digits=cfg.max_digits)
+        seed = cfg.seed if self.name == "addition" and not ood else f"{cfg.seed}-{self.name}" + "-ood" * ood
+        if ood:
+            rows = _draw_with_zero(n, seed=seed, terms=self.terms, min_digits=cfg.min_digits,
+                                   max_digits=cfg.max_digits)
+        else:
+            rows = _draw(n, seed=seed, terms=self.terms, min_digits=cfg.min_digits, max_digits=cfg.max_digits)
         questions = ["+".join(map(str, numbers)) + "=" for numbers in rows]
         return _dataset(questions, [self.worked(q, cfg) for q in questions])
 
 
 FAMILIES: dict[str, Family] = {
-    "addition": Family("addition", terms=2, ood_terms=None, recheck_p=0.0),
-    "chain": Family("chain", terms=(2, 4), ood_terms=3, recheck_p=0.5),
+    "addition": Family("addition", terms=2, ood_zero=False, recheck_p=0.0),
+    "chain": Family("chain", terms=(2, 4), ood_zero=True, recheck_p=0.5),
 }
 
 
