@@ -398,13 +398,7 @@ MAX_BANDS = 4  # more arms than this: mean lines only, the 95% bands would hide 
 
 def plot_curves(plan: ComparePlan, curves: pl.DataFrame, path: str | Path) -> Path:
     """PNG of `curve_figure`."""
-    import matplotlib.pyplot as plt
-
-    fig = curve_figure(plan, curves)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(curve_figure(plan, curves), Path(path))
 
 
 def curve_figure(plan: ComparePlan, curves: pl.DataFrame):
@@ -508,9 +502,8 @@ def panels_figure(plan: ComparePlan, curves: pl.DataFrame):
             if reference is not None and arm != reference:
                 rx, rmean, _ = mean_curve(reference, column)
                 ax.plot(rx, rmean, color="grey", linewidth=1.2, label=reference)
-            teacher_column = {"pass_at_1": "pass_at_1", "ood_pass_at_1": "ood_pass_at_1"}.get(column, "mean_len")
-            if t_row.height and t_row[teacher_column][0] is not None:
-                ax.axhline(t_row[teacher_column][0], color="black", linestyle=":", linewidth=1)
+            if t_row.height and t_row[column][0] is not None:
+                ax.axhline(t_row[column][0], color="black", linestyle=":", linewidth=1)
             if ylim:
                 ax.set_ylim(*ylim)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
