@@ -13,10 +13,13 @@ The order, the evaluation cadence and the resume rules are written once, in the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 
@@ -26,7 +29,7 @@ from kdrl.data import sample_prompt_ids
 from kdrl.engines.factory import build_engine
 from kdrl.handoff import Artifact, RunInfo
 from kdrl.metrics import rollout_logprob_gap, step_metrics
-from kdrl.models import load_causal_lm
+from kdrl.models import load_causal_lm, resolve_device
 from kdrl.perf import bf16_peak
 from kdrl.stages import (
     batch_table,
@@ -36,9 +39,11 @@ from kdrl.stages import (
     score_rewards,
     score_teacher,
 )
-from kdrl.storage import STEP_METRICS, read_table, write_table
+from kdrl.storage import STEP_METRICS, StorageError, read_table, write_table
 from kdrl.train import TrainingDiverged, beta_at
-from kdrl.workers import Rollout, Student, Teacher
+from kdrl.workers import Rollout, Student, Teacher, model_identity
+
+logger = logging.getLogger(__name__)
 
 DIVERGED_FILE = "diverged.json"  # iter_<step>/: what a non-finite update measured
 FAULT_ENV = "KDRL_FAULT"
@@ -244,15 +249,72 @@ def write_evaluation(run: RunInfo, student: Student, rollout: Rollout, teacher: 
                                    seed=step_seed(cfg.run.seed, -1))
 
         resumed_baseline = step < 0 and student.next_step > 0
-        frames = [passes("student", _initial_engine(rollout) if resumed_baseline else rollout.engine())]
+        if step < 0:  # the untrained models: the same for every run of them (`baseline_cache_path`)
+            frames = [_cached_baseline(cfg, "student", student.path, "hf" if resumed_baseline else rollout.kind,
+                                       heldout, lambda: passes("student", _initial_engine(rollout) if resumed_baseline
+                                                               else rollout.engine()))]
+        else:
+            frames = [passes("student", rollout.engine())]
         if include_teacher and teacher is not None:
-            frames.append(passes("teacher", teacher.sampler()))
+            frames.append(_cached_baseline(cfg, "teacher", teacher.path, teacher.kind, heldout,
+                                           lambda: passes("teacher", teacher.sampler())))
         if teacher is not None:
             teacher.release()
         maybe_fault("evaluate", step)
         return write_table(pl.concat(frames), path, table="evaluations", metadata=run.metadata)
 
     return _timed(write)
+
+
+BASELINE_CACHE_VERSION = 1
+"""Bump when what an evaluation computes changes (its rows, the grading), to invalidate the
+cached baselines."""
+
+
+def baseline_cache_path(cfg: RunConfig, role: str, model_path: str, engine: str, heldout: pl.DataFrame) -> Path:
+    """Where the baseline evaluation of an untrained model is cached, keyed on everything its rows
+    depend on: the model (folder files or hub name, dtype, device type, LoRA), the engine and its
+    batch size, the evaluated prompts, the evaluation protocol (samples, temperature, greedy
+    pass, max_new_tokens, the seed when sampling), the reward settings, and the torch /
+    transformers versions. Every run of the same models on the same data shares it: a compare's
+    45 runs evaluate the teacher once."""
+    import torch
+    import transformers
+
+    placement = cfg.model if role == "student" else cfg.teacher
+    rows = heldout.select("prompt_id", "split", "prompt_token_ids", "answer").to_dicts()
+    sampled = cfg.run.eval_temperature > 0
+    key = {
+        "version": BASELINE_CACHE_VERSION, "role": role, "model": model_identity(model_path),
+        "dtype": placement.dtype, "device": resolve_device(placement.device).type,
+        "lora": cfg.model.lora.model_dump(mode="json") if role == "student" and cfg.model.lora else None,
+        "engine": engine, "batch_size": cfg.rollout.batch_size,
+        "vllm": (cfg.rollout.vllm if role == "student" else cfg.teacher.vllm).model_dump(mode="json")
+        if engine == "vllm" else None,
+        "k": cfg.run.eval_samples, "temperature": cfg.run.eval_temperature, "greedy": cfg.run.eval_greedy,
+        "seed": step_seed(cfg.run.seed, -1) if sampled else None, "max_new_tokens": cfg.rollout.max_new_tokens,
+        "reward": cfg.reward.model_dump(mode="json"), "prompts": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+        "versions": [torch.__version__, transformers.__version__],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cfg.run.cache_dir).expanduser() / "evaluations" / f"{role}-{digest}.parquet"
+
+
+def _cached_baseline(cfg: RunConfig, role: str, model_path: str, engine: str, heldout: pl.DataFrame,
+                     evaluate) -> pl.DataFrame:
+    """`evaluate()`, or its rows from the baseline cache; an unreadable cache file is recomputed."""
+    path = baseline_cache_path(cfg, role, model_path, engine, heldout)
+    if path.exists():
+        try:
+            return read_table(path, table="evaluations")
+        except StorageError as err:
+            logger.warning("baseline cache %s is unreadable (%s); evaluating again", path, err)
+    frame = evaluate()
+    try:
+        write_table(frame, path, table="evaluations")
+    except StorageError as err:  # a read-only or full cache: the run goes on, uncached
+        logger.warning("could not cache the baseline evaluation at %s: %s", path, err)
+    return frame
 
 
 def _initial_engine(rollout: Rollout):

@@ -61,6 +61,17 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def model_identity(path: str) -> str:
+    """What a cached result of a model depends on: its folder's config and weight files (names,
+    sizes, mtimes), or the hub name."""
+    root = Path(path)
+    if not root.exists():
+        return path
+    files = sorted(p for p in root.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
+    listing = [str(root.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+
+
 class Student:
     """The policy being trained: its model, tokenizer, optimizer and LR schedule, and how far it
     got (`optimizer_step`; `next_step`, the first iteration still to run). With `dp`, one rank of a
@@ -181,14 +192,8 @@ class Teacher:
         return self.spec.kind
 
     def identity(self) -> str:
-        """What a cached teacher score depends on: the model folder's config and weight files
-        (names, sizes, mtimes), or the hub name."""
-        root = Path(self.path)
-        if not root.exists():
-            return self.path
-        files = sorted(p for p in root.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
-        listing = [str(root.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
-        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+        """What a cached teacher score depends on (`model_identity`)."""
+        return model_identity(self.path)
 
     def _hf_model(self) -> torch.nn.Module:
         if self._model is None:

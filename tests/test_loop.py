@@ -1,6 +1,8 @@
 """The stages over files (kdrl.pipeline) and the flow body run without Prefect: teacher offload,
 SFT from precomputed teacher samples, and refusing to mix configs in one run directory."""
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -74,6 +76,8 @@ def test_the_baseline_of_a_resumed_run_uses_the_initial_weights(tmp_path, tiny_r
     assert evaluate(-1).seconds == 0.0  # the record is not recomputed
     assert (paths.offline / "eval_baseline.parquet").stat().st_mtime_ns == mtime
     (paths.offline / "eval_baseline.parquet").unlink()
+    for cached in (Path(embedded_cache) / "evaluations").glob("student-*.parquet"):
+        cached.unlink()  # not from the cache of baselines either
     evaluate(-1)  # recomputed: from the initial weights, not step 1's
     assert read_table(paths.offline / "eval_baseline.parquet", table="evaluations").equals(original)
     with pytest.raises(ValueError, match="student is at step 1"):
@@ -119,3 +123,48 @@ def test_model_gradient_checkpointing_is_applied_to_the_student(tmp_path, tiny_r
         s.close()
     train_without_prefect(cfg, tmp_path / "runs" / "gc")  # generation (eval mode) and the update both run
     assert read_table(RunPaths(tmp_path / "runs" / "gc").metrics(0), table="step_metrics")["grad_norm"][0] > 0
+
+
+def test_the_baseline_evaluation_is_cached_across_runs(tmp_path, tiny_run_config, embedded_cache, monkeypatch):
+    """Every run of the same untrained models on the same prompts and protocol shares one baseline
+    evaluation (kdrl.pipeline.baseline_cache_path); anything it depends on changes the key, and
+    an unreadable cache file is evaluated again and replaced."""
+    import kdrl.pipeline as pipeline
+
+    calls = []
+    evaluate_passes = pipeline.evaluate_passes
+
+    def counted(engine, prompts, *, step, model_name, **kw):
+        calls.append((step, model_name))
+        return evaluate_passes(engine, prompts, step=step, model_name=model_name, **kw)
+
+    monkeypatch.setattr(pipeline, "evaluate_passes", counted)
+    # a protocol no other test uses, so the first run below is the first to evaluate it
+    protocol = {"run.eval_samples": 2, "run.eval_temperature": 0.9, "run.seed": 4321, "run.steps": 1,
+                "run.cache_dir": embedded_cache}
+    baseline = lambda run: read_table(RunPaths(run).offline / "eval_baseline.parquet", table="evaluations")  # noqa: E731
+
+    first = train_without_prefect(tiny_run_config(tmp_path, **protocol), tmp_path / "runs" / "a")
+    assert sorted(c for c in calls if c[0] < 0) == [(-1, "student"), (-1, "teacher")]
+    cached = sorted((Path(embedded_cache) / "evaluations").glob("*.parquet"))
+    assert {p.name.split("-")[0] for p in cached} >= {"student", "teacher"}
+
+    calls.clear()  # another run (another lr: another run id) of the same models and protocol
+    second = train_without_prefect(tiny_run_config(tmp_path, **protocol, **{"optim.lr": 5e-3}), tmp_path / "runs" / "b")
+    assert [c for c in calls if c[0] < 0] == []
+    assert baseline(second).equals(baseline(first))
+    assert pl.read_parquet(RunPaths(second).offline / "eval_baseline.parquet")["run_id"].unique().to_list() == ["b"]
+
+    calls.clear()  # the protocol is in the key: another seed of a sampled evaluation is evaluated
+    train_without_prefect(tiny_run_config(tmp_path, **{**protocol, "run.seed": 4322}), tmp_path / "runs" / "c")
+    assert sorted(c for c in calls if c[0] < 0) == [(-1, "student"), (-1, "teacher")]
+
+    calls.clear()  # a damaged cache file: evaluated again (same rows), and replaced
+    for path in (Path(embedded_cache) / "evaluations").glob("*.parquet"):
+        path.write_bytes(b"not parquet")
+    third = train_without_prefect(tiny_run_config(tmp_path, **protocol, **{"optim.lr": 2e-3}), tmp_path / "runs" / "d")
+    assert sorted(c for c in calls if c[0] < 0) == [(-1, "student"), (-1, "teacher")]
+    assert baseline(third).equals(baseline(first))
+    calls.clear()
+    train_without_prefect(tiny_run_config(tmp_path, **protocol, **{"optim.lr": 3e-3}), tmp_path / "runs" / "e")
+    assert [c for c in calls if c[0] < 0] == []

@@ -272,6 +272,11 @@ class HFRolloutEngine:
         return generated_BT.cpu(), recorder.finish(generated_BT).cpu()
 
 
+LOGSOFTMAX_CHUNK_ELEMENTS = 1 << 26
+"""Most float32 log-prob values the teacher scorer holds at once (256 MiB): rows are taken in
+chunks of this many ``T × V``."""
+
+
 class HFTeacherScorer:
     """Teacher log-probs of given completions under no_grad, length-sorted and token-packed."""
 
@@ -349,12 +354,20 @@ class HFTeacherScorer:
         window_BTV = logits_BSV[:, -(t_max + 1) : -1]
         targets_BT = ids_BS[:, -t_max:]
         out = []
-        for b, length in enumerate(lengths):
-            logp_TV = torch.log_softmax(window_BTV[b, t_max - length :].float(), dim=-1)
-            token_logp_T = logp_TV.gather(1, targets_BT[b, t_max - length :, None]).squeeze(1)
+        # One log_softmax + gather (+ topk) per chunk of rows, not per row: a row's values are the
+        # same either way (the softmax runs along V within each position), and a chunk holds at
+        # most LOGSOFTMAX_CHUNK_ELEMENTS float32 values, so a large vocabulary stays in bounds.
+        rows = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // (t_max * window_BTV.shape[-1]))
+        for lo in range(0, len(lengths), rows):
+            logp_BTV = torch.log_softmax(window_BTV[lo : lo + rows].float(), dim=-1)
+            token_logp = logp_BTV.gather(2, targets_BT[lo : lo + rows, :, None]).squeeze(2).tolist()
             if top_k > 0:
-                top_logp_TK, top_ids_TK = logp_TV.topk(min(top_k, logp_TV.shape[-1]), dim=-1)
-                out.append((token_logp_T.tolist(), top_ids_TK.tolist(), top_logp_TK.tolist()))
-            else:
-                out.append((token_logp_T.tolist(), [], []))
+                top_logp_BTK, top_ids_BTK = logp_BTV.topk(min(top_k, logp_BTV.shape[-1]), dim=-1)
+                top_logp, top_ids = top_logp_BTK.tolist(), top_ids_BTK.tolist()
+            for b, length in enumerate(lengths[lo : lo + rows]):
+                first = t_max - length  # left padding: the row's completion is its last `length` columns
+                if top_k > 0:
+                    out.append((token_logp[b][first:], top_ids[b][first:], top_logp[b][first:]))
+                else:
+                    out.append((token_logp[b][first:], [], []))
         return out
