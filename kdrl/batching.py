@@ -54,6 +54,18 @@ class StepBatch:
             sliced[f.name] = value
         return StepBatch(**sliced)
 
+    def take(self, index: torch.Tensor) -> StepBatch:
+        """The rows in the order of `index` (per-prompt tensors are not reordered)."""
+        taken = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "keys":
+                value = value[index.tolist()]
+            elif isinstance(value, torch.Tensor) and not f.name.endswith("_PG"):
+                value = value[index.to(value.device)]
+            taken[f.name] = value
+        return StepBatch(**taken)
+
     def groups(self, start: int, stop: int) -> StepBatch:
         """Prompt groups [start, stop): their G rows each and their rows of the per-prompt
         tensors (a data-parallel rank's share, `kdrl.distributed`)."""
@@ -167,6 +179,33 @@ def collate(joined: pl.DataFrame, *, pad_token_id: int) -> StepBatch:
         teacher_topk_logp_BTK=topk_logp_BTK,
         keys=joined.select(KEY),
     )
+
+
+def micro_batch_plan(prompt_lens: list[int], completion_lens: list[int], *, max_rows: int,
+                     max_tokens: int = 0) -> tuple[list[int] | None, list[tuple[int, int]]]:
+    """The row order and the [start, stop) micro-batches (over that order) an update runs.
+
+    Each micro-batch is trimmed to its own longest prompt and completion, so rows of similar
+    lengths side by side carry less padding: the rows sorted by (completion, prompt) length are
+    taken when that splits into fewer padded tokens than the batch order (order None = the batch
+    order; one micro-batch always keeps it: nothing to save, and the same sums).
+
+    >>> micro_batch_plan([2, 2, 2, 2], [9, 1, 8, 2], max_rows=2)  # 2·(2+9) + 2·(2+2) vs 4·(2+9)
+    ([1, 3, 2, 0], [(0, 2), (2, 4)])
+    >>> micro_batch_plan([2, 2, 2, 2], [9, 1, 8, 2], max_rows=4)
+    (None, [(0, 4)])
+    """
+    plain = micro_batches(prompt_lens, completion_lens, max_rows=max_rows, max_tokens=max_tokens)
+    order = sorted(range(len(prompt_lens)), key=lambda r: (completion_lens[r], prompt_lens[r]))
+    P, C = [prompt_lens[r] for r in order], [completion_lens[r] for r in order]
+    by_length = micro_batches(P, C, max_rows=max_rows, max_tokens=max_tokens)
+
+    def padded(bounds, P, C):
+        return sum((b - a) * (max(P[a:b]) + max(C[a:b])) for a, b in bounds)
+
+    if len(plain) > 1 and padded(by_length, P, C) < padded(plain, prompt_lens, completion_lens):
+        return order, by_length
+    return None, plain
 
 
 def micro_batches(prompt_lens: list[int], completion_lens: list[int], *, max_rows: int,

@@ -145,6 +145,31 @@ def test_update_is_invariant_to_micro_batching_and_checkpointing(step_tables, ti
     assert results[0].metrics["grad_norm"] > 1e-3
 
 
+def test_micro_batches_take_the_rows_sorted_by_length_where_that_saves_padding(step_tables, tiny_student):
+    """The update's micro-batches follow `micro_batch_plan`: over the rows sorted by length
+    when that means fewer padded tokens through the model than the batch order (the update is
+    the same either way: previous test)."""
+    from kdrl.batching import micro_batch_plan, micro_batches
+
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    T = batch.completion_ids_BT.shape[1]
+    p, c = batch.attention_mask_BS[:, :-T].sum(1).tolist(), batch.completion_mask_BT.sum(1).int().tolist()
+    for micro in (2, 3, 4, 5):
+        model = copy.deepcopy(tiny_student)
+        shapes = []
+        model.model.register_forward_hook(
+            lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        _one_update(model, batch, micro=micro)
+        order, bounds = micro_batch_plan(p, c, max_rows=micro)
+        order = order or list(range(len(p)))
+        P, C = [p[r] for r in order], [c[r] for r in order]
+        assert shapes == [(b - a, max(P[a:b]) + max(C[a:b])) for a, b in bounds]
+        plain = sum((b - a) * (max(p[a:b]) + max(c[a:b])) for a, b in micro_batches(p, c, max_rows=micro))
+        assert sum(r * w for r, w in shapes) <= plain
+    assert micro_batch_plan(p, c, max_rows=2)[0] is not None  # some split of these rows is sorted
+
+
 def test_gradient_checkpointing_recomputes_the_layers_in_the_backward_pass(step_tables, tiny_student):
     """With model.gradient_checkpointing each decoder layer runs forward twice per micro-batch
     (once more in backward): activations are recomputed, not kept."""
