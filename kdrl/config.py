@@ -365,9 +365,10 @@ class OptimConfig(_Section):
     """Most sequences per forward/backward; gradients accumulate to one step per rollout batch."""
     max_tokens_per_microbatch: NonNegInt = 0
     """Most padded tokens (rows × the longest prompt + response among them) per forward/backward:
-    consecutive rows (sorted by length where that saves padding) are packed up to this budget, so long responses get small micro-batches and
-    short ones large (at most micro_batch_size rows). 0 = micro_batch_size rows each. The loss
-    does not depend on the split (global token denominators)."""
+    consecutive rows (sorted by length where that saves padding) are packed up to this budget, so
+    long responses get small micro-batches and short ones large (at most micro_batch_size rows).
+    0 = micro_batch_size rows each. The loss does not depend on the split (global token
+    denominators)."""
 
 
 class EmbeddedConfig(_Section):
