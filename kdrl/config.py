@@ -234,7 +234,8 @@ class TeacherConfig(_Section):
     """Also store the teacher's top-k ids and log-probs per position (needed by loss.kl_estimator
     = "topk"); 0 stores only the sampled token's log-prob."""
     max_tokens_per_batch: Count = 16384
-    """Scoring batches are length-sorted and packed up to this many (padded) tokens."""
+    """Scoring batches are length-sorted and packed up to this many (padded) tokens; on a CPU at
+    most `kdrl.perf.CPU_TOKENS_PER_PASS` (1024: smaller passes run faster there)."""
     offload: bool = False
     """Unload the teacher after each scoring stage and reload it for the next, so teacher and
     student are never in memory together during the update (costs a load per iteration). A vLLM
@@ -367,7 +368,8 @@ class OptimConfig(_Section):
     """Most padded tokens (rows × the longest prompt + response among them) per forward/backward:
     consecutive rows (sorted by length where that saves padding) are packed up to this budget, so
     long responses get small micro-batches and short ones large (at most micro_batch_size rows).
-    0 = micro_batch_size rows each. The loss does not depend on the split (global token
+    0 = micro_batch_size rows each; on a CPU the budget is at most `kdrl.perf.CPU_TOKENS_PER_PASS`
+    (1024: smaller passes run faster there). The loss does not depend on the split (global token
     denominators)."""
 
 

@@ -65,3 +65,26 @@ def mfu(flops: float, seconds: float, peak: float | None, devices: int = 1) -> f
     if not peak or seconds <= 0:
         return float("nan")
     return flops / (seconds * peak * devices)
+
+
+CPU_TOKENS_PER_PASS = 1024
+"""On a CPU, the most padded tokens one teacher-scoring forward or one update forward/backward
+takes: smaller passes keep the activations in cache and ran faster there than the configured
+GPU-sized ones (embedded chain task, a 16x8 batch, 1 thread: teacher scoring 1.9x faster than
+one 16k-token pass, the update 1.2x faster than 64-row micro-batches; docs/benchmarks.md).
+A configured budget below it is kept; on a GPU the configured budgets apply as set."""
+
+
+def pass_token_budget(configured: int, device: torch.device | str) -> int:
+    """The token budget of one pass on `device`: `configured` (0 = no budget), capped at
+    `CPU_TOKENS_PER_PASS` on a CPU. Every budget is a maximum, so the cap changes how rows are
+    split, never what is computed (up to the rounding of sums).
+
+    >>> pass_token_budget(16384, "cpu"), pass_token_budget(0, "cpu"), pass_token_budget(512, "cpu")
+    (1024, 1024, 512)
+    >>> pass_token_budget(16384, "cuda"), pass_token_budget(0, "cuda")
+    (16384, 0)
+    """
+    if torch.device(device).type != "cpu":
+        return configured
+    return min(configured, CPU_TOKENS_PER_PASS) if configured else CPU_TOKENS_PER_PASS

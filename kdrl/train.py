@@ -44,7 +44,7 @@ from kdrl.losses import (
     reverse_kl_topk_BT,
     signal_norms_sq,
 )
-from kdrl.perf import train_flops
+from kdrl.perf import pass_token_budget, train_flops
 from kdrl.storage import describe_write_failure
 
 
@@ -277,8 +277,10 @@ def update_step(
     completion_lens = batch.completion_mask_BT.sum(dim=1).int().tolist()
     # Micro-batches over the rows sorted by length where that saves padding (`micro_batch_plan`:
     # ~18% of the tokens at 16x8 on the embedded tasks); the returned rows are in batch order.
+    # On a CPU at most CPU_TOKENS_PER_PASS tokens per micro-batch (`pass_token_budget`: faster there).
+    max_tokens = pass_token_budget(optim_cfg.max_tokens_per_microbatch, batch.completion_mask_BT.device)
     order, bounds = micro_batch_plan(prompt_lens, completion_lens, max_rows=optim_cfg.micro_batch_size,
-                                     max_tokens=optim_cfg.max_tokens_per_microbatch)
+                                     max_tokens=max_tokens)
     inverse = None
     rows, rows_advantages_B, rows_kd_mask, rows_mask_BT = batch, advantages_B, kd_mask, mask_BT
     if order is not None:

@@ -250,6 +250,22 @@ def test_scoring_packs_batches_by_token_budget(tiny_student, tiny_tokenizer, pro
     assert [rows for rows, _ in calls] != [5]
 
 
+def test_on_a_cpu_scoring_batches_hold_at_most_the_cpu_token_budget(tiny_student, tiny_tokenizer, prompt_ids):
+    from kdrl.perf import CPU_TOKENS_PER_PASS
+
+    completions = [[5] * 30] * 48  # 48 rows of ~40 tokens: ~1,900 padded tokens, under the 16k default
+    prompts = [prompt_ids[0]] * len(completions)
+    calls: list[tuple[int, int]] = []
+    model = copy.deepcopy(tiny_student)
+    model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    scorer = HFTeacherScorer(model, tiny_tokenizer)
+    assert scorer.max_tokens_per_batch == CPU_TOKENS_PER_PASS
+    scorer.score(prompts, completions)
+    assert len(calls) > 1 and all(rows * width <= CPU_TOKENS_PER_PASS for rows, width in calls)
+
+
 def test_scoring_without_top_k_and_all_empty(tiny_student, tiny_tokenizer, prompt_ids):
     scorer = HFTeacherScorer(tiny_student, tiny_tokenizer)
     scores = scorer.score(prompt_ids[:2], [[], [5, 6, 2]])

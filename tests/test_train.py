@@ -170,6 +170,23 @@ def test_micro_batches_take_the_rows_sorted_by_length_where_that_saves_padding(s
     assert micro_batch_plan(p, c, max_rows=2)[0] is not None  # some split of these rows is sorted
 
 
+def test_on_a_cpu_a_micro_batch_holds_at_most_the_cpu_token_budget(step_tables, tiny_student, monkeypatch):
+    """kdrl.perf.pass_token_budget: on a CPU every micro-batch stays within CPU_TOKENS_PER_PASS
+    padded tokens (a row alone may exceed it), whatever optim.micro_batch_size allows."""
+    import kdrl.perf
+
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    monkeypatch.setattr(kdrl.perf, "CPU_TOKENS_PER_PASS", 60)
+    model = copy.deepcopy(tiny_student)
+    shapes = []
+    model.model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                      with_kwargs=True)
+    _one_update(model, batch, micro=64)
+    assert len(shapes) > 1 and sum(rows for rows, _ in shapes) == batch.num_rows
+    assert all(rows * width <= 60 or rows == 1 for rows, width in shapes)
+
+
 def test_gradient_checkpointing_recomputes_the_layers_in_the_backward_pass(step_tables, tiny_student):
     """With model.gradient_checkpointing each decoder layer runs forward twice per micro-batch
     (once more in backward): activations are recomputed, not kept."""

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from kdrl.engines.base import check_generate_args, check_score_args
 from kdrl.models import tokenizers_match
+from kdrl.perf import pass_token_budget
 from kdrl.progress import Progress
 from kdrl.types import FinishReason, Rollouts, TeacherScores
 
@@ -292,7 +293,7 @@ class HFTeacherScorer:
             check_same_tokenizer(student_tokenizer, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
-        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_tokens_per_batch = pass_token_budget(max_tokens_per_batch, model.device)  # smaller on a CPU
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
