@@ -209,58 +209,96 @@ def worker_trl(args: argparse.Namespace, t0: float) -> dict:
 
 
 def worker_floor(args: argparse.Namespace, t0: float) -> dict:
-    """Bare transformers calls on one step's rows: the compute each stage cannot go below."""
+    """One step's rows (step 1's prompts) through each stage in isolation, alternated per
+    repetition: bare transformers calls (what a minimal loop computes: `generate`, one padded
+    teacher forward + log_softmax/gather, 64-row forward/backward + AdamW), and kdrl's own stage
+    functions (engine, rewards, teacher scorer, `update_step`) without the loop around them —
+    the floor a kdrl step is compared to (its overhead: Parquet, bookkeeping, the flow)."""
+    import polars as pl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kdrl.models import load_tokenizer
-
+    from kdrl.batching import collate, join_step_tables
     from kdrl.config import load_config
+    from kdrl.data import build_prompts, sample_prompt_ids
+    from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
+    from kdrl.models import load_tokenizer
+    from kdrl.stages import generate_rollouts, kd_needed, score_rewards, score_teacher
+    from kdrl.train import build_optimizer, update_step
 
     torch.set_num_threads(1)
     P, G = args.shape
-    cfg = load_config(args.config, _overrides(args, args.shape, args.runs_dir))
+    cfg = load_config(args.config, [f"run.method={ARM_METHOD['kdrl']}", *_overrides(args, args.shape, args.runs_dir)])
     _, prompt_ids, _, student_path, teacher_path = _step_prompts(args)
     tokenizer = load_tokenizer(student_path)
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
-    rows = [ids for ids in prompt_ids[P:2 * P] for _ in range(G)]  # step 1's prompts
+    table = build_prompts(cfg.data, tokenizer)
+    train_ids = table.filter(pl.col("split") == "train")["prompt_id"].to_list()
+    drawn = table.filter(pl.col("prompt_id").is_in(sample_prompt_ids(train_ids, step=1, count=P, seed=cfg.run.seed)))
+    drawn = drawn.sort("prompt_id")
+    rows = [ids for ids in drawn["prompt_token_ids"].to_list() for _ in range(G)]
+    assert drawn["prompt_token_ids"].to_list() == prompt_ids[P:2 * P]
     width = max(map(len, rows))
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
-    out: dict[str, list[float]] = {"generate_s": [], "teacher_s": [], "update_s": []}
+    engine, scorer = HFRolloutEngine(student, tokenizer), HFTeacherScorer(
+        teacher, tokenizer, max_tokens_per_batch=cfg.teacher.max_tokens_per_batch)
+    own_optimizer, own_scheduler = build_optimizer(student, cfg.optim, total_steps=args.steps)
+    out: dict[str, list[float]] = {k: [] for k in ("generate_s", "teacher_s", "update_s", "own_generate_s",
+                                                   "own_rewards_s", "own_teacher_s", "own_update_s")}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        result = fn()
+        out[key].append(time.perf_counter() - start)
+        return result
+
     for rep in range(args.steps):
+        # bare transformers
         student.eval()
         torch.manual_seed(rep)
-        start = time.perf_counter()
         with torch.no_grad():
-            seq = student.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                                   top_p=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        out["generate_s"].append(time.perf_counter() - start)
+            seq = timed("generate_s", lambda: student.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=cfg.rollout.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id))
         completion = seq[:, width:]
         done = (completion == tokenizer.eos_token_id).cumsum(1)
         cmask = ((done == 0) | ((done == 1) & (completion == tokenizer.eos_token_id))).long()
         full_mask = torch.cat([mask, cmask], 1)
         keep = completion.shape[1]
-        start = time.perf_counter()
-        with torch.no_grad():
-            logits = teacher(input_ids=seq, attention_mask=full_mask, logits_to_keep=keep + 1).logits[:, :-1]
-            torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None]).squeeze(-1).tolist()
-        out["teacher_s"].append(time.perf_counter() - start)
-        student.train()
-        start = time.perf_counter()
-        n_tokens = cmask.sum()
-        for lo in range(0, len(rows), MICRO_BATCH):
-            sl = slice(lo, lo + MICRO_BATCH)
-            logits = student(input_ids=seq[sl], attention_mask=full_mask[sl], logits_to_keep=keep + 1).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[sl, :, None]).squeeze(-1)
-            (-(logp * cmask[sl]).sum() / n_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        out["update_s"].append(time.perf_counter() - start)
+
+        def bare_teacher():
+            with torch.no_grad():
+                logits = teacher(input_ids=seq, attention_mask=full_mask, logits_to_keep=keep + 1).logits[:, :-1]
+                return torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None]).squeeze(-1).tolist()
+
+        def bare_update():
+            student.train()
+            n_tokens = cmask.sum()
+            for lo in range(0, len(rows), MICRO_BATCH):
+                sl = slice(lo, lo + MICRO_BATCH)
+                logits = student(input_ids=seq[sl], attention_mask=full_mask[sl],
+                                 logits_to_keep=keep + 1).logits[:, :-1]
+                logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[sl, :, None]).squeeze(-1)
+                (-(logp * cmask[sl]).sum() / n_tokens).backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        timed("teacher_s", bare_teacher)
+        timed("update_s", bare_update)
+        # kdrl's own stage functions on the same prompts
+        rollouts = timed("own_generate_s", lambda: generate_rollouts(
+            engine, drawn, step=1, n=G, max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, seed=rep))
+        rewards = timed("own_rewards_s", lambda: score_rewards(rollouts, drawn, cfg.reward))
+        scores = timed("own_teacher_s", lambda: score_teacher(scorer, rollouts, kd_needed(rollouts, rewards, cfg.loss),
+                                                              top_k=cfg.teacher.top_k))
+        batch = collate(join_step_tables(rollouts, rewards, scores), pad_token_id=tokenizer.pad_token_id)
+        timed("own_update_s", lambda: update_step(student, own_optimizer, own_scheduler, batch, loss_cfg=cfg.loss,
+                                                  optim_cfg=cfg.optim, optimizer_step=rep))
     return {key: values[1:] for key, values in out.items()} | {"tokens": int(cmask.sum())}
 
 
@@ -358,21 +396,25 @@ def _report(rows, args) -> None:
             uf = [r["startup_s"] for r in results["flow_kdrl"]]
             print(f"| {text} | flow_kdrl (Prefect) | {_fmt(sf)} | | | | {statistics.median(uf):.1f} |")
     if any(floor for _, _, floor in rows):
-        print("\n| shape | floor generate s | floor teacher s | floor update s "
-              "| kdrl step / floor (gen+teacher+update) | grpo step / floor (gen+update) |")
+        print("\n| shape | bare generate / teacher / update s | kdrl's own generate / rewards / teacher / update s "
+              "| kdrl step / own floor | grpo step / own floor (no teacher) | kdrl step / bare floor |")
         print("|---|---|---|---|---|---|")
         for text, results, floor in rows:
             if not floor:
                 continue
-            gen, teach, upd = (statistics.median(floor[k]) for k in ("generate_s", "teacher_s", "update_s"))
+            m = {key: statistics.median(values) for key, values in floor.items() if key != "tokens"}
+            bare = m["generate_s"] + m["teacher_s"] + m["update_s"]
+            own = m["own_generate_s"] + m["own_rewards_s"] + m["own_teacher_s"] + m["own_update_s"]
 
             def over(arm: str, floor_s: float) -> str:
                 if not results.get(arm):
                     return "–"
                 return f"{statistics.median(statistics.median(r['step_s']) for r in results[arm]) / floor_s:.2f}"
 
-            print(f"| {text} | {gen:.2f} | {teach:.2f} | {upd:.2f} | {over('kdrl', gen + teach + upd)} "
-                  f"| {over('grpo', gen + upd)} |")
+            print(f"| {text} | {m['generate_s']:.2f} / {m['teacher_s']:.2f} / {m['update_s']:.2f} "
+                  f"| {m['own_generate_s']:.2f} / {m['own_rewards_s']:.2f} / {m['own_teacher_s']:.2f} / "
+                  f"{m['own_update_s']:.2f} | {over('kdrl', own)} | {over('grpo', own - m['own_teacher_s'])} "
+                  f"| {over('kdrl', bare)} |")
 
 if __name__ == "__main__":
     main()
