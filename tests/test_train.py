@@ -170,6 +170,33 @@ def test_micro_batches_take_the_rows_sorted_by_length_where_that_saves_padding(s
     assert micro_batch_plan(p, c, max_rows=2)[0] is not None  # some split of these rows is sorted
 
 
+def test_sorted_micro_batches_over_two_ppo_epochs_match_one_pass(step_tables, tiny_student):
+    """Epoch 2 reads epoch 1's log-probs (the PPO ratio's denominator) by micro-batch position:
+    with rows sorted by length they must still be each row's own."""
+    from kdrl.batching import micro_batch_plan
+
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    T = batch.completion_ids_BT.shape[1]
+    p, c = batch.attention_mask_BS[:, :-T].sum(1).tolist(), batch.completion_mask_BT.sum(1).int().tolist()
+    assert micro_batch_plan(p, c, max_rows=2)[0] is not None  # the split below is sorted
+    results, models = [], []
+    for rows in (64, 2):
+        model = copy.deepcopy(tiny_student)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+        optim_cfg = OptimConfig(micro_batch_size=rows, grad_clip=0.0)
+        results.append(update_step(model, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0), batch,
+                                   loss_cfg=LossConfig(beta_init=0.5, ppo_epochs=2), optim_cfg=optim_cfg,
+                                   optimizer_step=0))
+        models.append(model)
+    for key in ("loss", "pg_loss", "kd_loss", "grad_norm"):
+        assert results[1].metrics[key] == pytest.approx(results[0].metrics[key], rel=1e-5, abs=1e-7)
+    mask = batch.completion_mask_BT
+    assert torch.allclose(results[1].student_logp_BT * mask, results[0].student_logp_BT * mask, atol=1e-6)
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
 def test_on_a_cpu_a_micro_batch_holds_at_most_the_cpu_token_budget(step_tables, tiny_student, monkeypatch):
     """kdrl.perf.pass_token_budget: on a CPU every micro-batch stays within CPU_TOKENS_PER_PASS
     padded tokens (a row alone may exceed it), whatever optim.micro_batch_size allows."""

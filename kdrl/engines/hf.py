@@ -357,7 +357,7 @@ class HFTeacherScorer:
         out = []
         # One log_softmax + gather (+ topk) per chunk of rows, not per row: a row's values are the
         # same either way (the softmax runs along V within each position), and a chunk holds at
-        # most LOGSOFTMAX_CHUNK_ELEMENTS float32 values, so a large vocabulary stays in bounds.
+        # most LOGSOFTMAX_CHUNK_ELEMENTS float32 values (or one row, if a row alone holds more).
         rows = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // (t_max * window_BTV.shape[-1]))
         for lo in range(0, len(lengths), rows):
             logp_BTV = torch.log_softmax(window_BTV[lo : lo + rows].float(), dim=-1)
