@@ -44,27 +44,24 @@ class StepBatch:
 
     def rows(self, start: int, stop: int) -> StepBatch:
         """A micro-batch view of rows [start, stop) (per-prompt tensors are not sliced)."""
-        sliced = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "keys":
-                value = value.slice(start, stop - start)
-            elif isinstance(value, torch.Tensor) and not f.name.endswith("_PG"):
-                value = value[start:stop]
-            sliced[f.name] = value
-        return StepBatch(**sliced)
+        return self._per_row(lambda value: value[start:stop], lambda keys: keys.slice(start, stop - start))
 
     def take(self, index: torch.Tensor) -> StepBatch:
         """The rows in the order of `index` (per-prompt tensors are not reordered)."""
-        taken = {}
+        return self._per_row(lambda value: value[index.to(value.device)], lambda keys: keys[index.tolist()])
+
+    def _per_row(self, tensor_rows, key_rows) -> StepBatch:
+        """`tensor_rows` applied to every per-row tensor, `key_rows` to the keys; per-prompt (_PG)
+        tensors and None fields as they are."""
+        picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "keys":
-                value = value[index.tolist()]
+                value = key_rows(value)
             elif isinstance(value, torch.Tensor) and not f.name.endswith("_PG"):
-                value = value[index.to(value.device)]
-            taken[f.name] = value
-        return StepBatch(**taken)
+                value = tensor_rows(value)
+            picked[f.name] = value
+        return StepBatch(**picked)
 
     def groups(self, start: int, stop: int) -> StepBatch:
         """Prompt groups [start, stop): their G rows each and their rows of the per-prompt

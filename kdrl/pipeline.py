@@ -248,17 +248,18 @@ def write_evaluation(run: RunInfo, student: Student, rollout: Rollout, teacher: 
                                    max_new_tokens=cfg.rollout.max_new_tokens, reward_cfg=cfg.reward,
                                    seed=step_seed(cfg.run.seed, -1))
 
+        def evaluated(name: str, path: str, kind: str, engine) -> pl.DataFrame:
+            """The baseline (the untrained models: the same for every run of them) comes from
+            `baseline_cache_path` where cached; later steps are always evaluated."""
+            if step < 0:
+                return _cached_baseline(cfg, name, path, kind, heldout, lambda: passes(name, engine()))
+            return passes(name, engine())
+
         resumed_baseline = step < 0 and student.next_step > 0
-        if step < 0:  # the untrained models: the same for every run of them (`baseline_cache_path`)
-            frames = [_cached_baseline(cfg, "student", student.path, "hf" if resumed_baseline else rollout.kind,
-                                       heldout, lambda: passes("student", _initial_engine(rollout) if resumed_baseline
-                                                               else rollout.engine()))]
-        else:
-            frames = [passes("student", rollout.engine())]
+        frames = [evaluated("student", student.path, "hf" if resumed_baseline else rollout.kind,
+                            lambda: _initial_engine(rollout) if resumed_baseline else rollout.engine())]
         if include_teacher and teacher is not None:
-            frames.append(_cached_baseline(cfg, "teacher", teacher.path, teacher.kind, heldout,
-                                           lambda: passes("teacher", teacher.sampler())) if step < 0
-                          else passes("teacher", teacher.sampler()))
+            frames.append(evaluated("teacher", teacher.path, teacher.kind, teacher.sampler))
         if teacher is not None:
             teacher.release()
         maybe_fault("evaluate", step)
