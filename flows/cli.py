@@ -9,6 +9,7 @@
     kdrl compare [--seeds N] [--steps S]              every method on the same prompts/seeds/budget
     kdrl import-gguf FILE|smollm2 OUT_DIR [--dtype]   a GGUF model → a plain HF model folder
     kdrl prune-layers SRC OUT_DIR --keep N            a copy with N evenly spaced decoder layers (a student)
+    kdrl server start|stop|status [--port 4200]       a local Prefect server (and UI) every command then uses
 
 It lives beside the flows (not in `kdrl/`) so that the library never depends on the drivers.
 """
@@ -168,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--keep", type=int, help="keep N evenly spaced layers, the first and the last included")
     which.add_argument("--layers", help="comma-separated layer indices to keep, e.g. 0,1,2,29")
+    server = sub.add_parser("server", help="start, stop or show a local Prefect server (with its UI) that every "
+                            "later train/eval/compare uses instead of starting one of its own")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 4200, Prefect's)")
+    server.add_argument("--no-ui", action="store_true", help="the API only, no web UI")
     return parser
 
 
@@ -218,31 +224,111 @@ def _run_flow(config_path: str | None, overrides: list[str], run_id: str | None)
 
 
 def _in_prefect(flow, **parameters):
-    """Call `flow` against the configured Prefect API, or a local server started for this
-    command (see flows/server.py) when none is configured."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Call `flow` against the configured Prefect API; else against the server `kdrl server start`
+    left running; else against a local server for this command alone (started early by `main`,
+    see flows/server.py), stopped when the flow ends."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from flows.interrupts import wrap_prefects_sigterm_bridge
-    from flows.server import local_server
+    from flows.server import local_server, shared_server
 
-    global _phase
+    global _phase, _early_server
     wrap_prefects_sigterm_bridge()  # the handler a flow run installs raises at a safe point too
     if PREFECT_API_URL.value():
+        _stop_early_server()  # started before the settings were read: a profile sets the API
         _phase = f"running the {flow.name} flow"
         return flow(**parameters)
-    print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own)", flush=True)
+    shared, why_not = shared_server(Path(PREFECT_HOME.value()).expanduser())
+    if shared is not None:
+        _stop_early_server()
+        print(f"[kdrl] Prefect server at {shared['url']} (from `kdrl server start`"
+              + (f"; UI {shared['ui']})" if shared.get("ui") else ")"), flush=True)
+        _phase = f"running the {flow.name} flow"
+        with temporary_settings(updates={PREFECT_API_URL: shared["url"]}):
+            return _flow_then_drain(flow, parameters)
+    if why_not:
+        print(f"[kdrl] {why_not}", flush=True)
+    started, _early_server = _early_server, None
+    if started is None:
+        _say_starting()
     _phase = "the local Prefect server was starting (it is stopped)"
-    with local_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
-        print(f"[kdrl] local Prefect server at {url} (it stops with this command)", flush=True)
+    with local_server(started=started) as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        print(f"[kdrl] local Prefect server at {url} (it stops with this command; `kdrl server start` keeps one "
+              "running for every command)", flush=True)
         _phase = f"running the {flow.name} flow (the local Prefect server is stopped)"
-        try:
-            return flow(**parameters)
-        finally:  # deliver queued logs and events while the server is still up
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
+        return _flow_then_drain(flow, parameters)
 
-            APILogWorker.drain_all(timeout=10)
-            EventsWorker.drain_all(timeout=10)
+
+def _flow_then_drain(flow, parameters: dict):
+    try:
+        return flow(**parameters)
+    finally:  # deliver queued logs and events while the server is still up
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+
+
+_early_server = None  # flows.server.LocalServer started by `main` before the heavy imports
+
+
+def _say_starting() -> None:
+    print("[kdrl] starting a local Prefect server for this run (set PREFECT_API_URL to use your own, or keep one "
+          "running with `kdrl server start`)", flush=True)
+
+
+def _start_server_early(args: argparse.Namespace) -> None:
+    """Start this command's local Prefect server now, so that it boots while the driver imports
+    torch, reads its config and loads models (~4 s of a 2-core box's start-up otherwise spent
+    waiting for it). Only where the command will want one and nothing says otherwise cheaply:
+    PREFECT_API_URL in the environment, or a server from `kdrl server start` (its record); a
+    profile that sets the API is found later, by `_in_prefect`, which stops this one."""
+    global _early_server, _phase
+    from flows.server import RECORD, LocalServer, prefect_home
+
+    if (args.command not in ("train", "eval", "compare") or args.no_prefect or os.environ.get("PREFECT_API_URL")
+            or (prefect_home() / RECORD).exists()):
+        return
+    _say_starting()
+    _phase = "the local Prefect server was starting (it is stopped)"
+    _early_server = LocalServer.start()
+
+
+def _stop_early_server() -> None:
+    global _early_server
+    if _early_server is not None:
+        _early_server.stop()
+        _early_server = None
+
+
+def _server(args: argparse.Namespace) -> int:
+    from flows.server import DEFAULT_PORT, prefect_home, shared_server, start_shared, stop_shared
+
+    home = prefect_home()
+    if args.action == "start":
+        record, started = start_shared(home, port=DEFAULT_PORT if args.port is None else args.port, ui=not args.no_ui)
+        if not started and args.port is not None and args.port != record["port"]:
+            print(f"kdrl server: one is already running for {home} on port {record['port']}; `kdrl server stop` "
+                  "first to move it", file=sys.stderr)
+            return 2
+        print(f"{'started' if started else 'already running'}: Prefect server at {record['url']} (pid {record['pid']}"
+              + (f", UI {record['ui']}" if record.get("ui") else "") + f", log {record['log']})\n"
+              f"every kdrl train/eval/compare with PREFECT_HOME={home} and no PREFECT_API_URL uses it; "
+              "`kdrl server stop` stops it")
+    elif args.action == "stop":
+        record = stop_shared(home)
+        print(f"stopped the Prefect server at {record['url']} (pid {record['pid']})" if record else
+              f"no server from `kdrl server start` for {home}")
+    else:
+        record, why_not = shared_server(home)
+        if record is None:
+            print(why_not or f"no server from `kdrl server start` for {home}")
+            return 1
+        print(f"running: Prefect server at {record['url']} (pid {record['pid']}"
+              + (f", UI {record['ui']}" if record.get("ui") else "") + f", since {record['started']}, "
+              f"Prefect {record['prefect']}, log {record['log']})")
+    return 0
 
 
 def _print_before_after(run_dir: Path, last_step: int) -> None:
@@ -438,13 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _prefect_defaults()  # before anything imports prefect
     commands = {"train": _train, "runs": _runs, "show": _show, "replay": _replay, "eval": _eval, "compare": _compare,
-                "merge-lora": _merge_lora, "import-gguf": _import_gguf, "prune-layers": _prune_layers}
+                "merge-lora": _merge_lora, "import-gguf": _import_gguf, "prune-layers": _prune_layers,
+                "server": _server}
     restore = None
     if threading.current_thread() is threading.main_thread():  # stop at a safe point (flows/interrupts.py)
         restore = interrupts.install({signal.SIGTERM: _raise_terminated, signal.SIGINT: _raise_keyboard_interrupt})
     _phase = "starting"
     try:
-        return commands[args.command](args)
+        try:
+            _start_server_early(args)
+            return commands[args.command](args)
+        finally:
+            _stop_early_server()  # a command that failed before its flow started
     except ServerStartError as err:
         print(f"kdrl {args.command}: {err}", file=sys.stderr, flush=True)
         return 1

@@ -11,6 +11,7 @@ parent dies (Linux `PR_SET_PDEATHSIG`). The database is the user's usual `$PREFE
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 NICENESS = 19
 
@@ -29,6 +31,10 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _lower_priority() -> None:  # runs in the child before exec
+    os.nice(NICENESS)
 
 
 def _lower_priority_and_die_with_parent() -> None:  # runs in the child before exec
@@ -94,34 +100,182 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, output, ho
                        "(`prefect server start`) and set PREFECT_API_URL")
 
 
+class LocalServer:
+    """A `prefect server start` on a loopback port, at lower priority: `start()` returns at once
+    (the driver imports torch and loads its config meanwhile), `wait_ready()` blocks until
+    /health answers, `stop()` ends it. Per command (`detached=False`) it has a session of its own
+    (a Ctrl-C or SIGTERM sent to the terminal's process group reaches only the driver, which can
+    still record how its flow run ended) and gets SIGTERM from the kernel when the driver dies;
+    detached (`kdrl server start`) it outlives the command that started it."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, output, home: str) -> None:
+        self.proc, self.url, self._output, self._home = proc, url, output, home
+
+    @classmethod
+    def start(cls, *, env: dict[str, str] | None = None, log_path: str | None = None, port: int | None = None,
+              ui: bool = False, detached: bool = False) -> LocalServer:
+        port = _free_port() if port is None else port
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--analytics-off", "--ui" if ui else "--no-ui"]
+        # The output is kept (a temporary file unless log_path) so that a failed start can say why.
+        out = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True,
+                                preexec_fn=_lower_priority if detached else _lower_priority_and_die_with_parent)
+        return cls(proc, f"http://127.0.0.1:{port}/api", out, (os.environ if env is None else env).get(
+            "PREFECT_HOME", "~/.prefect"))
+
+    def wait_ready(self, timeout_s: float) -> str:
+        _wait_healthy(self.url, self.proc, timeout_s, self._output, self._home)
+        return self.url
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._output.close()
+
+
 @contextmanager
 def local_server(*, env: dict[str, str] | None = None, log_path: str | None = None,
-                 timeout_s: float | None = None) -> Iterator[str]:
-    """Start `prefect server start` on a free loopback port at lower priority; yield its API URL.
-    `env` replaces the server's environment (e.g. another PREFECT_HOME); `log_path` keeps its output;
-    `timeout_s` defaults to `startup_timeout_s()`.
-
-    The server gets a session of its own, so a Ctrl-C or a SIGTERM sent to the terminal's process
-    group reaches only the driver: the driver can still record on the server how its flow run
-    ended (Crashed, not a RUNNING ghost), then stops the server here.
-    """
+                 timeout_s: float | None = None, started: LocalServer | None = None) -> Iterator[str]:
+    """Start a per-command `LocalServer` (or take `started`, one started earlier); yield its API
+    URL once healthy; stop it on the way out. `env` replaces the server's environment (e.g.
+    another PREFECT_HOME); `log_path` keeps its output; `timeout_s` defaults to
+    `startup_timeout_s()`."""
     timeout_s = startup_timeout_s(env) if timeout_s is None else timeout_s
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-           "--analytics-off", "--no-ui"]
-    # The output is kept (a temporary file unless log_path) so that a failed start can say why.
-    out = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=_lower_priority_and_die_with_parent)
+    server = started if started is not None else LocalServer.start(env=env, log_path=log_path)
     try:
-        _wait_healthy(url, proc, timeout_s, out, (os.environ if env is None else env).get("PREFECT_HOME", "~/.prefect"))
-        yield url
+        yield server.wait_ready(timeout_s)
     finally:
-        proc.terminate()
+        server.stop()
+
+
+# ----------------------------------------------------------------- a server shared by commands
+
+RECORD = "kdrl-server.json"
+DEFAULT_PORT = 4200  # Prefect's own, so the UI is where Prefect's docs say
+
+
+def prefect_home(env: dict[str, str] | None = None) -> Path:
+    """$PREFECT_HOME, else Prefect's default ~/.prefect."""
+    return Path((os.environ if env is None else env).get("PREFECT_HOME", "~/.prefect")).expanduser()
+
+
+def _alive_server(pid: int, port: int) -> bool:
+    """Whether `pid` is still a `prefect server start` on `port` (not a recycled PID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): the PID alone
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out.close()
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return b"prefect" in cmdline and b"server" in cmdline and str(port).encode() in cmdline
+
+
+def _answers(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def shared_server(home: Path) -> tuple[dict | None, str]:
+    """The server `kdrl server start` left running for this PREFECT_HOME: (its record, "") when it
+    answers, else (None, why not: "" when none was started). A record whose process is gone is
+    removed."""
+    path = home / RECORD
+    try:
+        record = json.loads(path.read_text())
+        pid, url, port = int(record["pid"]), str(record["url"]), int(record["port"])
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{path} is unreadable ({err}); `kdrl server stop` removes it"
+    if not _alive_server(pid, port):
+        path.unlink(missing_ok=True)
+        return None, f"the server `kdrl server start` recorded (pid {pid}) has exited; its record is removed"
+    if not _answers(url):
+        return None, f"the server `kdrl server start` recorded (pid {pid}) does not answer at {url}"
+    return record, ""
+
+
+@contextmanager
+def _record_lock(home: Path) -> Iterator[None]:
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / f"{RECORD}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def start_shared(home: Path, *, port: int = DEFAULT_PORT, ui: bool = True,
+                 timeout_s: float | None = None) -> tuple[dict, bool]:
+    """Start a detached local server for every later `kdrl` command with this PREFECT_HOME, or find
+    the one already running: (its record, whether this call started it). It runs at `nice` 19,
+    logs to $PREFECT_HOME/kdrl-server.log, and stops with `stop_shared` (`kdrl server stop`)."""
+    timeout_s = startup_timeout_s() if timeout_s is None else timeout_s
+    with _record_lock(home):
+        record, _ = shared_server(home)
+        if record is not None:
+            return record, False
+        with socket.socket() as sock:  # a clear error now, not a server that dies on a busy port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as err:
+                raise ServerStartError(f"port {port} on 127.0.0.1 is taken ({err.strerror}): choose another "
+                                       "with --port") from None
+        env = {**os.environ, "PREFECT_HOME": str(home)}
+        env.pop("PREFECT_API_URL", None)
+        log = home / "kdrl-server.log"
+        server = LocalServer.start(env=env, log_path=str(log), port=port, ui=ui, detached=True)
+        try:
+            server.wait_ready(timeout_s)
+        except BaseException:
+            server.stop()
+            raise
+        record = {"pid": server.proc.pid, "port": port, "url": server.url, "ui": f"http://127.0.0.1:{port}" if ui
+                  else None, "log": str(log), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "prefect": _prefect_version()}
+        tmp = home / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, home / RECORD)
+        return record, True
+
+
+def stop_shared(home: Path, timeout_s: float = 15.0) -> dict | None:
+    """Stop the server `start_shared` recorded for this PREFECT_HOME; its record, None if none ran."""
+    with _record_lock(home):
+        path = home / RECORD
+        try:
+            record = json.loads(path.read_text())
+            pid, port = int(record["pid"]), int(record["port"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            return None
+        if _alive_server(pid, port):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _alive_server(pid, port) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive_server(pid, port):
+                os.kill(pid, signal.SIGKILL)
+        path.unlink(missing_ok=True)
+        return record
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")

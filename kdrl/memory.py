@@ -21,9 +21,10 @@ bytes, with d the parameter dtype's size, h hidden, I intermediate, n heads × h
 
 Without gradient checkpointing every layer's activations live until the backward reaches it,
 plus one layer's gradients; with it, one hidden state per layer (the checkpoint's input) plus one
-layer recomputed and its gradients. The LM head runs in float32 chunks of `LOGPROB_CHUNK_TOKENS`
-rows (`kdrl.train.completion_logprobs_BT`): logits, their exponentials and their gradient, three
-float32 [chunk, V] tensors at once.
+layer recomputed and its gradients. The LM head holds three float32 [rows, V] tensors at once
+(logits, their exponentials and their gradient): all of a micro-batch's rows where that is at most
+`UNCHUNKED_LOGITS_BYTES`, else chunks of `LOGPROB_CHUNK_TOKENS` rows under activation checkpointing
+(`logprob_chunk_tokens`, used by `kdrl.train.completion_logprobs_BT`).
 
 Left out (hence `MARGIN_FRACTION` of the estimate and, on CUDA, `CUDA_CONTEXT_BYTES`): allocator
 fragmentation and caching, the CUDA context and kernels' workspaces, a LoRA student's own small
@@ -49,7 +50,25 @@ if TYPE_CHECKING:
 
 GiB = 1024**3
 LOGPROB_CHUNK_TOKENS = 4096
-"""Rows of the LM head per float32 chunk: `kdrl.train.completion_logprobs_BT`'s chunk_tokens (a test pins it)."""
+"""Rows of the LM head per float32 chunk, where `logprob_chunk_tokens` chunks it."""
+UNCHUNKED_LOGITS_BYTES = 256 * 2**20
+"""The most float32 LM-head memory (logits, their exponentials and their gradient: 12 B per token
+per vocabulary entry) a pass holds at once rather than chunk the head under activation
+checkpointing, whose backward runs every chunk's head matmul again."""
+
+
+def logprob_chunk_tokens(tokens: int, vocab: int) -> int | None:
+    """Rows per LM-head chunk of a log-prob pass over `tokens` positions (`kdrl.train.completion_logprobs_BT`),
+    or None: the whole head at once, without checkpointing. Chunks (each recomputed in the
+    backward) only where they save memory: a large vocabulary or a long batch, i.e. more than
+    `UNCHUNKED_LOGITS_BYTES` of float32 logits.
+
+    >>> logprob_chunk_tokens(16 * 8 * 48, 80)  # the embedded models: 7 MiB of logits
+    >>> logprob_chunk_tokens(8 * 1024, 151_936)  # Qwen2.5's vocabulary: 14 GiB at once
+    4096
+    >>> logprob_chunk_tokens(20, 151_936)  # 35 MiB
+    """
+    return None if tokens * vocab * 12 <= UNCHUNKED_LOGITS_BYTES else LOGPROB_CHUNK_TOKENS
 CUDA_CONTEXT_BYTES = GiB // 2
 """The CUDA context and cuBLAS/cuDNN workspaces, outside PyTorch's allocator statistics."""
 MARGIN_FRACTION = 0.10
@@ -203,7 +222,7 @@ def _gib(n: float) -> str:
 
 
 def update_rows(shape: ModelShape, *, d: int, tokens: int, row_tokens: int, checkpointing: bool,
-                trainable: int, trainable_d: int, chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> tuple[MemoryRow, ...]:
+                trainable: int, trainable_d: int) -> tuple[MemoryRow, ...]:
     """The update of one micro-batch of `tokens` padded tokens whose longest row has `row_tokens`:
     gradients of the `trainable` parameters, activations, the padding mask, the LM head chunk."""
     L, h = shape.layers, shape.hidden
@@ -218,7 +237,7 @@ def update_rows(shape: ModelShape, *, d: int, tokens: int, row_tokens: int, chec
         acts = [MemoryRow("layer activations",
                           f"{tokens:,} tok × ({L} + 1) layers × {layer:,} B ({terms}; +1: gradients)",
                           tokens * (L + 1) * layer)]
-    chunk = min(chunk_tokens, tokens)
+    chunk = min(logprob_chunk_tokens(tokens, shape.vocab) or tokens, tokens)
     return (
         MemoryRow("gradients", f"{trainable:,} × {trainable_d} B", trainable * trainable_d),
         *acts,

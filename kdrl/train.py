@@ -11,7 +11,8 @@ A step whose loss terms or gradient norm are not finite is never applied: `updat
 weights that are not finite, so a NaN never reaches a checkpoint.
 
 Student log-probs are computed in float32 from the hidden states at the completion positions
-only, in row chunks under activation checkpointing, so at most one chunk of B×T×V logits exists.
+only; where the B×T×V logits would be large (a big vocabulary, a long batch), in row chunks under
+activation checkpointing, so at most one chunk of them exists.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from kdrl.losses import (
     reverse_kl_topk_BT,
     signal_norms_sq,
 )
+from kdrl.memory import logprob_chunk_tokens
 from kdrl.perf import pass_token_budget, train_flops
 from kdrl.storage import describe_write_failure
 
@@ -122,7 +124,7 @@ def completion_logprobs_BT(
     *,
     temperature: float = 1.0,
     topk_ids_BTK: torch.Tensor | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
     stats: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π_θ(o_t | prompt, o_<t) (float32) for every completion position, and, if given the
@@ -130,8 +132,9 @@ def completion_logprobs_BT(
     dict, also ``stats["entropy_BT"]``: the policy's entropy at each position (no gradient).
 
     Logits are divided by the sampling temperature, matching the distribution the rollout engine
-    sampled from. The LM head runs on completion positions only, in chunks of `chunk_tokens`
-    rows, each under activation checkpointing. (Models whose head applies extra transforms, e.g.
+    sampled from. The LM head runs on completion positions only: at once, or, where the float32
+    logits of all positions would be large (`kdrl.memory.logprob_chunk_tokens`; or `chunk_tokens`
+    when given), in chunks of rows, each under activation checkpointing. (Models whose head applies extra transforms, e.g.
     logit soft-capping, are not handled here.) An FSDP2-sharded model runs it as a forward
     method of its root (`kdrl.distributed.shard_model`), so its weights are gathered around it."""
     kwargs = {"temperature": temperature, "topk_ids_BTK": topk_ids_BTK, "chunk_tokens": chunk_tokens, "stats": stats}
@@ -142,7 +145,7 @@ def completion_logprobs_BT(
 
 
 def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, temperature: float,
-                            topk_ids_BTK: torch.Tensor | None, chunk_tokens: int,
+                            topk_ids_BTK: torch.Tensor | None, chunk_tokens: int | None,
                             stats: dict[str, torch.Tensor] | None = None):
     """`completion_logprobs_BT` on the model's own modules (what a sharded root runs as its forward)."""
     T = batch.completion_ids_BT.shape[1]
@@ -158,13 +161,18 @@ def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, tempera
     targets_N = batch.completion_ids_BT.reshape(B * T)
     topk_NK = None if topk_ids_BTK is None else topk_ids_BTK.reshape(B * T, -1)
     head = model.get_output_embeddings()
+    if chunk_tokens is None:
+        chunk_tokens = logprob_chunk_tokens(B * T, head.weight.shape[0])
+    # One chunk (all rows) needs no checkpoint: its recompute would save nothing.
+    recompute = chunk_tokens is not None and torch.is_grad_enabled()
+    chunk_tokens = max(B * T, 1) if chunk_tokens is None else chunk_tokens
     logp_parts, topk_parts, entropy_parts = [], [], []
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         args = (hidden_NH[sl], head.weight, head.bias, targets_N[sl], None if topk_NK is None else topk_NK[sl],
                 temperature, stats is not None)
         logp_N, topk_NK_out, entropy_N = (checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                                          if torch.is_grad_enabled() else _chunk_logprobs(*args))
+                                          if recompute else _chunk_logprobs(*args))
         logp_parts.append(logp_N)
         topk_parts.append(topk_NK_out)
         entropy_parts.append(entropy_N)

@@ -17,11 +17,13 @@ from transformers import AutoConfig, LlamaConfig
 from kdrl.config import load_config
 from kdrl.memory import (
     LOGPROB_CHUNK_TOKENS,
+    UNCHUNKED_LOGITS_BYTES,
     DeviceMemory,
     MemoryEstimateError,
     ModelShape,
     check_memory,
     device_memory,
+    logprob_chunk_tokens,
     estimate_memory,
     row_tokens,
 )
@@ -126,7 +128,7 @@ def test_tiny_llama_arithmetic_by_hand():
     assert rows["layer activations"] == 64 * 3 * 720 == 138_240
     # Outside the layers: final norm 4·8 + 4 + 2·4·8, the head's input 4·8, rotary cos/sin 2·4·4, ids 8.
     assert rows["boolean mask"] == 64 * 32 and rows["final norm, head, rotary"] == 64 * (32 + 4 + 64 + 32 + 32 + 8)
-    assert rows["log-prob chunk"] == 64 * 100 * 4 * 3  # the chunk is min(4096, 64) rows
+    assert rows["log-prob chunk"] == 64 * 100 * 4 * 3  # all 64 rows at once (a small vocabulary)
     # Generation (HF, CPU): min(batch 256, 16 prompts × 8) = 128 seqs × 32 × 2 (K, V) × 2 layers × 1 head × 4 × 4 B.
     assert rows["HF generate KV cache"] == 128 * 32 * 2 * 2 * 1 * 4 * 4
     # Teacher scoring: min(16384, 128 rows × 32) = 4096 tokens × 100 × 4 B + one row (24 + 1) × 100 × 8 B.
@@ -206,10 +208,15 @@ def test_bfloat16_weights_say_there_is_no_master_copy():
     assert moments.bytes == 2 * 1_777_088_000 * 2 and "no float32 master copy" in moments.arithmetic
 
 
-def test_chunk_constant_is_the_trainers():
+def test_the_estimate_holds_the_logits_the_trainer_holds():
+    """The trainer decides its LM-head chunks with `logprob_chunk_tokens` (its default), so the
+    estimate's row is one chunk for a large vocabulary and every row for a small one."""
     from kdrl.train import completion_logprobs_BT
 
-    assert inspect.signature(completion_logprobs_BT).parameters["chunk_tokens"].default == LOGPROB_CHUNK_TOKENS
+    assert inspect.signature(completion_logprobs_BT).parameters["chunk_tokens"].default is None
+    assert logprob_chunk_tokens(100_000, 151_936) == LOGPROB_CHUNK_TOKENS
+    assert logprob_chunk_tokens(100_000, 80) is None
+    assert logprob_chunk_tokens(UNCHUNKED_LOGITS_BYTES // 12 // 1000 + 1, 1000) == LOGPROB_CHUNK_TOKENS
 
 
 def test_prompt_length_assumed_then_read_from_the_run(tmp_path):

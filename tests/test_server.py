@@ -1,5 +1,6 @@
 """`kdrl train`'s own local Prefect server: reachable, low priority, and gone with its parent."""
 
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,113 @@ def test_the_start_up_timeout_is_prefects_own_setting_and_its_error_says_what_to
         with local_server(env=env):
             pass
     assert f"{TIMEOUT_SETTING}=300" in str(err.value) and "PREFECT_API_URL" in str(err.value)
+
+
+# ------------------------------------------------- `kdrl server start`: one server for many commands
+
+def _kdrl(*argv: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TINY_RUN = ["--set", "run.steps=1", "--set", "run.eval_every=0", "--set", "run.checkpoint_every=0",
+            "--set", "embedded.teacher_steps=3", "--set", "embedded.student_steps=3", "--set", "data.num_train=24",
+            "--set", "data.num_heldout=4", "--set", "rollout.prompts_per_step=2", "--set",
+            "rollout.samples_per_prompt=2", "--set", "rollout.max_new_tokens=8", "--set", "run.num_threads=1"]
+
+
+@pytest.mark.slow
+def test_a_server_from_kdrl_server_start_serves_later_commands_until_kdrl_server_stop(tmp_path, embedded_cache):
+    """`kdrl server start` outlives its command (low priority, its record in PREFECT_HOME); a later
+    `kdrl train` runs its flow there instead of starting a server (nothing to wait for), and
+    leaves it running; `kdrl server stop` ends it and removes the record."""
+    import sqlite3
+    from contextlib import closing
+
+    from flows.server import RECORD, stop_shared
+
+    home = tmp_path / "home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PREFECT_API_URL", None)
+    port = _free_port()
+    try:
+        started = _kdrl("server", "start", "--port", str(port), "--no-ui", env=env, timeout=120)
+        assert started.returncode == 0 and f"at http://127.0.0.1:{port}/api" in started.stdout, started.stdout
+        record = json.loads((home / RECORD).read_text())
+        assert record["port"] == port and record["ui"] is None
+        assert os.getpriority(os.PRIO_PROCESS, record["pid"]) >= 10  # alive after its command ended
+        again = _kdrl("server", "start", env=env, timeout=60)
+        assert again.returncode == 0 and again.stdout.startswith("already running"), again.stdout
+        assert json.loads((home / RECORD).read_text())["pid"] == record["pid"]
+
+        trained = _kdrl("train", "--run-id", "on-shared", "--set", f"run.runs_dir={tmp_path}/runs",
+                        "--set", f"run.cache_dir={embedded_cache}", *TINY_RUN, env=env)
+        assert trained.returncode == 0, trained.stdout[-4000:]
+        assert f"Prefect server at http://127.0.0.1:{port}/api (from `kdrl server start`)" in trained.stdout
+        assert "starting a local Prefect server" not in trained.stdout
+        with closing(sqlite3.connect(home / "prefect.db")) as db:
+            states = db.execute("SELECT state_type FROM flow_run WHERE name = 'on-shared'").fetchall()
+        assert states == [("COMPLETED",)]
+        assert _kdrl("server", "status", env=env, timeout=60).returncode == 0  # still running after the train
+
+        stopped = _kdrl("server", "stop", env=env, timeout=60)
+        assert stopped.returncode == 0 and f"pid {record['pid']}" in stopped.stdout, stopped.stdout
+        assert not (home / RECORD).exists()
+        assert _processes_with(str(home)) == []
+        status = _kdrl("server", "status", env=env, timeout=60)
+        assert status.returncode == 1 and "no server" in status.stdout
+    finally:
+        stop_shared(home)
+
+
+def test_a_stale_or_damaged_server_record_is_reported_and_not_used(tmp_path):
+    from flows.server import RECORD, shared_server
+
+    home = tmp_path / "home"
+    home.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (home / RECORD).write_text(json.dumps({"pid": gone.pid, "port": 4999, "url": "http://127.0.0.1:4999/api"}))
+    record, why = shared_server(home)
+    assert record is None and f"(pid {gone.pid}) has exited" in why
+    assert not (home / RECORD).exists()  # a dead server's record goes
+    (home / RECORD).write_text("{not json")
+    record, why = shared_server(home)
+    assert record is None and str(home / RECORD) in why and "kdrl server stop" in why
+    # a live process that is not a Prefect server on that port (a recycled PID) is not taken for one
+    (home / RECORD).write_text(json.dumps({"pid": os.getpid(), "port": 4999, "url": "http://127.0.0.1:4999/api"}))
+    assert shared_server(home)[0] is None and not (home / RECORD).exists()
+
+
+def test_kdrl_server_start_on_a_taken_port_says_so_and_starts_nothing(tmp_path):
+    import socket
+
+    from flows.server import RECORD, ServerStartError, start_shared
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerStartError, match=rf"port {port} on 127.0.0.1 is taken.*--port"):
+            start_shared(tmp_path / "home", port=port)
+    assert not (tmp_path / "home" / RECORD).exists()
+
+
+def test_the_early_server_of_a_command_that_fails_before_its_flow_is_stopped(tmp_path):
+    """`kdrl train` starts its local server before reading the config (it boots while torch is
+    imported); a config error then ends the command with exit 2 and no server left behind."""
+    home = str(tmp_path / "unique-early-home")
+    env = {**os.environ, "PREFECT_HOME": home}
+    env.pop("PREFECT_API_URL", None)
+    done = _kdrl("train", "--set", "rollout.no_such_key=1", "--set", f"run.runs_dir={tmp_path}/runs", env=env,
+                 timeout=120)
+    assert done.returncode == 2 and "no_such_key" in done.stdout, done.stdout[-3000:]
+    assert "starting a local Prefect server" in done.stdout  # it was started early
+    assert _processes_with(home) == []

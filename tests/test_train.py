@@ -57,14 +57,36 @@ def test_chunked_logprobs_match_unchunked_values_and_gradients(step_tables, tiny
     batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
     model = copy.deepcopy(tiny_student)
     grads = []
-    for chunk in (5, 100_000):
+    for chunk in (5, 100_000, None):  # None: decided from the shapes (all rows at once here)
         model.zero_grad()
         logp_BT, _ = completion_logprobs_BT(model, batch, chunk_tokens=chunk)
         (logp_BT * batch.completion_mask_BT).sum().backward()
         grads.append((logp_BT.detach(), model.lm_head.weight.grad.clone(),
                       model.model.layers[0].mlp.up_proj.weight.grad.clone()))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)
+    for a, b, c in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+
+
+def test_the_lm_head_is_checkpointed_only_where_its_logits_would_be_large(step_tables, tiny_student, monkeypatch):
+    """Activation checkpointing of the LM head costs its matmul again in the backward: it runs
+    only where the float32 logits of a pass exceed `kdrl.memory.UNCHUNKED_LOGITS_BYTES`, and
+    only with gradients."""
+    import kdrl.memory
+    import kdrl.train
+
+    rollouts, rewards, teacher = step_tables
+    batch = collate(join_step_tables(rollouts, rewards, teacher), pad_token_id=0)
+    calls = []
+    real = kdrl.train.checkpoint
+    monkeypatch.setattr(kdrl.train, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    completion_logprobs_BT(tiny_student, batch)
+    assert calls == []  # a 256-entry vocabulary: kilobytes of logits
+    monkeypatch.setattr(kdrl.memory, "UNCHUNKED_LOGITS_BYTES", 0)
+    completion_logprobs_BT(tiny_student, batch)
+    assert calls == [1]  # one chunk of LOGPROB_CHUNK_TOKENS rows holds this small batch
+    with torch.no_grad():
+        completion_logprobs_BT(tiny_student, batch)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
