@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| vocab × hidden | tokens | kdrl picks | at once / checkpointed chunks: median (min–max) |\n|---|---|---|---|")
+    print("| vocab × hidden | tokens | kdrl picks | at once / checkpointed chunks: median (min–max) |")
+    print("|---|---|---|---|")
     for shape in args.shape:
         vocab, hidden = map(int, shape.split("x"))
         tokens = ROWS * COMPLETION
