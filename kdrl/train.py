@@ -135,8 +135,9 @@ def completion_logprobs_BT(
     sampled from. The LM head runs on completion positions only: at once, or, where the float32
     logits of all positions would be large (`kdrl.memory.logprob_chunk_tokens`; or `chunk_tokens`
     when given), in chunks of rows, each under activation checkpointing. (Models whose head
-    applies extra transforms, e.g. logit soft-capping, are not handled here.) An FSDP2-sharded model runs it as a forward
-    method of its root (`kdrl.distributed.shard_model`), so its weights are gathered around it."""
+    applies extra transforms, e.g. logit soft-capping, are not handled here.) An FSDP2-sharded
+    model runs it as a forward method of its root (`kdrl.distributed.shard_model`), so its weights
+    are gathered around it."""
     kwargs = {"temperature": temperature, "topk_ids_BTK": topk_ids_BTK, "chunk_tokens": chunk_tokens, "stats": stats}
     sharded = getattr(model, SHARDED_LOGPROBS, None)
     if sharded is not None:
