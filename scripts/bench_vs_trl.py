@@ -80,23 +80,49 @@ def _step_stats(starts: list[float], tokens: list[int], t0: float) -> dict:
             "tokens": tokens[1:-1]}
 
 
-def worker_kdrl(args: argparse.Namespace, t0: float) -> dict:
-    from kdrl.engines import hf
+def _after_import(name: str, patch) -> None:
+    """Call `patch(module)` when `name` is first imported, so the worker imports nothing before
+    `kdrl train` does (the flow's local server boots during those imports, as for a user)."""
+    import importlib.abc
+    import importlib.util
 
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module):
+                exec_module(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_and_patch
+            return spec
+
+    sys.meta_path.insert(0, Hook())
+
+
+def worker_kdrl(args: argparse.Namespace, t0: float) -> dict:
     P, G = args.shape
     starts: list[float] = []
     tokens: list[int] = []
-    generate = hf.HFRolloutEngine.generate
 
-    def timed_generate(self, prompt_token_ids, **kw):
-        start = time.time()
-        out = generate(self, prompt_token_ids, **kw)
-        if kw.get("temperature") == 1.0 and kw.get("n") == G and len(prompt_token_ids) == P:  # not an evaluation
-            starts.append(start)
-            tokens.append(sum(map(len, out.completion_token_ids)))
-        return out
+    def instrument(hf) -> None:  # instrumentation only: the call is unchanged
+        generate = hf.HFRolloutEngine.generate
 
-    hf.HFRolloutEngine.generate = timed_generate  # instrumentation only: the call is unchanged
+        def timed_generate(self, prompt_token_ids, **kw):
+            start = time.time()
+            out = generate(self, prompt_token_ids, **kw)
+            if kw.get("temperature") == 1.0 and kw.get("n") == G and len(prompt_token_ids) == P:  # not an evaluation
+                starts.append(start)
+                tokens.append(sum(map(len, out.completion_token_ids)))
+            return out
+
+        hf.HFRolloutEngine.generate = timed_generate
+
+    _after_import("kdrl.engines.hf", instrument)
     overrides = [f"run.method={ARM_METHOD[args.arm]}", *_overrides(args, args.shape, args.runs_dir)]
     argv = ["train", *(["--config", args.config] if args.config else []), "--run-id", f"{args.arm}-{os.getpid()}"]
     for item in overrides:
@@ -107,6 +133,8 @@ def worker_kdrl(args: argparse.Namespace, t0: float) -> dict:
 
     if main(argv) != 0:
         raise SystemExit(f"kdrl train failed: {argv}")
+    if not starts:
+        raise SystemExit("no training generation was timed: the instrumentation did not reach kdrl.engines.hf")
     return _step_stats(starts, tokens, t0)
 
 
