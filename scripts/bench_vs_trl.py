@@ -162,11 +162,55 @@ def _step_prompts(args: argparse.Namespace) -> tuple[list[str], list[list[int]],
     return texts, ids, answers, student, teacher
 
 
+def timed_trainer(teacher, *, beta: float, micro: int, starts: list, tokens: list, step_prompts: list):
+    """TRL's `GRPOTrainer`, recording when each generation batch starts, its completion tokens and
+    its prompts; with a `teacher`, the MiniLLM form: β·(log p_T − log p_S) per completion token
+    added to the advantage (one no-grad teacher forward, TRL's own fused-head scoring, and the
+    student's old log-probs, or one no-grad student forward where TRL keeps none)."""
+    import torch
+    from trl import GRPOTrainer
+
+    class Timed(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            start = time.time()
+            out = self._with_teacher(super()._generate_and_score_completions(inputs))
+            starts.append(start)
+            tokens.append(int(out["completion_mask"].sum()))
+            step_prompts.append([row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])])
+            return out
+
+        def _with_teacher(self, out):
+            return out
+
+    class TimedKD(Timed):
+        def _with_teacher(self, out):
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+            keep = out["completion_ids"].shape[1]
+            with torch.no_grad():
+                teacher_logp, _, _ = self._get_per_token_logps_and_entropies(teacher, ids, mask, keep,
+                                                                              batch_size=micro)
+                student_logp = out.get("old_per_token_logps")
+                if student_logp is None:
+                    student_logp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask, keep,
+                                                                                  batch_size=micro)
+            kd = beta * (teacher_logp - student_logp) * out["completion_mask"]
+            out["advantages"] = out["advantages"].unsqueeze(1) + kd
+            return out
+
+    if teacher is None:
+        return Timed
+    from trl.trainer import add_fused_lm_head
+
+    add_fused_lm_head(teacher, temperature=1.0)  # how TRL scores with its reference model
+    return TimedKD
+
+
 def worker_trl(args: argparse.Namespace, t0: float) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from kdrl.config import load_config
     from kdrl.models import load_tokenizer
@@ -187,43 +231,11 @@ def worker_trl(args: argparse.Namespace, t0: float) -> dict:
     starts: list[float] = []
     tokens: list[int] = []
     step_prompts: list[list[list[int]]] = []
-
-    class Timed(GRPOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            start = time.time()
-            out = self._with_teacher(super()._generate_and_score_completions(inputs))
-            starts.append(start)
-            tokens.append(int(out["completion_mask"].sum()))
-            step_prompts.append([row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])])
-            return out
-
-        def _with_teacher(self, out):
-            return out
-
-    class TimedKD(Timed):
-        """β·(log p_T − log p_S) per completion token added to the advantage (MiniLLM form)."""
-
-        def _with_teacher(self, out):
-            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-            keep = out["completion_ids"].shape[1]
-            with torch.no_grad():
-                teacher_logp, _, _ = self._get_per_token_logps_and_entropies(teacher, ids, mask, keep,
-                                                                              batch_size=MICRO_BATCH)
-                student_logp = out.get("old_per_token_logps")
-                if student_logp is None:
-                    student_logp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask, keep,
-                                                                                  batch_size=MICRO_BATCH)
-            kd = cfg.loss.beta_init * (teacher_logp - student_logp) * out["completion_mask"]
-            out["advantages"] = out["advantages"].unsqueeze(1) + kd
-            return out
-
     teacher = None
     if args.arm == "trl_kd":
-        from trl.trainer import add_fused_lm_head
-
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
-        add_fused_lm_head(teacher, temperature=1.0)  # how TRL scores with its reference model
+    trainer_cls = timed_trainer(teacher, beta=cfg.loss.beta_init, micro=MICRO_BATCH, starts=starts, tokens=tokens,
+                                step_prompts=step_prompts)
     micro = min(MICRO_BATCH, P * G)
     if P * G % micro:
         raise SystemExit(f"P×G = {P * G} is not a multiple of TRL's {micro}-row micro-batch: TRL's generation "
@@ -237,7 +249,6 @@ def worker_trl(args: argparse.Namespace, t0: float) -> dict:
         report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed, dataloader_num_workers=0,
         log_completions=False,
     )
-    trainer_cls = TimedKD if args.arm == "trl_kd" else Timed
     trainer = trainer_cls(model=student_path, reward_funcs=reward, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": texts, "answer": answers}))
     trainer.train()

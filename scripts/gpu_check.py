@@ -73,13 +73,16 @@ class Plan:
     dtype: torch.dtype
     wide_prompts: int
     """Prompts of the wide generate measurement (× samples rows, new_tokens / 4 each)."""
+    trl_prompts: int
+    trl_new_tokens: int
+    """P (× samples rows) and the completion length of the kdrl vs TRL step (`--vs-trl`)."""
 
 
 def full_plan() -> Plan:
     return Plan(student=Qwen2Config.from_pretrained(ARCH / "deepseek-r1-distill-qwen-1.5b"),
                 teacher=Qwen2Config.from_pretrained(ARCH / "skywork-or1-math-7b"), device="cuda",
                 prompts=2, samples=4, prompt_tokens=256, new_tokens=2048, token_budget=16384, dtype=torch.bfloat16,
-                wide_prompts=32)
+                wide_prompts=32, trl_prompts=16, trl_new_tokens=128)
 
 
 def tiny_plan() -> Plan:
@@ -89,7 +92,7 @@ def tiny_plan() -> Plan:
                 teacher=LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                                     **small),
                 device="cpu", prompts=2, samples=2, prompt_tokens=8, new_tokens=24, token_budget=64,
-                dtype=torch.bfloat16, wide_prompts=4)
+                dtype=torch.bfloat16, wide_prompts=4, trl_prompts=4, trl_new_tokens=8)
 
 
 class IdsOnly:
@@ -362,6 +365,120 @@ def section_data_parallel(plan: Plan) -> list[Result]:
                    f"largest weight difference to no data parallelism: {fsdp_diff:.1e} ({fsdp_bound}) {verdict}")]
 
 
+def word_tokenizer(vocab: int):
+    """A tokenizer for random-init models that TRL can drive too: token i is the word "t<i>"
+    (WordLevel, split on whitespace), so a prompt's text round-trips to its ids and a completion
+    decodes to words; 0 pads, 1 is unknown, the last id is EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    # special tokens match anywhere in a text ("t1" inside "t116"): names no word contains
+    words.update({"<pad>": 0, "<unk>": 1, "<eos>": vocab - 1})
+    del words["t0"], words["t1"], words[f"t{vocab - 1}"]
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def section_vs_trl(plan: Plan) -> list[Result]:
+    """kdrl's step and TRL's on the same random-init student and teacher, the same prompts
+    (token ids), P×G, sampling (T = 1, no top-k/top-p), length and reward, one optimizer step
+    per generation batch, alternated A B A B: kdrl's stage functions (HF engine, rewards,
+    teacher scorer, `update_step`, without the Parquet and flow around them, which the CPU
+    benchmark measures) against TRL's `GRPOTrainer` with the teacher's β·(log p_T − log p_S)
+    added to the advantage (scripts/bench_vs_trl.py's `timed_trainer`). Each arm's first step
+    is a warm-up; a TRL step is the time between two generation starts. Gradient checkpointing
+    in both, bf16 weights in both (AdamW moments in bf16)."""
+    try:
+        import datasets  # noqa: F401  (TRL's own import: a clear skip, not a traceback)
+        import trl  # noqa: F401
+    except ImportError as err:
+        return [Result("kdrl vs TRL", 0, 0.0, None, 0, f"skipped: {err} (scripts/gpu_check.sh --download-wheels)")]
+    import polars as pl
+    from bench_vs_trl import timed_trainer
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from kdrl.batching import collate, join_step_tables
+    from kdrl.config import LossConfig, OptimConfig, RewardConfig
+    from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
+    from kdrl.rewards import score_batch
+    from kdrl.stages import generate_rollouts, kd_needed, score_rewards, score_teacher
+    from kdrl.train import build_optimizer, update_step
+
+    P, G, new_tokens, beta, micro = plan.trl_prompts, plan.samples, plan.trl_new_tokens, 5e-3, 64
+    vocab = plan.student.vocab_size
+    tokenizer = word_tokenizer(vocab)
+    student = build(plan.student, plan, plan.dtype)
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher = build(plan.teacher, plan, plan.dtype).eval()
+    prompts = prompt_ids(plan, vocab, P)
+    table = pl.DataFrame({"prompt_id": list(range(P)), "prompt_token_ids": prompts, "answer": ["7"] * P})
+    loss_cfg, reward_cfg = LossConfig(beta_init=beta), RewardConfig()
+    optim_cfg = OptimConfig(lr=1e-6, micro_batch_size=micro, max_tokens_per_microbatch=plan.token_budget)
+    optimizer, scheduler = build_optimizer(student, optim_cfg, total_steps=100)
+    engine = HFRolloutEngine(student, tokenizer, batch_size=P * G)
+    scorer = HFTeacherScorer(teacher, tokenizer, max_tokens_per_batch=plan.token_budget)
+    device = torch.device(plan.device)
+
+    def kdrl_step(i: int) -> int:
+        rollouts = generate_rollouts(engine, table, step=i, n=G, max_new_tokens=new_tokens, temperature=1.0, seed=i)
+        rewards = score_rewards(rollouts, table, reward_cfg)
+        scores = score_teacher(scorer, rollouts, kd_needed(rollouts, rewards, loss_cfg), top_k=0)
+        batch = collate(join_step_tables(rollouts, rewards, scores), pad_token_id=0).to(device)
+        update_step(student, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)
+        return int(batch.completion_mask_BT.sum())
+
+    eos = tokenizer.eos_token_id
+
+    def reward(prompts, completions, completion_ids, answer, **_):
+        finish = ["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids]
+        return [r for _, r in score_batch(completions, answer, finish, mode=reward_cfg.extract,
+                                          thinking=reward_cfg.thinking, timeout_s=reward_cfg.timeout_s)]
+
+    texts = [" ".join(f"t{i}" for i in ids) for ids in prompts]
+
+    def trl_steps(rep: int) -> tuple[float, int]:
+        """Three TRL steps on the same student; the second is timed (start of its generation to
+        the start of the third's)."""
+        starts, tokens, sent = [], [], []
+        config = GRPOConfig(
+            output_dir=f"/tmp/kdrl-gpu-check-trl-{rep}", use_cpu=plan.device == "cpu", bf16=plan.device == "cuda",
+            per_device_train_batch_size=min(micro, P * G), gradient_accumulation_steps=max(1, P * G // micro),
+            num_generations=G, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+            num_iterations=1, shuffle_dataset=False, learning_rate=1e-6, max_grad_norm=1.0,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=3, logging_steps=1,
+            report_to="none", save_strategy="no", disable_tqdm=True, seed=rep, dataloader_num_workers=0,
+            log_completions=False, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        cls = timed_trainer(teacher, beta=beta, micro=micro, starts=starts, tokens=tokens, step_prompts=sent)
+        trainer = cls(model=student, reward_funcs=reward, args=config, processing_class=tokenizer,
+                      train_dataset=Dataset.from_dict({"prompt": texts * 3, "answer": ["7"] * (3 * P)}))
+        trainer.train()
+        if [row for batch in sent[:1] for row in batch[::G]] != prompts:
+            raise RuntimeError(f"TRL tokenized the prompts differently: {sent[0][::G][:2]} vs {prompts[:2]}")
+        return starts[2] - starts[1], tokens[1]
+
+    kdrl_step(0)  # warm-up (kernels, allocator)
+    kdrl_s, trl_s, kdrl_tokens, trl_tokens = [], [], [], []
+    for rep in range(2):
+        start = time.perf_counter()
+        kdrl_tokens.append(kdrl_step(rep + 1))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        kdrl_s.append(time.perf_counter() - start)
+        seconds, count = trl_steps(rep)
+        trl_s.append(seconds)
+        trl_tokens.append(count)
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(kdrl_s, trl_s))
+    shape = f"{P}×{G} rows, {plan.prompt_tokens}-token prompts, {new_tokens} new"
+    return [Result("kdrl step (stage functions)", kdrl_tokens[-1], min(kdrl_s), None, 0,
+                   f"{shape}; kdrl / TRL per repetition = {ratios}×"),
+            Result("TRL GRPOTrainer step + teacher", trl_tokens[-1], min(trl_s), None, 0,
+                   f"{shape}; steps {', '.join(f'{t:.2f}' for t in trl_s)} s")]
+
+
 def size(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -392,6 +509,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (seconds): checks that the script runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--vs-trl", action="store_true", help="only the kdrl vs TRL step (needs trl, datasets)")
     args = parser.parse_args()
     plan = tiny_plan() if args.tiny else full_plan()
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -405,6 +523,8 @@ def main() -> None:
                 ("update bfloat16", lambda: section_update(plan, dtype=torch.bfloat16, lora=False)),
                 ("update, LoRA", lambda: section_update(plan, dtype=torch.bfloat16, lora=True)),
                 ("update, data-parallel", lambda: section_data_parallel(plan))]
+    if args.vs_trl:
+        sections = [("kdrl vs TRL", lambda: section_vs_trl(plan))]
     results: list[Result] = []
     failed: list[str] = []
     for title, run in sections:

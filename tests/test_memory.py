@@ -288,6 +288,20 @@ def test_gpu_check_runs_tiny_on_cpu():
     assert "n/a" in summary  # no peak memory on CPU; the estimates are printed beside it
 
 
+def test_gpu_check_vs_trl_runs_tiny_on_cpu():
+    """The GPU check's kdrl-vs-TRL step (run on a lent GPU at 1.5B/7B) runs end to end on tiny
+    models: TRL tokenizes the word-level prompts back to kdrl's ids, both arms train."""
+    pytest.importorskip("trl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--tiny", "--vs-trl"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    summary = out.stdout.split("== summary")[1]
+    assert re.search(r"\| kdrl step \(stage functions\) \| 64 \| .*kdrl / TRL per repetition = [0-9.]+, [0-9.]+×",
+                     summary), summary
+    assert "| TRL GRPOTrainer step + teacher | 64 | " in summary, summary
+
+
 def test_hf_models_config_fits_one_80gb_gpu_with_vllm():
     """Its engines are "auto": vLLM on a GPU where vllm is installed (the config's premise); HF
     generate of 256 rows × 5k tokens would not fit, and is refused with that arithmetic."""
