@@ -235,7 +235,10 @@ def _in_prefect(flow, **parameters):
     global _phase, _early_server
     wrap_prefects_sigterm_bridge()  # the handler a flow run installs raises at a safe point too
     if PREFECT_API_URL.value():
-        _stop_early_server()  # started before the settings were read: a profile sets the API
+        if _early_server is not None:  # started before the settings were read: a profile sets the API
+            _stop_early_server()
+            print(f"[kdrl] Prefect's settings name an API ({PREFECT_API_URL.value()}): the local server is stopped "
+                  "unused", flush=True)
         _phase = f"running the {flow.name} flow"
         return flow(**parameters)
     shared, why_not = shared_server(Path(PREFECT_HOME.value()).expanduser())

@@ -229,3 +229,32 @@ def test_the_early_server_of_a_command_that_fails_before_its_flow_is_stopped(tmp
     assert done.returncode == 2 and "no_such_key" in done.stdout, done.stdout[-3000:]
     assert "starting a local Prefect server" in done.stdout  # it was started early
     assert _processes_with(home) == []
+
+
+@pytest.mark.slow
+def test_a_profile_that_sets_the_api_stops_the_early_server_and_is_used(tmp_path, embedded_cache):
+    """The early server is started before Prefect's settings are read (PREFECT_API_URL is not in
+    the environment, but the active profile sets it): it must be stopped unused, and the flow
+    run must land on the profile's server."""
+    import sqlite3
+    from contextlib import closing
+
+    from flows.server import local_server
+
+    served = tmp_path / "served-home"
+    client_home = tmp_path / "unique-client-home"
+    client_home.mkdir()
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    with local_server(env={**base, "PREFECT_HOME": str(served)}) as url:
+        (client_home / "profiles.toml").write_text(f'active = "mine"\n\n[profiles.mine]\nPREFECT_API_URL = "{url}"\n')
+        env = {**base, "PREFECT_HOME": str(client_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        trained = _kdrl("train", "--run-id", "via-profile", "--set", f"run.runs_dir={tmp_path}/runs",
+                        "--set", f"run.cache_dir={embedded_cache}", *TINY_RUN, env=env)
+        assert trained.returncode == 0, trained.stdout[-4000:]
+        assert "starting a local Prefect server" in trained.stdout  # early, before the profile was read
+        assert f"Prefect's settings name an API ({url}): the local server is stopped unused" in trained.stdout
+        assert "local Prefect server at" not in trained.stdout
+        assert _processes_with(str(client_home)) == []
+        with closing(sqlite3.connect(served / "prefect.db")) as db:
+            states = db.execute("SELECT state_type FROM flow_run WHERE name = 'via-profile'").fetchall()
+        assert states == [("COMPLETED",)]
