@@ -294,7 +294,7 @@ def _start_server_early(args: argparse.Namespace) -> None:
             or (prefect_home() / RECORD).exists()):
         return
     _say_starting()
-    _phase = "the local Prefect server was starting (it is stopped)"
+    _phase = "starting (a local Prefect server was booting meanwhile; it is stopped)"
     _early_server = LocalServer.start()
 
 

@@ -146,10 +146,9 @@ def local_server(*, env: dict[str, str] | None = None, log_path: str | None = No
     URL once healthy; stop it on the way out. `env` replaces the server's environment (e.g.
     another PREFECT_HOME); `log_path` keeps its output; `timeout_s` defaults to
     `startup_timeout_s()`."""
-    timeout_s = startup_timeout_s(env) if timeout_s is None else timeout_s
     server = started if started is not None else LocalServer.start(env=env, log_path=log_path)
     try:
-        yield server.wait_ready(timeout_s)
+        yield server.wait_ready(startup_timeout_s(env) if timeout_s is None else timeout_s)
     finally:
         server.stop()
 
@@ -166,18 +165,21 @@ def prefect_home(env: dict[str, str] | None = None) -> Path:
 
 
 def _alive_server(pid: int, port: int) -> bool:
-    """Whether `pid` is still a `prefect server start` on `port` (not a recycled PID)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): the PID alone
+    """Whether `pid` is still a `prefect server start` on `port` (not a recycled PID, where /proc
+    says; elsewhere the PID alone)."""
+    if Path("/proc/self").exists():
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone
             return False
+        return b"prefect" in cmdline and b"server" in cmdline and str(port).encode() in cmdline
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
         return True
-    return b"prefect" in cmdline and b"server" in cmdline and str(port).encode() in cmdline
+    return True
 
 
 def _answers(url: str, timeout_s: float = 2.0) -> bool:
@@ -188,10 +190,17 @@ def _answers(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def shared_server(home: Path) -> tuple[dict | None, str]:
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def shared_server(home: Path, *, locked: bool = False) -> tuple[dict | None, str]:
     """The server `kdrl server start` left running for this PREFECT_HOME: (its record, "") when it
     answers, else (None, why not: "" when none was started). A record whose process is gone is
-    removed."""
+    removed (`locked`: the caller holds the record's lock)."""
     path = home / RECORD
     try:
         record = json.loads(path.read_text())
@@ -201,7 +210,12 @@ def shared_server(home: Path) -> tuple[dict | None, str]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         return None, f"{path} is unreadable ({err}); `kdrl server stop` removes it"
     if not _alive_server(pid, port):
-        path.unlink(missing_ok=True)
+        if locked:
+            path.unlink(missing_ok=True)
+        else:  # a `start_shared` may be writing a new record right now: remove this one only
+            with _record_lock(home):
+                if _read_pid(path) == pid:
+                    path.unlink(missing_ok=True)
         return None, f"the server `kdrl server start` recorded (pid {pid}) has exited; its record is removed"
     if not _answers(url):
         return None, f"the server `kdrl server start` recorded (pid {pid}) does not answer at {url}"
@@ -225,10 +239,12 @@ def start_shared(home: Path, *, port: int = DEFAULT_PORT, ui: bool = True,
     logs to $PREFECT_HOME/kdrl-server.log, and stops with `stop_shared` (`kdrl server stop`)."""
     timeout_s = startup_timeout_s() if timeout_s is None else timeout_s
     with _record_lock(home):
-        record, _ = shared_server(home)
+        record, _ = shared_server(home, locked=True)
         if record is not None:
             return record, False
         with socket.socket() as sock:  # a clear error now, not a server that dies on a busy port
+            # as the server binds: a port left in TIME_WAIT (health checks close first) is free
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError as err:
@@ -238,17 +254,17 @@ def start_shared(home: Path, *, port: int = DEFAULT_PORT, ui: bool = True,
         env.pop("PREFECT_API_URL", None)
         log = home / "kdrl-server.log"
         server = LocalServer.start(env=env, log_path=str(log), port=port, ui=ui, detached=True)
-        try:
+        try:  # until its record is written, nothing else would ever stop it
             server.wait_ready(timeout_s)
+            record = {"pid": server.proc.pid, "port": port, "url": server.url,
+                      "ui": f"http://127.0.0.1:{port}" if ui else None, "log": str(log),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prefect": _prefect_version()}
+            tmp = home / f"{RECORD}.tmp"
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, home / RECORD)
         except BaseException:
             server.stop()
             raise
-        record = {"pid": server.proc.pid, "port": port, "url": server.url, "ui": f"http://127.0.0.1:{port}" if ui
-                  else None, "log": str(log), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "prefect": _prefect_version()}
-        tmp = home / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, home / RECORD)
         return record, True
 
 
@@ -264,13 +280,16 @@ def stop_shared(home: Path, timeout_s: float = 15.0) -> dict | None:
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)
             return None
-        if _alive_server(pid, port):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _alive_server(pid, port) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        try:
             if _alive_server(pid, port):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + timeout_s
+                while _alive_server(pid, port) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive_server(pid, port):
+                    os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended on its own meanwhile
+            pass
         path.unlink(missing_ok=True)
         return record
 

@@ -164,8 +164,8 @@ def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, tempera
     head = model.get_output_embeddings()
     if chunk_tokens is None:
         chunk_tokens = logprob_chunk_tokens(B * T, head.weight.shape[0])
-    # One chunk (all rows) needs no checkpoint: its recompute would save nothing.
-    recompute = chunk_tokens is not None and torch.is_grad_enabled()
+    # A single chunk needs no checkpoint: its logits would be the peak either way.
+    recompute = chunk_tokens is not None and chunk_tokens < B * T and torch.is_grad_enabled()
     chunk_tokens = max(B * T, 1) if chunk_tokens is None else chunk_tokens
     logp_parts, topk_parts, entropy_parts = [], [], []
     for start in range(0, B * T, chunk_tokens):

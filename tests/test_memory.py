@@ -297,9 +297,9 @@ def test_gpu_check_vs_trl_runs_tiny_on_cpu():
                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = out.stdout.split("== summary")[1]
-    assert re.search(r"\| kdrl step \(stage functions\) \| 64 \| .*kdrl / TRL per repetition = [0-9.]+, [0-9.]+×",
+    assert re.search(r"\| kdrl step \(stage functions\) \| \d+ \| .*kdrl / TRL per repetition = [0-9.]+, [0-9.]+×",
                      summary), summary
-    assert "| TRL GRPOTrainer step + teacher | 64 | " in summary, summary
+    assert re.search(r"\| TRL GRPOTrainer step \+ teacher \| \d+ \| ", summary), summary
 
 
 def test_hf_models_config_fits_one_80gb_gpu_with_vllm():

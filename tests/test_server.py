@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,10 @@ def test_ctrl_c_while_the_local_server_starts_ends_promptly_and_says_so(tmp_path
     out = "".join(lines)
     assert code == 130, out[-3000:]
     assert took < 20, f"{took:.0f} s after Ctrl-C"
-    assert "kdrl train: interrupted (Ctrl-C) while the local Prefect server was starting" in out, out[-3000:]
+    # the server starts first thing: it boots while torch is imported (where the signal lands on
+    # any machine that imports torch in over 0.5 s), then the command waits for it
+    assert re.search(r"kdrl train: interrupted \(Ctrl-C\) while (starting \(a local Prefect server was booting "
+                     r"meanwhile; it is stopped\)|the local Prefect server was starting)", out), out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     deadline = time.monotonic() + 20
     while _processes_with(home) and time.monotonic() < deadline:
@@ -182,6 +186,10 @@ def test_a_server_from_kdrl_server_start_serves_later_commands_until_kdrl_server
         assert _processes_with(str(home)) == []
         status = _kdrl("server", "status", env=env, timeout=60)
         assert status.returncode == 1 and "no server" in status.stdout
+        # at once on the same port: the health checks' closed connections leave it in TIME_WAIT
+        again = _kdrl("server", "start", "--port", str(port), "--no-ui", env=env, timeout=120)
+        assert again.returncode == 0 and again.stdout.startswith("started"), again.stdout
+        assert _kdrl("server", "stop", env=env, timeout=60).returncode == 0
     finally:
         stop_shared(home)
 

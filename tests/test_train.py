@@ -83,10 +83,14 @@ def test_the_lm_head_is_checkpointed_only_where_its_logits_would_be_large(step_t
     assert calls == []  # a 256-entry vocabulary: kilobytes of logits
     monkeypatch.setattr(kdrl.memory, "UNCHUNKED_LOGITS_BYTES", 0)
     completion_logprobs_BT(tiny_student, batch)
-    assert calls == [1]  # one chunk of LOGPROB_CHUNK_TOKENS rows holds this small batch
+    assert calls == []  # one chunk of LOGPROB_CHUNK_TOKENS rows holds this small batch: its logits are the peak
+    monkeypatch.setattr(kdrl.memory, "LOGPROB_CHUNK_TOKENS", 16)
+    chunks = -(-batch.completion_ids_BT.numel() // 16)
+    completion_logprobs_BT(tiny_student, batch)
+    assert len(calls) == chunks > 1
     with torch.no_grad():
         completion_logprobs_BT(tiny_student, batch)
-    assert calls == [1]
+    assert len(calls) == chunks
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
