@@ -252,6 +252,8 @@ def start_shared(home: Path, *, port: int = DEFAULT_PORT, ui: bool = True,
                                        "with --port") from None
         env = {**os.environ, "PREFECT_HOME": str(home)}
         env.pop("PREFECT_API_URL", None)
+        # the UI asks its server where the API is; `--port` alone leaves that at 4200
+        env.setdefault("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
         log = home / "kdrl-server.log"
         server = LocalServer.start(env=env, log_path=str(log), port=port, ui=ui, detached=True)
         try:  # until its record is written, nothing else would ever stop it

@@ -187,8 +187,12 @@ def test_a_server_from_kdrl_server_start_serves_later_commands_until_kdrl_server
         status = _kdrl("server", "status", env=env, timeout=60)
         assert status.returncode == 1 and "no server" in status.stdout
         # at once on the same port: the health checks' closed connections leave it in TIME_WAIT
-        again = _kdrl("server", "start", "--port", str(port), "--no-ui", env=env, timeout=120)
+        again = _kdrl("server", "start", "--port", str(port), env=env, timeout=120)  # with the UI this time
         assert again.returncode == 0 and again.stdout.startswith("started"), again.stdout
+        import urllib.request  # the UI is told where its API is (not Prefect's default port)
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as answer:
+            assert json.loads(answer.read())["api_url"] == f"http://127.0.0.1:{port}/api"
         assert _kdrl("server", "stop", env=env, timeout=60).returncode == 0
     finally:
         stop_shared(home)
