@@ -252,8 +252,7 @@ def _in_prefect(flow, **parameters):
     if why_not:
         print(f"[kdrl] {why_not}", flush=True)
     started, _early_server = _early_server, None
-    if started is None:
-        _say_starting()
+    _say_starting()
     _phase = "the local Prefect server was starting (it is stopped)"
     with local_server(started=started) as url, temporary_settings(updates={PREFECT_API_URL: url}):
         print(f"[kdrl] local Prefect server at {url} (it stops with this command; `kdrl server start` keeps one "
@@ -293,7 +292,7 @@ def _start_server_early(args: argparse.Namespace) -> None:
     if (args.command not in ("train", "eval", "compare") or args.no_prefect or os.environ.get("PREFECT_API_URL")
             or (prefect_home() / RECORD).exists()):
         return
-    _say_starting()
+    # Silent until `_in_prefect` uses it: a command refused for bad input says only why.
     _phase = "starting (a local Prefect server was booting meanwhile; it is stopped)"
     _early_server = LocalServer.start()
 
