@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -438,13 +440,14 @@ def section_vs_trl(plan: Plan) -> list[Result]:
                                           thinking=reward_cfg.thinking, timeout_s=reward_cfg.timeout_s)]
 
     texts = [" ".join(f"t{i}" for i in ids) for ids in prompts]
+    scratch = tempfile.mkdtemp(prefix="kdrl-gpu-check-trl-")  # TRL's output_dir (nothing is saved)
 
     def trl_steps(rep: int) -> tuple[float, int]:
         """Three TRL steps on the same student; the second is timed (start of its generation to
         the start of the third's)."""
         starts, tokens, sent = [], [], []
         config = GRPOConfig(
-            output_dir=f"/tmp/kdrl-gpu-check-trl-{rep}", use_cpu=plan.device == "cpu", bf16=plan.device == "cuda",
+            output_dir=scratch, use_cpu=plan.device == "cpu", bf16=plan.device == "cuda",
             per_device_train_batch_size=min(micro, P * G), gradient_accumulation_steps=max(1, P * G // micro),
             num_generations=G, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
             num_iterations=1, shuffle_dataset=False, learning_rate=1e-6, max_grad_norm=1.0,
@@ -471,6 +474,7 @@ def section_vs_trl(plan: Plan) -> list[Result]:
         seconds, count = trl_steps(rep)
         trl_s.append(seconds)
         trl_tokens.append(count)
+    shutil.rmtree(scratch, ignore_errors=True)
     ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(kdrl_s, trl_s))
     shape = f"{P}×{G} rows, {plan.prompt_tokens}-token prompts, {new_tokens} new"
     return [Result("kdrl step (stage functions)", kdrl_tokens[-1], min(kdrl_s), None, 0,
