@@ -314,8 +314,7 @@ def _server(args: argparse.Namespace) -> int:
             print(f"kdrl server: one is already running for {home} on port {record['port']}; `kdrl server stop` "
                   "first to move it", file=sys.stderr)
             return 2
-        print(f"{'started' if started else 'already running'}: Prefect server at {record['url']} (pid {record['pid']}"
-              + (f", UI {record['ui']}" if record.get("ui") else "") + f", log {record['log']})\n"
+        print(f"{'started' if started else 'already running'}: {_describe(record)}\n"
               f"every kdrl train/eval/compare with PREFECT_HOME={home} and no PREFECT_API_URL uses it; "
               "`kdrl server stop` stops it")
     elif args.action == "stop":
@@ -327,10 +326,15 @@ def _server(args: argparse.Namespace) -> int:
         if record is None:
             print(why_not or f"no server from `kdrl server start` for {home}")
             return 1
-        print(f"running: Prefect server at {record['url']} (pid {record['pid']}"
-              + (f", UI {record['ui']}" if record.get("ui") else "") + f", since {record['started']}, "
-              f"Prefect {record['prefect']}, log {record['log']})")
+        print(f"running: {_describe(record, since=True)}")
     return 0
+
+
+def _describe(record: dict, *, since: bool = False) -> str:
+    """A `kdrl server start` record in words."""
+    parts = [f"pid {record['pid']}", *([f"UI {record['ui']}"] if record.get("ui") else []),
+             *([f"since {record['started']}", f"Prefect {record['prefect']}"] if since else []), f"log {record['log']}"]
+    return f"Prefect server at {record['url']} ({', '.join(parts)})"
 
 
 def _print_before_after(run_dir: Path, last_step: int) -> None:

@@ -190,11 +190,16 @@ def _answers(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _read_pid(path: Path) -> int | None:
+def _read_record(path: Path) -> tuple[dict, int, int]:
+    """The record at `path` and its pid and port; FileNotFoundError when there is none, ValueError
+    when it cannot be read as one."""
     try:
-        return int(json.loads(path.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        record = json.loads(path.read_text())
+        return record, int(record["pid"]), int(record["port"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is unreadable ({err})") from None
 
 
 def shared_server(home: Path, *, locked: bool = False) -> tuple[dict | None, str]:
@@ -203,19 +208,22 @@ def shared_server(home: Path, *, locked: bool = False) -> tuple[dict | None, str
     removed (`locked`: the caller holds the record's lock)."""
     path = home / RECORD
     try:
-        record = json.loads(path.read_text())
-        pid, url, port = int(record["pid"]), str(record["url"]), int(record["port"])
+        record, pid, port = _read_record(path)
     except FileNotFoundError:
         return None, ""
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return None, f"{path} is unreadable ({err}); `kdrl server stop` removes it"
+    except ValueError as err:
+        return None, f"{err}; `kdrl server stop` removes it"
+    url = str(record.get("url"))
     if not _alive_server(pid, port):
         if locked:
             path.unlink(missing_ok=True)
         else:  # a `start_shared` may be writing a new record right now: remove this one only
             with _record_lock(home):
-                if _read_pid(path) == pid:
-                    path.unlink(missing_ok=True)
+                try:
+                    if _read_record(path)[1] == pid:
+                        path.unlink()
+                except (FileNotFoundError, ValueError):
+                    pass
         return None, f"the server `kdrl server start` recorded (pid {pid}) has exited; its record is removed"
     if not _answers(url):
         return None, f"the server `kdrl server start` recorded (pid {pid}) does not answer at {url}"
@@ -275,11 +283,10 @@ def stop_shared(home: Path, timeout_s: float = 15.0) -> dict | None:
     with _record_lock(home):
         path = home / RECORD
         try:
-            record = json.loads(path.read_text())
-            pid, port = int(record["pid"]), int(record["port"])
+            record, pid, port = _read_record(path)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
+        except ValueError:
             path.unlink(missing_ok=True)
             return None
         try:

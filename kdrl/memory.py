@@ -55,6 +55,14 @@ UNCHUNKED_LOGITS_BYTES = 256 * 2**20
 """The most float32 LM-head memory (logits, their exponentials and their gradient: 12 B per token
 per vocabulary entry) a pass holds at once rather than chunk the head under activation
 checkpointing, whose backward runs every chunk's head matmul again."""
+CUDA_CONTEXT_BYTES = GiB // 2
+"""The CUDA context and cuBLAS/cuDNN workspaces, outside PyTorch's allocator statistics."""
+MARGIN_FRACTION = 0.10
+"""Added to the estimate for what it leaves out (fragmentation, allocator caching)."""
+ASSUMED_PROMPT_TOKENS = 1024
+"""Longest prompt the estimate assumes before the prompts are tokenized (a resumed run reads its
+prompts table; vllm.max_model_len or a model's context may bound it lower)."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def logprob_chunk_tokens(tokens: int, vocab: int) -> int | None:
@@ -69,14 +77,6 @@ def logprob_chunk_tokens(tokens: int, vocab: int) -> int | None:
     >>> logprob_chunk_tokens(20, 151_936)  # 35 MiB
     """
     return None if tokens * vocab * 12 <= UNCHUNKED_LOGITS_BYTES else LOGPROB_CHUNK_TOKENS
-CUDA_CONTEXT_BYTES = GiB // 2
-"""The CUDA context and cuBLAS/cuDNN workspaces, outside PyTorch's allocator statistics."""
-MARGIN_FRACTION = 0.10
-"""Added to the estimate for what it leaves out (fragmentation, allocator caching)."""
-ASSUMED_PROMPT_TOKENS = 1024
-"""Longest prompt the estimate assumes before the prompts are tokenized (a resumed run reads its
-prompts table; vllm.max_model_len or a model's context may bound it lower)."""
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class MemoryEstimateError(ValueError):

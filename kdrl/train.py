@@ -162,11 +162,10 @@ def _completion_logprobs_BT(model: torch.nn.Module, batch: StepBatch, *, tempera
     targets_N = batch.completion_ids_BT.reshape(B * T)
     topk_NK = None if topk_ids_BTK is None else topk_ids_BTK.reshape(B * T, -1)
     head = model.get_output_embeddings()
-    if chunk_tokens is None:
-        chunk_tokens = logprob_chunk_tokens(B * T, head.weight.shape[0])
+    if chunk_tokens is None:  # all rows at once unless their logits would be large
+        chunk_tokens = logprob_chunk_tokens(B * T, head.weight.shape[0]) or max(B * T, 1)
     # A single chunk needs no checkpoint: its logits would be the peak either way.
-    recompute = chunk_tokens is not None and chunk_tokens < B * T and torch.is_grad_enabled()
-    chunk_tokens = max(B * T, 1) if chunk_tokens is None else chunk_tokens
+    recompute = chunk_tokens < B * T and torch.is_grad_enabled()
     logp_parts, topk_parts, entropy_parts = [], [], []
     for start in range(0, B * T, chunk_tokens):
         sl = slice(start, start + chunk_tokens)

@@ -162,6 +162,18 @@ def _step_prompts(args: argparse.Namespace) -> tuple[list[str], list[list[int]],
     return texts, ids, answers, student, teacher
 
 
+def trl_reward(reward_cfg, eos: int):
+    """kdrl's reward rules as a TRL reward function (a completion without EOS is truncated)."""
+    from kdrl.rewards import score_batch
+
+    def reward(prompts, completions, completion_ids, answer, **_):
+        finish = ["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids]
+        return [r for _, r in score_batch(completions, answer, finish, mode=reward_cfg.extract,
+                                          thinking=reward_cfg.thinking, timeout_s=reward_cfg.timeout_s)]
+
+    return reward
+
+
 def timed_trainer(teacher, *, beta: float, micro: int, starts: list, tokens: list, step_prompts: list):
     """TRL's `GRPOTrainer`, recording when each generation batch starts, its completion tokens and
     its prompts; with a `teacher`, the MiniLLM form: β·(log p_T − log p_S) per completion token
@@ -214,20 +226,13 @@ def worker_trl(args: argparse.Namespace, t0: float) -> dict:
 
     from kdrl.config import load_config
     from kdrl.models import load_tokenizer
-    from kdrl.rewards import score_batch
 
     torch.set_num_threads(1)
     P, G = args.shape
     cfg = load_config(args.config, [f"run.method={ARM_METHOD['kdrl']}", *_overrides(args, args.shape, args.runs_dir)])
     texts, prompt_ids, answers, student_path, teacher_path = _step_prompts(args)
     tokenizer = load_tokenizer(student_path)
-    eos = tokenizer.eos_token_id
-
-    def reward(prompts, completions, completion_ids, answer, **_):
-        finish = ["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids]
-        return [r for _, r in score_batch(completions, answer, finish, mode=cfg.reward.extract,
-                                          thinking=cfg.reward.thinking, timeout_s=cfg.reward.timeout_s)]
-
+    reward = trl_reward(cfg.reward, tokenizer.eos_token_id)
     starts: list[float] = []
     tokens: list[int] = []
     step_prompts: list[list[list[int]]] = []

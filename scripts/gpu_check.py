@@ -398,14 +398,13 @@ def section_vs_trl(plan: Plan) -> list[Result]:
     except ImportError as err:
         return [Result("kdrl vs TRL", 0, 0.0, None, 0, f"skipped: {err} (scripts/gpu_check.sh --download-wheels)")]
     import polars as pl
-    from bench_vs_trl import timed_trainer
+    from bench_vs_trl import timed_trainer, trl_reward
     from datasets import Dataset
     from trl import GRPOConfig
 
     from kdrl.batching import collate, join_step_tables
     from kdrl.config import LossConfig, OptimConfig, RewardConfig
     from kdrl.engines.hf import HFRolloutEngine, HFTeacherScorer
-    from kdrl.rewards import score_batch
     from kdrl.stages import generate_rollouts, kd_needed, score_rewards, score_teacher
     from kdrl.train import build_optimizer, update_step
 
@@ -432,13 +431,7 @@ def section_vs_trl(plan: Plan) -> list[Result]:
         update_step(student, optimizer, scheduler, batch, loss_cfg=loss_cfg, optim_cfg=optim_cfg, optimizer_step=i)
         return int(batch.completion_mask_BT.sum())
 
-    eos = tokenizer.eos_token_id
-
-    def reward(prompts, completions, completion_ids, answer, **_):
-        finish = ["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids]
-        return [r for _, r in score_batch(completions, answer, finish, mode=reward_cfg.extract,
-                                          thinking=reward_cfg.thinking, timeout_s=reward_cfg.timeout_s)]
-
+    reward = trl_reward(reward_cfg, tokenizer.eos_token_id)
     texts = [" ".join(f"t{i}" for i in ids) for ids in prompts]
     scratch = tempfile.mkdtemp(prefix="kdrl-gpu-check-trl-")  # TRL's output_dir (nothing is saved)
 
